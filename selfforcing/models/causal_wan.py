@@ -1,0 +1,568 @@
+"""The Wan2.1 video DiT, made block-causal, with a KV cache: one module for every mode.
+
+Modes of :meth:`CausalWanModel.forward` (latents are always [B, F, C, H, W]):
+
+* bidirectional (``causal=False``): full attention over all frames, exactly
+  ``diffusers.WanTransformer3DModel`` (the teacher, the DMD real/fake scores);
+* block-causal (``causal=True``): frames in blocks of ``num_frame_per_block``; a block attends to
+  itself and to earlier blocks (inside the rolling window with sinks, if configured);
+* teacher forcing (``clean_x=...``): the clean frames and the noisy frames in one sequence, each noisy
+  block attending to the clean blocks before it and to itself;
+* KV cache (``kv_cache=...``): one chunk at a time, attending to the cached earlier frames.
+
+Every frame gets its own adaLN modulation from its own timestep ([B, F] timesteps). State-dict keys
+and shapes are those of ``diffusers.WanTransformer3DModel`` with the same config, so weights move
+between the two with ``load_state_dict(strict=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .attention import (
+    attention,
+    block_causal_frame_mask,
+    block_sizes_for,
+    expand_frame_mask,
+    teacher_forcing_frame_mask,
+)
+from .kv_cache import ChunkPlan, KVCache
+from .presets import preset_config
+from .state_dict_adapter import load_checkpoint_file
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm | nn.Identity) -> torch.Tensor:
+    """LayerNorm computed in float32 (as Wan does), returned in float32."""
+    if isinstance(norm, nn.Identity):
+        return x.float()
+    w = norm.weight.float() if norm.weight is not None else None
+    b = norm.bias.float() if norm.bias is not None else None
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2)); t [N] -> [N, dim].
+
+    Computed in float32 exactly as diffusers' ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)``.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class _MLP2(nn.Module):
+    """Linear -> activation -> Linear, with diffusers' parameter names linear_1 / linear_2."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_hidden)
+        self.act = act
+        self.linear_2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (temb [N, D], 6-way modulation [N, 6D]); text states [B, L, text_dim] -> [B, L, D]."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = _MLP2(freq_dim, dim, dim, nn.SiLU())
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = _MLP2(text_dim, dim, dim, nn.GELU(approximate="tanh"))
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sinus = timestep_sinusoid(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(sinus)
+        return temb, self.time_proj(self.act_fn(temb))
+
+
+class _GELUProj(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, named net.0.proj / net.2 as in diffusers."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([_GELUProj(dim, ffn_dim), nn.Dropout(0.0), nn.Linear(ffn_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the head dim: x [B, N, H, Dh], cos/sin [N, Dh/2] -> [B, N, H, Dh]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+
+
+class WanRotaryEmbedding(nn.Module):
+    """3-D RoPE of Wan: the head dim is split into time / height / width parts, theta = 10000.
+
+    Angles are computed from the absolute frame index on demand (float64, then float32), so there is no
+    table to run off the end of: a stream of any length gets exact positions.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.h_dim = self.w_dim = 2 * (head_dim // 6)
+        self.t_dim = head_dim - 2 * self.h_dim
+        self.theta = theta
+        self._spatial: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _inv_freq(self, dim: int, device) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+
+    def _angles(self, pos: torch.Tensor, dim: int) -> torch.Tensor:
+        return pos.to(torch.float64)[:, None] * self._inv_freq(dim, pos.device)[None, :]
+
+    def forward(self, frames: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [len(frames) * height * width, head_dim / 2] (float32), tokens frame-major."""
+        device = frames.device
+        key = (height, width, str(device))
+        if key not in self._spatial:  # height/width angles depend only on the latent size: compute once
+            ah = self._angles(torch.arange(height, device=device), self.h_dim)
+            aw = self._angles(torch.arange(width, device=device), self.w_dim)
+            hw = torch.cat(
+                [ah[:, None, :].expand(height, width, -1), aw[None, :, :].expand(height, width, -1)], dim=-1
+            ).reshape(height * width, -1)
+            self._spatial[key] = hw
+        hw = self._spatial[key]
+        at = self._angles(frames, self.t_dim)  # [F, t_dim/2]
+        n_f, n_s = at.shape[0], hw.shape[0]
+        ang = torch.cat([at[:, None, :].expand(n_f, n_s, -1), hw[None].expand(n_f, n_s, -1)], dim=-1)
+        ang = ang.reshape(n_f * n_s, -1)
+        return ang.cos().float(), ang.sin().float()
+
+
+# ---------------------------------------------------------------------------------------------- attention
+@dataclass
+class FullAttention:
+    """Attend within the given sequence, under a boolean token mask (None = everything)."""
+
+    mask: torch.Tensor | None
+
+
+@dataclass
+class CachedAttention:
+    """Write the chunk's K/V into the cache and attend over the filled cache (no gradients)."""
+
+    cache: KVCache
+    plan: ChunkPlan
+    layer: int
+
+
+@dataclass
+class ContextAttention:
+    """Attend over a snapshot of earlier frames' K/V plus the chunk's own (the gradient path)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class WanAttention(nn.Module):
+    """Self- or cross-attention with q/k RMSNorm across heads; diffusers' parameter names."""
+
+    def __init__(self, dim: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def project_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of a key sequence [B, L, D] -> two [B, L, H, Dh]."""
+        k = self.norm_k(self.to_k(ctx)).unflatten(2, (self.heads, -1))
+        v = self.to_v(ctx).unflatten(2, (self.heads, -1))
+        return k, v
+
+    def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], how) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        k, v = self.project_kv(x)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(how, FullAttention):
+            out = attention(q, k, v, how.mask)
+        elif isinstance(how, CachedAttention):
+            k_all, v_all = how.cache.write_and_view(how.layer, how.plan, k, v)
+            out = attention(q, k_all.to(q.dtype), v_all.to(q.dtype))
+        else:
+            out = attention(q, torch.cat([how.k.to(k.dtype), k], 1), torch.cat([how.v.to(v.dtype), v], 1))
+        return self.to_out[0](out.flatten(2))
+
+    def cross_attention(self, x: torch.Tensor, ctx: torch.Tensor | None, kv=None) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        k, v = kv if kv is not None else self.project_kv(ctx)
+        return self.to_out[0](attention(q, k.to(q.dtype), v.to(q.dtype)).flatten(2))
+
+
+class CausalWanBlock(nn.Module):
+    """One Wan transformer block with per-frame adaLN modulation (6 vectors per frame)."""
+
+    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, heads, eps)
+        self.attn2 = WanAttention(dim, heads, eps)
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e, rope, how, ctx, cross_kv=None):
+        """x [B, F*T, D]; e [B, F, 6, D] (float32 modulation); rope cos/sin [F*T, Dh/2]; ctx [B, L, D]."""
+        b, n, d = x.shape
+        nf = e.shape[1]
+        mod = (self.scale_shift_table[None] + e.float()).unsqueeze(3)  # [B, F, 6, 1, D]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(2)  # each [B, F, 1, D]
+        xf = x.view(b, nf, n // nf, d)
+
+        h = (_fp32_layer_norm(xf, self.norm1) * (1 + scale) + shift).type_as(x)
+        a = self.attn1.self_attention(h.view(b, n, d), rope, how).view(b, nf, n // nf, d)
+        xf = (xf.float() + a * gate).type_as(x)
+
+        h = _fp32_layer_norm(xf, self.norm2).type_as(x).view(b, n, d)
+        xf = xf + self.attn2.cross_attention(h, ctx, cross_kv).view(b, nf, n // nf, d)
+
+        h = (_fp32_layer_norm(xf, self.norm3) * (1 + c_scale) + c_shift).type_as(x)
+        xf = (xf.float() + self.ffn(h).float() * c_gate).type_as(x)
+        return xf.view(b, n, d)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class CausalWanModel(ModelMixin, ConfigMixin):
+    r"""Block-causal Wan2.1 DiT with per-frame timesteps and a KV cache.
+
+    Config fields are those of ``diffusers.WanTransformer3DModel`` plus the causal ones:
+    ``num_frame_per_block`` (K, frames per chunk), ``local_attn_size`` (attention window L in latent
+    frames, -1 = unbounded), ``sink_size`` (S frames at the start of the video kept in the window) and
+    ``independent_first_frame`` (blocks [1, K, K, ...]).
+
+    Shapes: latents ``x`` [B, F, C, H, W]; ``timestep`` [B] (shared by all frames) or [B, F] in
+    [0, 1000]; ``context`` [B, L, text_dim]; output: the flow prediction v = eps - x0, [B, F, C_out, H, W].
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["CausalWanBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 12,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 8960,
+        num_layers: int = 30,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        rope_max_seq_len: int = 1024,
+        num_frame_per_block: int = 3,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
+        independent_first_frame: bool = False,
+    ) -> None:
+        super().__init__()
+        patch_size = tuple(patch_size)
+        if len(patch_size) != 3 or patch_size[0] != 1:
+            raise ValueError(f"patch_size must be (1, p_h, p_w) (one latent frame per token row), got {patch_size}")
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"only qk_norm='rms_norm_across_heads' (Wan2.1) is supported, got {qk_norm!r}")
+        if num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be >= 1, got {num_frame_per_block}")
+        if local_attn_size > 0 and not 0 <= sink_size < local_attn_size:
+            raise ValueError(f"need 0 <= sink_size < local_attn_size, got {sink_size}, {local_attn_size}")
+        if local_attn_size > 0 and local_attn_size - sink_size < num_frame_per_block:
+            raise ValueError(
+                f"the attention window minus sinks ({local_attn_size} - {sink_size}) must hold a whole block "
+                f"of {num_frame_per_block} frames"
+            )
+        if local_attn_size <= 0 and sink_size:
+            raise ValueError("sink_size needs a rolling window (local_attn_size > 0)")
+        dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+
+        self.rope = WanRotaryEmbedding(attention_head_dim)
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim)
+        self.blocks = nn.ModuleList(
+            [CausalWanBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
+        )
+        self.norm_out = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> CausalWanModel:
+        """Build a randomly initialised model from a named preset (see ``presets.py``)."""
+        return cls(**preset_config(name, **overrides))
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str, *, preset: str | None = None, use_ema: bool = False, **overrides
+    ) -> CausalWanModel:
+        """Load weights from a ``save_pretrained`` directory, or from a checkpoint file in any format of
+        ``state_dict_adapter`` (native, original Wan / CausVid / Self Forcing, wrapped or not); a file
+        needs ``preset`` (plus ``overrides``) to say which architecture it holds."""
+        import os
+
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"{path} is a directory without config.json (not a save_pretrained dir)")
+            return cls.from_pretrained(path, **overrides)
+        if preset is None:
+            raise ValueError(f"loading the file {path} needs preset=... (the file holds weights, not a config)")
+        model = cls.from_preset(preset, **overrides)
+        model.load_weights(load_checkpoint_file(path, use_ema=use_ema), source=path)
+        return model
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load of a native state dict; mismatches raise ValueError naming the keys and shapes."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        wrong = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{source} does not fit this model config: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shapes {wrong[:5]} ({len(wrong)})"
+            )
+        self.load_state_dict(state_dict, strict=True)
+
+    @property
+    def dim(self) -> int:
+        return self.config.num_attention_heads * self.config.attention_head_dim
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (latent_height // ph) * (latent_width // pw)
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        *,
+        max_frames: int | None = None,
+        window_frames: int | None = None,
+        sink_frames: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache sized for this model; window/sinks default to the config's local_attn_size/sink_size."""
+        window = self.config.local_attn_size if window_frames is None else window_frames
+        sink = self.config.sink_size if sink_frames is None else sink_frames
+        p = next(self.parameters())
+        return KVCache(
+            num_layers=self.config.num_layers,
+            batch_size=batch_size,
+            num_heads=self.config.num_attention_heads,
+            head_dim=self.config.attention_head_dim,
+            tokens_per_frame=self.tokens_per_frame(latent_height, latent_width),
+            max_frames=max_frames,
+            window_frames=window,
+            sink_frames=sink if window and window > 0 else 0,
+            dtype=dtype or p.dtype,
+            device=device or p.device,
+        )
+
+    def block_sizes(self, num_frames: int) -> list[int]:
+        """Causal block layout of a ``num_frames`` clip (ValueError if K does not divide it)."""
+        return block_sizes_for(num_frames, self.config.num_frame_per_block, self.config.independent_first_frame)
+
+    # ------------------------------------------------------------------ pieces of the forward
+    def _check_latents(self, x: torch.Tensor, name: str = "x") -> None:
+        c = self.config
+        if x.ndim != 5:
+            raise ValueError(f"{name} must be latents [B, F, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[2] != c.in_channels:
+            raise ValueError(f"{name} has {x.shape[2]} latent channels, the model expects in_channels={c.in_channels}")
+        _, ph, pw = c.patch_size
+        if x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent size {tuple(x.shape[3:])} is not divisible by the patch size {(ph, pw)}")
+
+    @staticmethod
+    def _frame_timesteps(timestep: torch.Tensor, b: int, f: int, name: str = "timestep") -> torch.Tensor:
+        t = torch.as_tensor(timestep)
+        if t.ndim == 1 and t.shape[0] == b:
+            return t[:, None].expand(b, f)
+        if t.ndim == 2 and tuple(t.shape) == (b, f):
+            return t
+        raise ValueError(f"{name} must be [B]=[{b}] or [B, F]=[{b}, {f}], got shape {tuple(t.shape)}")
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, F, C, H, W] -> tokens [B, F*h*w, D] (the Conv3d patch embedding as one matmul)."""
+        b, f, c, hh, ww = x.shape
+        _, ph, pw = self.config.patch_size
+        w = self.patch_embedding.weight
+        x = x.reshape(b, f, c, hh // ph, ph, ww // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)
+        x = x.reshape(b, f * (hh // ph) * (ww // pw), c * ph * pw)
+        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embedding.bias)
+
+    def _unpatchify(self, tokens: torch.Tensor, f: int, hh: int, ww: int) -> torch.Tensor:
+        """Head output [B, F*h*w, p_h*p_w*C] -> [B, F, C, H, W]."""
+        _, ph, pw = self.config.patch_size
+        b = tokens.shape[0]
+        h, w = hh // ph, ww // pw
+        x = tokens.reshape(b, f, h, w, ph, pw, -1).permute(0, 1, 6, 2, 4, 3, 5)
+        return x.reshape(b, f, -1, hh, ww)
+
+    def _tracks_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def encode_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Text states [B, L, text_dim] -> the model's text embedding [B, L, D]."""
+        return self.condition_embedder.text_embedder(context.to(self.proj_out.weight.dtype))
+
+    def cross_attention_kv(self, context: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer cross-attention K/V of a prompt (what the cross-attention cache stores)."""
+        ctx = self.encode_context(context)
+        kvs = [blk.attn2.project_kv(ctx) for blk in self.blocks]
+        return [k for k, _ in kvs], [v for _, v in kvs]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        causal: bool = True,
+        kv_cache: KVCache | None = None,
+        start_frame: int = 0,
+        clean_x: torch.Tensor | None = None,
+        clean_timestep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Flow prediction v for latents ``x``.
+
+        Args:
+            x: latents [B, F, C, H, W] (with ``kv_cache``: the F frames of one chunk).
+            timestep: [B] or [B, F], t in [0, 1000]; each frame is modulated by its own t.
+            context: text states [B, L, text_dim] (zero-padded, attended without a mask, as Wan does).
+            causal: block-causal attention (True) or full bidirectional attention (False).
+            kv_cache: process ``x`` as the chunk of frames [start_frame, start_frame + F) against the
+                cached earlier frames. Without gradients the chunk's K/V are written into the cache
+                (re-running the same chunk overwrites them); with gradients nothing is written.
+            start_frame: absolute index of the first frame of ``x`` (sets its RoPE position).
+            clean_x: teacher forcing: clean latents [B, F, C, H, W] placed before ``x`` in one sequence;
+                noisy block i sees the clean blocks < i and itself. Only the noisy half is returned.
+            clean_timestep: [B] or [B, F] timesteps of ``clean_x`` (default 0).
+
+        Returns:
+            v = eps - x0 predicted for ``x``: [B, F, C_out, H, W].
+        """
+        cfg = self.config
+        self._check_latents(x)
+        b, nf, _, hh, ww = x.shape
+        t = self._frame_timesteps(timestep, b, nf)
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"context must be text states [B, L, text_dim]=[{b}, L, {cfg.text_dim}], got {tuple(context.shape)}"
+            )
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        if kv_cache is not None and not causal:
+            raise ValueError("a KV cache needs causal=True (bidirectional attention sees future frames)")
+        if clean_x is not None and (kv_cache is not None or not causal):
+            raise ValueError("teacher forcing (clean_x) is a full causal forward: no kv_cache, causal=True")
+
+        device = x.device
+        _, ph, pw = cfg.patch_size
+        h, w = hh // ph, ww // pw
+        tpf = h * w
+        tokens = self._patchify(x)
+        frames = torch.arange(start_frame, start_frame + nf, device=device)
+        tracking = self._tracks_grad(x)
+
+        # ---- how the self-attention of every layer sees its keys
+        plan = None
+        if kv_cache is not None:
+            plan = kv_cache.plan(start_frame, nf, tpf, b)
+            if tracking:
+                snap = kv_cache.snapshot_context(plan)
+                hows = [ContextAttention(k, v) for k, v in snap]
+            else:
+                hows = [CachedAttention(kv_cache, plan, i) for i in range(cfg.num_layers)]
+        elif clean_x is not None:
+            self._check_latents(clean_x, "clean_x")
+            if clean_x.shape != x.shape:
+                raise ValueError(f"clean_x shape {tuple(clean_x.shape)} != x shape {tuple(x.shape)}")
+            ct = torch.zeros_like(t) if clean_timestep is None else self._frame_timesteps(
+                clean_timestep, b, nf, "clean_timestep")
+            tokens = torch.cat([self._patchify(clean_x), tokens], dim=1)
+            t = torch.cat([ct, t], dim=1)
+            frames = torch.cat([frames, frames])  # both halves get identical positions
+            fmask = teacher_forcing_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
+            hows = [FullAttention(expand_frame_mask(fmask, tpf))] * cfg.num_layers
+        elif causal:
+            fmask = block_causal_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
+            mask = None if bool(fmask.all()) else expand_frame_mask(fmask, tpf)
+            hows = [FullAttention(mask)] * cfg.num_layers
+        else:
+            hows = [FullAttention(None)] * cfg.num_layers
+
+        # ---- conditioning: per-frame modulation, text (cross-attention K/V cached per prompt)
+        n_all = t.shape[1]
+        temb, proj = self.condition_embedder.embed_time(t.reshape(-1))
+        temb = temb.view(b, n_all, -1)
+        e = proj.view(b, n_all, 6, -1)
+        cross = [None] * cfg.num_layers
+        ctx = None
+        if kv_cache is not None and not tracking:
+            if not kv_cache.cross_matches(context):
+                kv_cache.set_cross(context, *self.cross_attention_kv(context))
+            cross = list(zip(kv_cache.cross_k, kv_cache.cross_v))
+        else:
+            ctx = self.encode_context(context)
+        rope = self.rope(frames, h, w)
+
+        # ---- transformer blocks
+        ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
+        for blk, how, ckv in zip(self.blocks, hows, cross):
+            if ckpt:
+                tokens = self._gradient_checkpointing_func(blk, tokens, e, rope, how, ctx, ckv)
+            else:
+                tokens = blk(tokens, e, rope, how, ctx, ckv)
+        if plan is not None and not tracking:
+            kv_cache.commit(plan)
+
+        # ---- head: per-frame shift/scale, projection, unpatchify
+        mod = (self.scale_shift_table[None] + temb[:, :, None, :].float()).unsqueeze(3)  # [B, F, 2, 1, D]
+        shift, scale = mod.unbind(2)
+        tf = tokens.view(b, n_all, tpf, -1)
+        out = (_fp32_layer_norm(tf, self.norm_out) * (1 + scale) + shift).type_as(tokens)
+        out = self.proj_out(out)
+        if clean_x is not None:
+            out = out[:, nf:]
+        return self._unpatchify(out.reshape(b, nf * tpf, -1), nf, hh, ww)

@@ -1,0 +1,241 @@
+"""The KV cache of the causal Wan model: preallocated per-layer buffers, rolling eviction with sinks.
+
+Layout. One buffer per kind, ``k`` and ``v`` of shape [num_layers, B, capacity * T, H, Dh], where T is
+the number of tokens per latent frame. Keys are stored after RoPE, so a cached key keeps the absolute
+position of its frame and nothing is ever re-rotated.
+
+Slots. With no rolling window the frame j lives in slot j, and a chunk that would end past
+``capacity`` frames is an error. With a window of L frames and S sinks, capacity = L: frames
+j < S stay in slots 0..S-1 forever, and every other frame lives in the ring slot
+S + (j - S) mod (L - S). Writing a chunk [s, e) therefore overwrites exactly the frames that the
+visibility rule of ``attention.py`` (j >= e - (L - S) or j < S) evicts for that chunk: eviction
+costs nothing and no cached tensor is ever copied or shifted. Attention over the cache is
+order-free (the positions are in the rotated keys), so the ring order does not matter.
+
+Writes. A forward on frames [s, e) with gradients off writes the chunk's K/V into its slots and
+then attends over the filled slots (a view, no copy). Re-running the same chunk (the next denoising
+step, or the clean pass at t = 0 that Algorithm 1 and 2 use to cache a finished chunk) overwrites the
+same slots, so a finished chunk is cached from the last pass only. A forward with gradients on never
+writes: it reads a snapshot of the earlier frames (:meth:`KVCache.snapshot_context`) and attends to
+``cat(snapshot, own K/V)``, so the cache holds no autograd history (the paper's gradient truncation)
+and gradient checkpointing recomputes with the same numbers it used in the forward.
+
+The cross-attention cache holds each layer's text K/V for one prompt; it is replaced when the
+model is called with another context tensor (prompt switching) or by :meth:`KVCache.reset_cross`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChunkPlan:
+    """Where a chunk of frames [start, start + num_frames) goes and what it may see."""
+
+    start: int
+    num_frames: int
+    slot_index: torch.Tensor  # Long [num_frames * T]: token slots the chunk writes
+    context_index: torch.Tensor  # Long [N_ctx * T]: token slots of the earlier visible frames
+    visible_tokens: int  # filled prefix of the buffer once the chunk is written
+
+
+class KVCache:
+    """Per-layer self-attention K/V for a stream of latent frames, plus the cross-attention K/V.
+
+    Args:
+        num_layers, num_heads, head_dim: from the model config.
+        batch_size: B of every forward that uses this cache.
+        tokens_per_frame: T = (H / p_h) * (W / p_w) for the latent size in use.
+        max_frames: capacity without a rolling window (the longest video the cache can hold).
+        window_frames: L > 0 turns on the rolling window (capacity L, ``max_frames`` ignored).
+        sink_frames: S first frames kept forever inside the window (0 <= S < L).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        max_frames: int | None = None,
+        window_frames: int = -1,
+        sink_frames: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.rolling = window_frames is not None and window_frames > 0
+        if self.rolling:
+            if not 0 <= sink_frames < window_frames:
+                raise ValueError(f"need 0 <= sink_frames < window_frames, got {sink_frames}, {window_frames}")
+            capacity = window_frames
+        else:
+            if max_frames is None or max_frames < 1:
+                raise ValueError("a KV cache without a rolling window needs max_frames >= 1")
+            if sink_frames:
+                raise ValueError("sink_frames needs a rolling window (window_frames > 0)")
+            capacity = max_frames
+        if tokens_per_frame < 1 or batch_size < 1:
+            raise ValueError(f"bad cache geometry: tokens_per_frame={tokens_per_frame}, batch_size={batch_size}")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = capacity
+        self.window_frames = window_frames if self.rolling else -1
+        self.sink_frames = sink_frames
+        shape = (num_layers, batch_size, capacity * tokens_per_frame, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cross_k: list[torch.Tensor] | None = None
+        self.cross_v: list[torch.Tensor] | None = None
+        self._cross_key: tuple | None = None
+        self.reset()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> KVCache:
+        """Forget every cached frame and the prompt (buffers are kept, not reallocated)."""
+        self.end_frame = 0  # frames [0, end_frame) have been written
+        self.last_start: int | None = None  # start of the most recently written chunk
+        self.last_num_frames = 0
+        self.reset_cross()
+        return self
+
+    def reset_cross(self) -> None:
+        """Drop the cross-attention K/V; the next forward recomputes them from its context."""
+        self.cross_k = self.cross_v = None
+        self._cross_key = None
+
+    def detach(self) -> KVCache:
+        """Make sure no cached tensor carries autograd history (writes already store detached K/V)."""
+        self.k = self.k.detach()
+        self.v = self.v.detach()
+        if self.cross_k is not None:
+            self.cross_k = [t.detach() for t in self.cross_k]
+            self.cross_v = [t.detach() for t in self.cross_v]
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def ring_frames(self) -> int:
+        return self.capacity - self.sink_frames
+
+    def slot_of_frame(self, frame: int) -> int:
+        """Buffer slot (in frames) of absolute frame index ``frame``."""
+        if not self.rolling or frame < self.sink_frames:
+            return frame
+        return self.sink_frames + (frame - self.sink_frames) % self.ring_frames
+
+    def visible_frames(self, start: int, num_frames: int) -> list[int]:
+        """Absolute indices of the earlier frames a chunk [start, start + n) attends to (the rule of
+        ``attention.py``), oldest first."""
+        end = start + num_frames
+        frames = range(start)
+        if not self.rolling:
+            return list(frames)
+        lo = end - self.ring_frames
+        return [j for j in frames if j >= lo or j < self.sink_frames]
+
+    # ------------------------------------------------------------------ planning a chunk
+    def plan(self, start: int, num_frames: int, tokens_per_frame: int, batch_size: int) -> ChunkPlan:
+        """Validate a chunk [start, start + num_frames) against the cache and say where it goes.
+
+        A chunk either continues the stream (start == end_frame) or re-runs the last chunk
+        (start == its start, same length). Anything else is an error that names the frames.
+        """
+        if tokens_per_frame != self.tokens_per_frame:
+            raise ValueError(
+                f"KV cache was made for {self.tokens_per_frame} tokens per frame, "
+                f"the input has {tokens_per_frame} (latent height/width changed?)"
+            )
+        if batch_size != self.batch_size:
+            raise ValueError(f"KV cache was made for batch size {self.batch_size}, the input has {batch_size}")
+        if num_frames < 1:
+            raise ValueError("a chunk needs at least one frame")
+        rerun = self.last_start is not None and start == self.last_start
+        if rerun and num_frames != self.last_num_frames:
+            raise ValueError(
+                f"re-running the chunk at frame {start} with {num_frames} frames, "
+                f"but it was written with {self.last_num_frames}"
+            )
+        if not rerun and start != self.end_frame:
+            raise ValueError(
+                f"chunk starts at frame {start}, but the cache holds frames [0, {self.end_frame}): "
+                f"expected start_frame={self.end_frame} (next chunk)"
+                + (f" or {self.last_start} (re-run of the last chunk)" if self.last_start is not None else "")
+            )
+        end = start + num_frames
+        if not self.rolling and end > self.capacity:
+            raise ValueError(
+                f"KV cache too small: it holds {self.capacity} frames and has no rolling window, "
+                f"but the chunk ends at frame {end}; allocate max_frames >= {end} or set a window"
+            )
+        if self.rolling and num_frames > self.ring_frames:
+            raise ValueError(
+                f"chunk of {num_frames} frames does not fit the rolling part of the window "
+                f"({self.capacity} frames - {self.sink_frames} sinks)"
+            )
+        t = tokens_per_frame
+        device = self.device
+        offs = torch.arange(t, device=device)
+        slots = torch.as_tensor([self.slot_of_frame(j) for j in range(start, end)], device=device)
+        ctx_slots = torch.as_tensor([self.slot_of_frame(j) for j in self.visible_frames(start, num_frames)],
+                                    device=device, dtype=torch.long)
+        return ChunkPlan(
+            start=start,
+            num_frames=num_frames,
+            slot_index=(slots[:, None] * t + offs).reshape(-1),
+            context_index=(ctx_slots[:, None] * t + offs).reshape(-1),
+            visible_tokens=min(end, self.capacity) * t,
+        )
+
+    def commit(self, plan: ChunkPlan) -> None:
+        """Record that the chunk's K/V were written (called once per forward that writes)."""
+        self.end_frame = max(self.end_frame, plan.start + plan.num_frames)
+        self.last_start = plan.start
+        self.last_num_frames = plan.num_frames
+
+    # ------------------------------------------------------------------ per-layer access
+    def write_and_view(
+        self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the chunk's K/V [B, n*T, H, Dh] into its slots; return the filled buffer as views."""
+        self.k[layer].index_copy_(1, plan.slot_index, k.detach().to(self.dtype))
+        self.v[layer].index_copy_(1, plan.slot_index, v.detach().to(self.dtype))
+        return self.k[layer, :, : plan.visible_tokens], self.v[layer, :, : plan.visible_tokens]
+
+    def snapshot_context(self, plan: ChunkPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, a copy of the K/V of the earlier frames the chunk sees; [B, N_ctx*T, H, Dh] each."""
+        idx = plan.context_index
+        return [(self.k[i].index_select(1, idx), self.v[i].index_select(1, idx)) for i in range(self.num_layers)]
+
+    # ------------------------------------------------------------------ cross-attention cache
+    def cross_matches(self, context: torch.Tensor) -> bool:
+        """True when the cached cross-attention K/V were computed from this very context tensor."""
+        return self._cross_key is not None and self._cross_key == _tensor_key(context)
+
+    def set_cross(self, context: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        self.cross_k = [t.detach() for t in ks]
+        self.cross_v = [t.detach() for t in vs]
+        self._cross_key = _tensor_key(context)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the self-attention buffers."""
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    # identity + in-place version: a new prompt tensor, or an edited one, invalidates the cache
+    return (id(t), t.data_ptr(), t._version, tuple(t.shape))

@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+
+from selfforcing.cli import main
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "selfforcing.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in ("presets", "demo"):
+        assert name in out.stdout
+
+
+def test_presets_json(capsys):
+    assert main(["presets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["presets"]}
+    assert 1.40e9 < rows["wan2.1-t2v-1.3b"]["parameters"] < 1.43e9
+    assert rows["tiny"]["parameters"] < rows["small"]["parameters"]
+
+
+def test_demo_streams_and_reports(capsys):
+    assert main(["demo", "--chunks", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["latent_frames"] == 6 and report["first_chunk_latency_s"] > 0

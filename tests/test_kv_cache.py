@@ -1,0 +1,203 @@
+"""KV-cache forwards against full masked forwards (acceptance c, d, e) and the cache's own behaviour."""
+
+import pytest
+import torch
+from conftest import WAN_CONFIGS, make_model
+
+from selfforcing.flow import blockwise_timesteps
+from selfforcing.models.attention import block_causal_frame_mask, block_sizes_for, teacher_forcing_frame_mask
+
+CFG = WAN_CONFIGS["a"]
+C, TXT = CFG["in_channels"], CFG["text_dim"]
+
+
+def _data(frames, seed=0, h=4, w=6, b=2):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(b, frames, C, h, w, generator=g)
+    noisy = torch.randn(b, frames, C, h, w, generator=g)
+    t = (torch.rand(b, frames, generator=g) * 999 + 1)
+    ctx = torch.randn(b, 5, TXT, generator=g)
+    return clean, noisy, t, ctx
+
+
+def _full_reference(model, clean, noisy, t, ctx, s, e):
+    """Chunk [s, e) from a full block-causal forward: earlier frames clean at t=0, the chunk noisy at t."""
+    seq = torch.cat([clean[:, :s], noisy[:, s:e]], 1)
+    tt = torch.cat([torch.zeros(t.shape[0], s), t[:, s:e]], 1)
+    return model(seq, tt, ctx, causal=True)[:, s:e]
+
+
+def _stream(model, clean, noisy, t, ctx, cache, sizes):
+    """Chunk by chunk: denoise the noisy chunk (3 passes, as a sampler would), then cache it clean at t=0."""
+    outs, s = [], 0
+    for n in sizes:
+        e = s + n
+        for _ in range(3):  # re-running the same chunk must overwrite, never accumulate
+            out = model(noisy[:, s:e], t[:, s:e], ctx, kv_cache=cache, start_frame=s)
+        outs.append(out)
+        model(clean[:, s:e], torch.zeros(t.shape[0], n), ctx, kv_cache=cache, start_frame=s)
+        s = e
+    return outs
+
+
+@pytest.mark.parametrize("block,independent_first", [(2, False), (3, False), (1, False), (2, True)])
+def test_chunkwise_cache_equals_full_block_causal_and_teacher_forcing(block, independent_first):
+    """(c) every chunk through the cache == the full block-causal forward == the teacher-forcing layout."""
+    model = make_model(CFG, num_frame_per_block=block, independent_first_frame=independent_first)
+    frames = 3 * block + (1 if independent_first else 0)
+    clean, noisy, t, ctx = _data(frames)
+    sizes = block_sizes_for(frames, block, independent_first)
+    t = blockwise_timesteps(t[:, : len(sizes)], sizes)  # one timestep per chunk, as a sampler uses
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, 4, 6, max_frames=frames)
+        outs = _stream(model, clean, noisy, t, ctx, cache, sizes)
+        tf = model(noisy, t, ctx, clean_x=clean)
+        s = 0
+        for n, out in zip(sizes, outs):
+            ref = _full_reference(model, clean, noisy, t, ctx, s, s + n)
+            assert (out - ref).abs().max() <= 1e-5, (s, n)
+            assert (tf[:, s:s + n] - ref).abs().max() <= 1e-5, (s, n)
+            s += n
+    assert cache.end_frame == frames
+
+
+def _window_rule(q_end, j, window, sink):
+    return j < q_end and (j >= q_end - (window - sink) or j < sink)
+
+
+@pytest.mark.parametrize("window,sink,block", [(4, 0, 2), (6, 2, 2), (5, 1, 3), (3, 1, 1)])
+def test_rolling_cache_equals_sliding_window_with_sinks(window, sink, block):
+    """(d) window L with S sinks, chunk by chunk over >= 4L frames == full forward with the window+sink mask."""
+    frames = block * (-(-4 * window // block) + 1)
+    model = make_model(CFG, num_frame_per_block=block, local_attn_size=window, sink_size=sink)
+    # the mask the full forward uses is the rule stated in attention.py, checked element by element
+    sizes = block_sizes_for(frames, block)
+    fm = block_causal_frame_mask(sizes, window, sink)
+    ends = [sum(sizes[: i // block + 1]) for i in range(frames)]
+    expected = torch.tensor([[_window_rule(ends[i], j, window, sink) for j in range(frames)] for i in range(frames)])
+    assert torch.equal(fm, expected)
+    assert int(fm[-1].sum()) == window  # the last chunk sees exactly L frames: S sinks + L - S recent
+
+    clean, noisy, t, ctx = _data(frames, seed=1, b=1)
+    with torch.no_grad():
+        cache = model.new_kv_cache(1, 4, 6)
+        assert cache.capacity == window  # the buffer never grows past the window
+        outs = _stream(model, clean, noisy, t, ctx, cache, sizes)
+        for c, out in enumerate(outs):
+            s = c * block
+            ref = _full_reference(model, clean, noisy, t, ctx, s, s + block)
+            assert (out - ref).abs().max() <= 1e-5, c
+        # the window matters: a global-attention model disagrees on the last chunk
+        glob = make_model(CFG, num_frame_per_block=block)
+        ref_global = _full_reference(glob, clean, noisy, t, ctx, frames - block, frames)
+        assert (outs[-1] - ref_global).abs().max() > 1e-4
+
+
+def test_causality_perturbing_a_frame_never_changes_earlier_chunks():
+    """(e) full and cached: changing frame j changes nothing before j's block."""
+    block, frames = 2, 8
+    model = make_model(CFG, num_frame_per_block=block)
+    clean, noisy, t, ctx = _data(frames, seed=2)
+    with torch.no_grad():
+        base_full = model(noisy, t, ctx)
+        base_stream = _stream(model, clean, noisy, t, ctx, model.new_kv_cache(2, 4, 6, max_frames=frames), [block] * 4)
+        for j in range(frames):
+            noisy2, clean2 = noisy.clone(), clean.clone()
+            noisy2[:, j] += 3.0
+            clean2[:, j] += 3.0
+            first_changed = (j // block) * block
+            full = model(noisy2, t, ctx)
+            assert torch.equal(full[:, :first_changed], base_full[:, :first_changed]), j
+            assert (full[:, first_changed:first_changed + block] - base_full[:, first_changed:first_changed + block]).abs().max() > 1e-4
+            stream = _stream(model, clean2, noisy2, t, ctx, model.new_kv_cache(2, 4, 6, max_frames=frames), [block] * 4)
+            for c in range(j // block):
+                assert torch.equal(stream[c], base_stream[c]), (j, c)
+
+
+def test_teacher_forcing_mask_shape_of_visibility():
+    m = teacher_forcing_frame_mask([2, 2, 2])
+    n = 6
+    # noisy block 1 (frames 2,3) sees clean 0,1 and noisy 2,3 only
+    assert m[n + 2].tolist() == [True, True, False, False, False, False, False, False, True, True, False, False]
+    # clean queries never see noisy keys
+    assert not bool(m[:n, n:].any())
+
+
+def test_rope_positions_are_unbounded_10000_frame_stream():
+    """A rolling stream past latent frame 10,000 works, and its last chunk equals a full forward of the window
+    run at the same absolute positions (no RoPE table to run off: rope_max_seq_len is 1024)."""
+    cfg = dict(CFG, num_layers=1)
+    block, window = 10, 20
+    model = make_model(cfg, num_frame_per_block=block, local_attn_size=window)
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randn(1, 2, TXT, generator=g)
+    chunk = torch.randn(1, block, C, 2, 2, generator=g)
+    cache = model.new_kv_cache(1, 2, 2)
+    n_chunks = 1001  # frames [0, 10010)
+    with torch.no_grad():
+        for c in range(n_chunks - 1):
+            model(chunk, torch.zeros(1, block), ctx, kv_cache=cache, start_frame=c * block)
+        s = (n_chunks - 1) * block
+        t = torch.full((1, block), 700.0)
+        last = model(chunk, t, ctx, kv_cache=cache, start_frame=s)
+        seq = torch.cat([chunk, chunk], 1)
+        tt = torch.cat([torch.zeros(1, block), t], 1)
+        ref = model(seq, tt, ctx, start_frame=s - block)[:, block:]
+    assert s + block > 10000 and cache.end_frame == s + block
+    assert (last - ref).abs().max() <= 1e-5
+    # the temporal angles at frame 10,005 are exactly pos * theta^(-2i/d_t), computed in float64
+    cos, _ = model.rope(torch.tensor([10005]), 1, 1)
+    d_t = model.rope.t_dim
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d_t, 2, dtype=torch.float64) / d_t))
+    torch.testing.assert_close(cos[0, : d_t // 2], torch.cos(10005 * inv).float())
+
+
+def test_cross_attention_cache_is_reused_and_replaced_on_prompt_switch():
+    model = make_model(CFG, num_frame_per_block=2)
+    clean, noisy, t, ctx = _data(4, seed=4)
+    ctx2 = torch.randn_like(ctx)
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, 4, 6, max_frames=4)
+        model(noisy[:, :2], t[:, :2], ctx, kv_cache=cache, start_frame=0)
+        first = cache.cross_k[0]
+        model(clean[:, :2], torch.zeros(2, 2), ctx, kv_cache=cache, start_frame=0)
+        assert cache.cross_k[0] is first  # same prompt: not recomputed
+        out2 = model(noisy[:, 2:], t[:, 2:], ctx2, kv_cache=cache, start_frame=2)  # switch the prompt
+        assert cache.cross_k[0] is not first
+        # with the switch, chunk 2 sees the clean chunk 1 computed under the OLD prompt, cross-attends the new
+        seq = torch.cat([clean[:, :2], noisy[:, 2:]], 1)
+        tt = torch.cat([torch.zeros(2, 2), t[:, 2:]], 1)
+        mixed = model(seq, tt, ctx2)[:, 2:]  # full forward under the new prompt also re-encodes chunk 0
+        assert (out2 - mixed).abs().max() > 1e-6
+        cache.reset()
+        assert cache.end_frame == 0 and cache.cross_k is None
+
+
+def test_gradient_path_snapshots_the_cache_and_writes_nothing():
+    """With gradients the chunk reads a snapshot: the cache carries no autograd history, later writes to the
+    ring buffer cannot change the backward (checkpointed or not), and the forward equals the no-grad one."""
+    block, window = 2, 4
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(CFG, num_frame_per_block=block, local_attn_size=window)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        clean, noisy, t, ctx = _data(10, seed=5, b=1)
+        cache = model.new_kv_cache(1, 4, 6)
+        with torch.no_grad():
+            for c in range(2):
+                model(clean[:, 2 * c:2 * c + 2], torch.zeros(1, 2), ctx, kv_cache=cache, start_frame=2 * c)
+            ref = model(noisy[:, 4:6], t[:, 4:6], ctx, kv_cache=cache, start_frame=4)
+        before = cache.k.clone()
+        out = model(noisy[:, 4:6] + 1.0, t[:, 4:6], ctx, kv_cache=cache, start_frame=4)  # a re-run of chunk 2
+        assert out.requires_grad and torch.equal(cache.k, before)  # nothing written
+        with torch.no_grad():
+            ref = model(noisy[:, 4:6] + 1.0, t[:, 4:6], ctx, kv_cache=cache, start_frame=4)
+        assert cache.k.grad_fn is None and not cache.k.requires_grad
+        assert (out - ref).abs().max() <= 1e-6
+        with torch.no_grad():  # keep streaming: these writes overwrite ring slots the snapshot came from
+            for c in range(2, 5):
+                model(clean[:, 2 * c:2 * c + 2], torch.zeros(1, 2), ctx, kv_cache=cache, start_frame=2 * c)
+        out.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
