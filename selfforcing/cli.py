@@ -1,127 +1,50 @@
 """The ``selfforcing`` command line: one subcommand per job.
 
-Each subcommand is a pair (add_arguments, run) registered in ``COMMANDS``; heavy imports happen inside
-``run`` so that ``selfforcing --help`` stays fast.
+Each subcommand lives in a module that defines ``add_arguments(parser)`` and ``run(args) -> int``
+(or, for a module serving several subcommands, ``<name>_args`` / ``<name>_run``); ``COMMANDS`` maps a
+name to (help, module, prefix). Modules are imported only when their command runs, so ``--help`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-import time
 
-
-# ---------------------------------------------------------------------------------------------- presets
-def _presets_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-
-def _presets_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from selfforcing.models import PRESETS, CausalWanModel
-
-    rows = []
-    for name in PRESETS:
-        with torch.device("meta"):
-            model = CausalWanModel.from_preset(name)
-        c = model.config
-        rows.append(dict(
-            name=name,
-            parameters=sum(p.numel() for p in model.parameters()),
-            dim=model.dim,
-            layers=c.num_layers,
-            heads=c.num_attention_heads,
-            ffn_dim=c.ffn_dim,
-            in_channels=c.in_channels,
-            text_dim=c.text_dim,
-            num_frame_per_block=c.num_frame_per_block,
-        ))
-    if args.json:
-        print(json.dumps({"presets": rows}))
-    else:
-        print(f"{'preset':<18}{'params':>16}{'dim':>6}{'layers':>8}{'heads':>7}{'ffn':>7}{'C':>4}{'text':>6}")
-        for r in rows:
-            print(f"{r['name']:<18}{r['parameters']:>16,}{r['dim']:>6}{r['layers']:>8}{r['heads']:>7}"
-                  f"{r['ffn_dim']:>7}{r['in_channels']:>4}{r['text_dim']:>6}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------- demo
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    p.add_argument("--chunks", type=int, default=8, help="number of chunks to stream")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _demo_run(args: argparse.Namespace) -> int:
-    """Stream chunks through the KV cache with the few-step sampler of Algorithm 2.
-
-    Until a trained model ships (the inference issue), this runs randomly initialised weights: it checks
-    the installation and the streaming path end to end and reports its speed, nothing more.
-    """
-    import torch
-
-    from selfforcing import flow
-    from selfforcing.models import CausalWanModel
-
-    torch.manual_seed(args.seed)
-    model = CausalWanModel.from_preset(args.preset).eval()
-    c = model.config
-    k, h, w = c.num_frame_per_block, 16, 16
-    steps = flow.denoising_step_list([1000, 750, 500, 250], shift=5.0)
-    ctx = torch.randn(1, 16, c.text_dim)
-    cache = model.new_kv_cache(1, h, w, max_frames=k * args.chunks)
-    print(f"selfforcing demo: {args.preset} preset with RANDOM weights (no trained model ships yet); "
-          f"streaming {args.chunks} chunks of {k} latent frames, {len(steps)} steps each")
-    latencies = []
-    t_start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(args.chunks):
-            t0 = time.perf_counter()
-            x = torch.randn(1, k, c.in_channels, h, w)
-            for j, t in enumerate(steps):
-                tt = torch.full((1, k), float(t))
-                x0 = flow.flow_to_x0(model(x, tt, ctx, kv_cache=cache, start_frame=i * k), x, tt)
-                if j + 1 < len(steps):
-                    tn = torch.full((1, k), float(steps[j + 1]))
-                    x = flow.add_noise(x0, torch.randn_like(x0), tn)
-            model(x0, torch.zeros(1, k), ctx, kv_cache=cache, start_frame=i * k)  # cache the clean chunk
-            latencies.append(time.perf_counter() - t0)
-    total = time.perf_counter() - t_start
-    frames = k * args.chunks
-    print(json.dumps({
-        "latent_frames": frames,
-        "seconds": round(total, 3),
-        "latent_fps": round(frames / total, 2),
-        "first_chunk_latency_s": round(latencies[0], 4),
-        "median_chunk_latency_s": round(sorted(latencies)[len(latencies) // 2], 4),
-    }))
-    return 0
-
-
-COMMANDS = {
-    "presets": ("list the model presets and their sizes", _presets_args, _presets_run),
-    "demo": ("stream a video through the KV cache and report its speed", _demo_args, _demo_run),
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "presets": ("list the model presets and their sizes", "selfforcing.commands.basic", "presets"),
+    "demo": ("stream a video through the KV cache and report its speed", "selfforcing.commands.basic", "demo"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _hooks(name: str):
+    _, module, prefix = COMMANDS[name]
+    mod = importlib.import_module(module)
+    if prefix:
+        return getattr(mod, f"{prefix}_args"), getattr(mod, f"{prefix}_run")
+    return mod.add_arguments, mod.run
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the arguments of command ``load`` are imported (None: all commands)."""
     parser = argparse.ArgumentParser(
         prog="selfforcing",
         description="Autoregressive video diffusion with Self Forcing: train, generate, stream.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    for name, (help_text, _, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if load in (None, name):
+            _hooks(name)[0](p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(load=name if name in COMMANDS else "")
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    return _hooks(args.command)[1](args)
 
 
 if __name__ == "__main__":

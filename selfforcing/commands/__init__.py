@@ -1,0 +1,1 @@
+"""Implementations of the ``selfforcing`` subcommands (registered in ``selfforcing/cli.py``)."""
