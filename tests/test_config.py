@@ -1,0 +1,57 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from selfforcing.config import ConfigError, build_config, load_config, save_config
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class Recipe:
+    name: str = "x"
+    steps: int = 10
+    optim: Optim = field(default_factory=Optim)
+    generator_optim: Optim = field(default_factory=lambda: Optim(lr=2e-6))
+    method: str | None = None
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("steps: 20\noptim:\n  lr: 1e-4\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nname: child\ngenerator_optim:\n  betas: [0.0, 0.999]\n")
+    cfg = load_config(child, Recipe, overrides=["steps=30", "optim.betas=[0.5, 0.9]"])
+    assert cfg.name == "child" and cfg.steps == 30
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.5, 0.9)
+    # a partial nested mapping keeps the parent's own default for the other fields
+    assert cfg.generator_optim.lr == 2e-6 and cfg.generator_optim.betas == (0.0, 0.999)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml", Recipe) == cfg
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"stepz": 3}, "unknown config key stepz"),
+    ({"optim": {"learning_rate": 1}}, "unknown config key optim.learning_rate"),
+    ({"steps": "many"}, "steps: expected int"),
+    ({"steps": True}, "steps: expected int"),
+    ({"optim": {"betas": [0.9]}}, r"optim.betas: expected 2 items"),
+])
+def test_bad_recipes_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(Recipe, data)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml", Recipe)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad, Recipe)
+    with pytest.raises(ConfigError, match="not key=value"):
+        build_config(Recipe, {}, ["steps"])
