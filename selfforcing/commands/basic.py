@@ -60,6 +60,7 @@ def demo_run(args: argparse.Namespace) -> int:
 
     from selfforcing import flow
     from selfforcing.models import CausalWanModel
+    from selfforcing.sampling import rollout_with_kv_cache
 
     torch.manual_seed(args.seed)
     model = CausalWanModel.from_preset(args.preset).eval()
@@ -72,18 +73,17 @@ def demo_run(args: argparse.Namespace) -> int:
           f"streaming {args.chunks} chunks of {k} latent frames, {len(steps)} steps each")
     latencies = []
     t_start = time.perf_counter()
+    last = [t_start]
+
+    def chunk_done(i, x0):  # called as each chunk's x0 is ready
+        now = time.perf_counter()
+        latencies.append(now - last[0])
+        last[0] = now
+
+    noise = torch.randn(1, k * args.chunks, c.in_channels, h, w)
     with torch.no_grad():
-        for i in range(args.chunks):
-            t0 = time.perf_counter()
-            x = torch.randn(1, k, c.in_channels, h, w)
-            for j, t in enumerate(steps):
-                tt = torch.full((1, k), float(t))
-                x0 = flow.flow_to_x0(model(x, tt, ctx, kv_cache=cache, start_frame=i * k), x, tt)
-                if j + 1 < len(steps):
-                    tn = torch.full((1, k), float(steps[j + 1]))
-                    x = flow.add_noise(x0, torch.randn_like(x0), tn)
-            model(x0, torch.zeros(1, k), ctx, kv_cache=cache, start_frame=i * k)  # cache the clean chunk
-            latencies.append(time.perf_counter() - t0)
+        rollout_with_kv_cache(model, noise, ctx, steps, block_sizes=[k] * args.chunks, kv_cache=cache,
+                              on_chunk=chunk_done)
     total = time.perf_counter() - t_start
     frames = k * args.chunks
     print(json.dumps({

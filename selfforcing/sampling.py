@@ -1,0 +1,173 @@
+"""Samplers: small functions over a model, written once and shared by training and inference.
+
+* :func:`predict_x0` -- G(x_t; t): the model's flow prediction turned into x0.
+* :func:`denoise_chunk` -- the few-step sampler of one chunk (DMD2 / CausVid style): predict x0, re-noise
+  to the next listed timestep with fresh noise, repeat; optionally stop at an "exit" step with gradient.
+* :func:`cache_chunk` -- G^KV(x0; t_ctx, KV): run the finished chunk once more to cache its K/V.
+* :func:`rollout_with_kv_cache` -- Algorithm 1 (training) and Algorithm 2 (inference) of the paper:
+  chunks one after another through the KV cache.
+* :func:`sample_exit_steps` -- the exit step(s) of a Self Forcing iteration.
+
+Shapes follow the project convention: latents [B, F, C, H, W], per-frame timesteps [B, F].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import flow
+
+
+def predict_x0(model, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kw) -> torch.Tensor:
+    """x0 = x_t - sigma * v(x_t, t): the model's clean-data prediction; x_t [B, F, C, H, W], t [B, F]."""
+    return flow.flow_to_x0(model(x_t, t, context, **kw), x_t, t)
+
+
+def _full_t(x: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full(x.shape[:2], float(value), device=x.device, dtype=torch.float32)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def denoise_chunk(
+    model,
+    noise: torch.Tensor,
+    steps: Sequence[float] | torch.Tensor,
+    context: torch.Tensor,
+    *,
+    exit_step: int | None = None,
+    grad_at_exit: bool = False,
+    generator: torch.Generator | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """Few-step sampling of one chunk: for j = 0..exit, x0 = G(x_{t_j}; t_j), x_{t_{j+1}} = Psi(x0, eps, t_{j+1}).
+
+    Psi(x0, eps, t) = (1 - t/1000) x0 + (t/1000) eps with fresh eps (the re-noising of Algorithm 1, line 19).
+    Every step but the exit runs without gradient; the exit step (default: the last) runs with gradient
+    when ``grad_at_exit``. noise [B, f, C, H, W] is x_{t_0}; returns the exit step's x0 [B, f, C, H, W].
+    """
+    steps = [float(s) for s in steps]
+    exit_step = len(steps) - 1 if exit_step is None else exit_step
+    if not 0 <= exit_step < len(steps):
+        raise ValueError(f"exit_step {exit_step} outside the {len(steps)} denoising steps")
+    x = noise
+    for j in range(exit_step + 1):
+        t = _full_t(x, steps[j])
+        if j == exit_step:
+            with torch.set_grad_enabled(grad_at_exit and torch.is_grad_enabled()):
+                return predict_x0(model, x, t, context, **model_kwargs)
+        with torch.no_grad():
+            x0 = predict_x0(model, x, t, context, **model_kwargs)
+            x = flow.add_noise(x0, _randn_like(x0, generator), _full_t(x0, steps[j + 1]))
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def cache_chunk(model, x0: torch.Tensor, context: torch.Tensor, *, kv_cache, start_frame: int,
+                context_noise: float = 0.0, generator: torch.Generator | None = None) -> None:
+    """G^KV(x0; t_ctx, KV): run the finished chunk at timestep ``context_noise`` to write its K/V.
+
+    With context_noise = 0 the clean x0 itself is cached (Algorithms 1 and 2); with t_ctx > 0 the chunk is
+    first noised to t_ctx (context-noise augmentation). Always without gradient: the cache holds constants.
+    """
+    x = x0.detach()
+    if context_noise > 0:
+        x = flow.add_noise(x, _randn_like(x, generator), _full_t(x, context_noise))
+    model(x, _full_t(x, context_noise), context, kv_cache=kv_cache, start_frame=start_frame)
+
+
+def sample_exit_steps(
+    num_blocks: int,
+    num_steps: int,
+    *,
+    same_step_across_blocks: bool = True,
+    last_step_only: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Exit step per block, s ~ Uniform{0..S-1} (Algorithm 1, line 4): one shared draw, or one per block."""
+    if last_step_only:
+        return [num_steps - 1] * num_blocks
+    draws = torch.randint(0, num_steps, (1 if same_step_across_blocks else num_blocks,), generator=generator)
+    return draws.tolist() * num_blocks if same_step_across_blocks else draws.tolist()
+
+
+@dataclass
+class RolloutResult:
+    """What a rollout produced: the clean video [B, F, C, H, W] (with graph at the supervised chunks), the
+    exit step of every chunk, and how many model forwards ran with gradient."""
+
+    video: torch.Tensor
+    exit_steps: list[int]
+    block_sizes: list[int]
+    grad_forwards: int
+
+
+def rollout_with_kv_cache(
+    model,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    steps: Sequence[float] | torch.Tensor,
+    *,
+    block_sizes: Sequence[int],
+    exit_steps: Sequence[int] | None = None,
+    grad_from_frame: int | None = None,
+    context_noise: float = 0.0,
+    kv_cache=None,
+    initial_latents: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+) -> RolloutResult:
+    """Autoregressive generation chunk by chunk with a KV cache (Algorithms 1 and 2 of Self Forcing).
+
+    For block i (frames [s_i, s_i + f_i)): x_{t_0} = noise[:, s_i:s_i+f_i]; run :func:`denoise_chunk` up to
+    ``exit_steps[i]`` (the last step when None: inference); append x0^i to the output; then cache x0^i with
+    :func:`cache_chunk` (without gradient). The exit forward carries gradient only when gradients are enabled
+    and the block starts at or after ``grad_from_frame`` (default 0: every block; a rollout longer than the
+    supervised window sets it to F - N so only the last N frames are trained).
+
+    ``initial_latents`` [B, P, C, H, W] (image-to-video / continuation) are cached first at t = 0 and
+    prepended to the output. ``noise`` [B, F, C, H, W]; returns a :class:`RolloutResult`.
+    """
+    b, nf = noise.shape[:2]
+    block_sizes = list(block_sizes)
+    if sum(block_sizes) != nf:
+        raise ValueError(f"block sizes {block_sizes} sum to {sum(block_sizes)}, noise has {nf} frames")
+    steps = [float(s) for s in steps]
+    if exit_steps is None:
+        exit_steps = [len(steps) - 1] * len(block_sizes)
+    if len(exit_steps) != len(block_sizes):
+        raise ValueError(f"{len(exit_steps)} exit steps for {len(block_sizes)} blocks")
+    prefix = 0 if initial_latents is None else initial_latents.shape[1]
+    if kv_cache is None:
+        h, w = noise.shape[-2:]
+        kv_cache = model.new_kv_cache(b, h, w, max_frames=prefix + nf)
+    else:
+        kv_cache.reset()
+    grad_from = 0 if grad_from_frame is None else grad_from_frame
+    outputs = []
+    if initial_latents is not None:
+        cache_chunk(model, initial_latents, context, kv_cache=kv_cache, start_frame=0)
+        outputs.append(initial_latents)
+
+    grad_forwards = 0
+    start = 0
+    for i, (f, exit_step) in enumerate(zip(block_sizes, exit_steps)):
+        supervised = torch.is_grad_enabled() and start >= grad_from
+        grad_forwards += int(supervised)
+        x0 = denoise_chunk(
+            model, noise[:, start:start + f], steps, context,
+            exit_step=exit_step, grad_at_exit=supervised, generator=generator,
+            kv_cache=kv_cache, start_frame=prefix + start,
+        )
+        outputs.append(x0)
+        if on_chunk is not None:
+            on_chunk(i, x0)
+        cache_chunk(model, x0, context, kv_cache=kv_cache, start_frame=prefix + start,
+                    context_noise=context_noise, generator=generator)
+        start += f
+    return RolloutResult(torch.cat(outputs, dim=1), list(exit_steps), block_sizes, grad_forwards)

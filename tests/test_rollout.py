@@ -1,0 +1,140 @@
+"""Algorithm 1 (self-rollout) and Algorithm 2 (inference) through the KV cache."""
+
+import pytest
+import torch
+from conftest import WAN_CONFIGS, make_model
+
+from selfforcing import flow
+from selfforcing.sampling import cache_chunk, denoise_chunk, rollout_with_kv_cache, sample_exit_steps
+
+CFG = WAN_CONFIGS["a"]
+STEPS = flow.denoising_step_list([1000, 750, 500, 250], shift=5.0)
+
+
+class ForwardRecorder:
+    """Wraps a model and records, for every forward, whether gradients were on and what it was given."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, x, t, ctx, **kw):
+        self.calls.append(dict(grad=torch.is_grad_enabled(), x=x.detach().clone(), t=t.clone(), start=kw.get("start_frame")))
+        return self.model(x, t, ctx, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def _setup(seed=0, frames=6, block=2):
+    model = make_model(CFG, num_frame_per_block=block)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(2, frames, CFG["in_channels"], 4, 4, generator=g)
+    ctx = torch.randn(2, 3, CFG["text_dim"], generator=g)
+    return model, noise, ctx
+
+
+@pytest.mark.parametrize("exits", [[0, 0, 0], [3, 3, 3], [2, 0, 1]])
+def test_gradient_truncation(exits):
+    """(Acceptance a of the training issue) only the exit-step forward of each chunk runs with gradient, the
+    cache never holds a tensor that requires grad, and the generator's gradient is exactly the sum over chunks
+    of the gradients of those exit forwards, recomputed alone from their recorded (detached) inputs."""
+    model, noise, ctx = _setup()
+    rec = ForwardRecorder(model)
+    cache = model.new_kv_cache(2, 4, 4, max_frames=6)
+    weights = torch.randn(2, 6, CFG["in_channels"], 4, 4, generator=torch.Generator().manual_seed(9))
+    res = rollout_with_kv_cache(rec, noise, ctx, STEPS, block_sizes=[2, 2, 2], exit_steps=exits, kv_cache=cache,
+                                generator=torch.Generator().manual_seed(1))
+    grad_calls = [c for c in rec.calls if c["grad"]]
+    assert res.grad_forwards == len(grad_calls) == 3  # one per supervised chunk
+    assert len(rec.calls) == sum(e + 1 for e in exits) + 3  # denoising passes + one cache pass per chunk
+    assert not cache.k.requires_grad and cache.k.grad_fn is None
+    assert res.video.requires_grad
+    (res.video * weights).sum().backward()
+    rollout_grad = [p.grad.clone() for p in model.parameters()]
+
+    # recompute: rebuild the cache from the clean outputs without grad, and differentiate each exit forward alone
+    model.zero_grad()
+    video = res.video.detach()
+    cache2 = model.new_kv_cache(2, 4, 4, max_frames=6)
+    for c, call in enumerate(grad_calls):
+        s = 2 * c
+        assert call["start"] == s
+        t = call["t"]
+        x0 = flow.flow_to_x0(model(call["x"], t, ctx, kv_cache=cache2, start_frame=s), call["x"], t)
+        (x0 * weights[:, s:s + 2]).sum().backward()
+        with torch.no_grad():
+            model(video[:, s:s + 2], torch.zeros(2, 2), ctx, kv_cache=cache2, start_frame=s)
+    for a, p in zip(rollout_grad, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+    assert sum(float(g.abs().sum()) for g in rollout_grad) > 0
+
+
+def test_exit_input_comes_from_the_no_grad_steps():
+    """The exit step's input is the re-noised prediction of the previous step at the next listed timestep."""
+    model, noise, ctx = _setup()
+    rec = ForwardRecorder(model)
+    rollout_with_kv_cache(rec, noise, ctx, STEPS, block_sizes=[2, 2, 2], exit_steps=[2, 2, 2],
+                          generator=torch.Generator().manual_seed(1))
+    chunk0 = [c for c in rec.calls if c["start"] == 0]
+    torch.testing.assert_close(torch.tensor([float(c["t"][0, 0]) for c in chunk0]), torch.tensor([*STEPS[:3].tolist(), 0.0]).float())
+    assert [c["grad"] for c in chunk0] == [False, False, True, False]
+    assert torch.equal(chunk0[0]["x"], noise[:, :2])
+
+
+def test_longer_rollout_supervises_only_the_last_frames():
+    model, noise, ctx = _setup(frames=8)
+    res = rollout_with_kv_cache(model, noise, ctx, STEPS, block_sizes=[2, 2, 2, 2], exit_steps=[1] * 4,
+                                grad_from_frame=4)
+    assert res.grad_forwards == 2
+    params = list(model.parameters())
+    early = torch.autograd.grad(res.video[:, :4].sum(), params, allow_unused=True, retain_graph=True)
+    assert all(g is None or float(g.abs().sum()) == 0 for g in early)  # unsupervised chunks: no gradient
+    late = torch.autograd.grad(res.video[:, 4:].sum(), params, allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in late)
+
+
+def test_inference_rollout_equals_manual_algorithm_2():
+    """rollout_with_kv_cache without gradient == a hand-written Algorithm 2 loop with the same noise draws."""
+    model, noise, ctx = _setup()
+    with torch.no_grad():
+        res = rollout_with_kv_cache(model, noise, ctx, STEPS, block_sizes=[2, 2, 2],
+                                    generator=torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        cache = model.new_kv_cache(2, 4, 4, max_frames=6)
+        outs = []
+        for c in range(3):
+            s = 2 * c
+            x = noise[:, s:s + 2]
+            for j, tj in enumerate(STEPS):
+                t = torch.full((2, 2), float(tj))
+                x0 = flow.flow_to_x0(model(x, t, ctx, kv_cache=cache, start_frame=s), x, t)
+                if j + 1 < len(STEPS):
+                    x = flow.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((2, 2), float(STEPS[j + 1])))
+            outs.append(x0)
+            model(x0, torch.zeros(2, 2), ctx, kv_cache=cache, start_frame=s)
+    assert res.grad_forwards == 0
+    torch.testing.assert_close(res.video, torch.cat(outs, 1))
+
+
+def test_exit_step_sampling():
+    g = torch.Generator().manual_seed(0)
+    shared = [sample_exit_steps(5, 4, generator=g) for _ in range(200)]
+    assert all(len(set(s)) == 1 for s in shared)
+    assert {s[0] for s in shared} == {0, 1, 2, 3}  # uniform over all steps
+    indep = [sample_exit_steps(5, 4, same_step_across_blocks=False, generator=g) for _ in range(50)]
+    assert any(len(set(s)) > 1 for s in indep)
+    assert sample_exit_steps(3, 4, last_step_only=True) == [3, 3, 3]
+    with pytest.raises(ValueError, match="exit_step 4 outside the 4"):
+        denoise_chunk(None, torch.zeros(1, 1, 1, 1, 1), STEPS, None, exit_step=4)
+
+
+def test_context_noise_caches_a_noised_chunk():
+    model, noise, ctx = _setup()
+    with torch.no_grad():
+        outs = {}
+        for cn in (0.0, 100.0):
+            cache = model.new_kv_cache(2, 4, 4, max_frames=4)
+            cache_chunk(model, noise[:, :2], ctx, kv_cache=cache, start_frame=0, context_noise=cn,
+                        generator=torch.Generator().manual_seed(0))
+            outs[cn] = model(noise[:, 2:4], torch.full((2, 2), 500.0), ctx, kv_cache=cache, start_frame=2)
+    assert (outs[0.0] - outs[100.0]).abs().max() > 1e-5
