@@ -1,0 +1,159 @@
+"""Training checkpoints: written atomically (temp file + rename), full or sharded, with everything needed to
+resume exactly: step, model and optimiser states, EMA shadow, and the config.
+
+Layout under ``<out_dir>/checkpoints/``: ``step_000200.pt`` (full: one file written by rank 0) or
+``step_000200/`` (sharded: torch.distributed.checkpoint, every rank writes its shards), plus ``latest``
+(a text file naming the newest complete checkpoint, replaced atomically after the checkpoint is complete).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .distributed import barrier, is_distributed, is_main
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same directory, fsync, then rename over ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _full_opts() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model state dict on CPU; a collective under FSDP2 (call on every rank)."""
+    return get_model_state_dict(model, options=_full_opts())
+
+
+def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, ema, extra: dict,
+                    sharded: bool = False, keep: int = 2) -> str:
+    """Write checkpoint ``step`` (collective: every rank calls it). Returns its path."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"step_{step:06d}"
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(ckpt_dir, name)
+        tmp = path + ".tmp"
+        if is_main() and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        barrier()
+        state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+        state.update({f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()})
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        dcp.save(state, checkpoint_id=tmp)
+        barrier()
+        if is_main():
+            atomic_torch_save({"step": step, **extra}, os.path.join(tmp, "meta.pt"))
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    else:
+        path = os.path.join(ckpt_dir, name + ".pt")
+        state = {
+            "step": step,
+            "models": {k: gather_model_state(m) for k, m in models.items()},
+            "optimizers": {k: get_optimizer_state_dict(models[k], o, options=_full_opts()) for k, o in optimizers.items()},
+            "ema": ema.full_state_dict() if ema is not None else None,
+            **extra,
+        }
+        # the exported generator, in the layout `generate` and the release tools read
+        state["generator"] = state["models"]["generator"]
+        if ema is not None and ema.initialized:
+            state["generator_ema"] = state["ema"]["shadow"]
+        if is_main():
+            atomic_torch_save(state, path)
+    barrier()
+    if is_main():
+        atomic_write_text(os.path.join(ckpt_dir, "latest"), os.path.basename(path) + "\n")
+        _prune(ckpt_dir, keep)
+    barrier()
+    return path
+
+
+def _prune(ckpt_dir: str, keep: int) -> None:
+    found = sorted(p for p in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{6}(\.pt)?", p))
+    for p in found[:-keep] if keep > 0 else []:
+        full = os.path.join(ckpt_dir, p)
+        shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """Path of the newest complete checkpoint (named by ``latest``), or None."""
+    marker = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(marker):
+        return None
+    with open(marker) as fh:
+        name = fh.read().strip()
+    path = os.path.join(ckpt_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{marker} names {name}, which does not exist in {ckpt_dir}")
+    return path
+
+
+def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
+    """Restore models, optimisers and EMA from ``path`` (full file or sharded dir); returns its meta (step...)."""
+    if os.path.isdir(path):
+        import torch.distributed.checkpoint as dcp
+
+        state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+        state.update({f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()})
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        dcp.load(state, checkpoint_id=path)
+        for k, m in models.items():
+            set_model_state_dict(m, state[f"model.{k}"])
+        for k, o in optimizers.items():
+            set_optimizer_state_dict(models[k], o, state[f"optim.{k}"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"cannot read training checkpoint {path}: {err}") from err
+    for k, m in models.items():
+        set_model_state_dict(m, state["models"][k], options=StateDictOptions(full_state_dict=True))
+    for k, o in optimizers.items():
+        set_optimizer_state_dict(models[k], o, state["optimizers"][k], options=StateDictOptions(full_state_dict=True))
+    if ema is not None and state.get("ema") is not None:
+        ema.load_full_state_dict(state["ema"])
+    return state

@@ -1,0 +1,132 @@
+"""Typed defaults of a training recipe. A recipe YAML sets any subset of these fields (unknown keys are
+errors, see ``selfforcing.config``). Defaults follow the paper's released settings where they apply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("teacher", "teacher_forcing", "diffusion_forcing", "ode_init", "causvid", "self_forcing")
+DISTRIBUTION_LOSSES = ("dmd", "sid", "gan")
+
+
+@dataclass
+class ModelSpec:
+    """Which network: a preset (+ config overrides), optionally initialised from a checkpoint."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # a save_pretrained dir or a checkpoint file (any supported format)
+    use_ema: bool = False  # take generator_ema from a training checkpoint
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with gradient clipping (constant learning rate)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    max_grad_norm: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from.
+
+    kind: moving-digits (clips rendered, encoded by the autoencoder, captions by the text encoder),
+    store (precomputed latents / ODE pairs written by ``selfforcing data encode``), prompts (a prompt file:
+    data-free Self Forcing), random (Gaussian latents and contexts: smoke tests and benchmarks).
+    """
+
+    kind: str = "moving-digits"
+    path: str | None = None  # store directory or prompt file
+    num_frames: int = 12  # pixel frames per clip (the autoencoder maps them to latent frames)
+    size: int = 64
+    num_digits: tuple[int, int] = (1, 2)
+    autoencoder: str = "moving-digits"
+    text_encoder: str = "minilm"
+    text_len: int = 32
+    embedding_cache: str | None = None  # on-disk text-embedding cache (default: <out>/text_cache)
+    latent_shape: tuple[int, int, int, int] = (12, 8, 16, 16)  # [F, C, H, W] for kind=random
+    negative_prompt: str = ""  # the unconditional prompt for CFG / text dropout
+
+
+@dataclass
+class DistributionMatchingConfig:
+    """DMD / SiD / GAN settings (paper defaults; guidance in the standard convention)."""
+
+    loss: str = "dmd"
+    guidance_scale: float = 4.0  # standard CFG weight; the reference code's 3.0 (p_c + 3 (p_c - p_u))
+    timestep_shift: float = 5.0
+    min_timestep: float = 20.0  # clamp of the score timestep, as the reference (0.02 * 1000)
+    max_timestep: float = 980.0
+    critic_updates_per_generator_update: int = 5  # dfake_gen_update_ratio
+    sid_alpha: float = 1.0
+    gan_generator_weight: float = 1.0
+    gan_discriminator_weight: float = 1.0
+    gan_feature_layers: tuple[int, ...] = ()  # critic layers the discriminator head reads (default: last three)
+    r1_weight: float = 0.0
+    r1_sigma: float = 0.01
+
+
+@dataclass
+class RolloutConfig:
+    """Self Forcing rollout options (Algorithm 1) and the few-step sampler."""
+
+    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    warp_denoising_step: bool = True
+    same_step_across_blocks: bool = True
+    last_step_only: bool = False
+    context_noise: float = 0.0
+    num_rollout_frames: int | None = None  # latent frames generated (default: the data's frame count)
+    supervised_frames: int | None = None  # loss on the last N frames only (default: all)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``method`` picks what is trained and how; everything runs in one loop."""
+
+    method: str = "teacher"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 4  # per rank and micro-batch
+    grad_accum: int = 1
+    out_dir: str = "runs/default"
+
+    generator: ModelSpec = field(default_factory=ModelSpec)
+    teacher: ModelSpec | None = None  # the real score (DMD/SiD), the ODE teacher; default: generator's init
+    critic: ModelSpec | None = None  # the fake score / discriminator backbone; default: the teacher
+    generator_optim: OptimConfig = field(default_factory=OptimConfig)
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-5))
+
+    ema_weight: float = 0.0  # 0 disables EMA
+    ema_start_step: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU; or "fp32" / "bf16"
+    parallel: str = "none"  # none | ddp | fsdp2
+
+    timestep_shift: float = 5.0  # shifted timestep sampling of the flow-matching losses
+    text_dropout: float = 0.1  # probability of the unconditional prompt (teacher, for CFG)
+    context_noise: float = 0.0  # teacher forcing: timestep of the clean context (noise augmentation)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dm: DistributionMatchingConfig = field(default_factory=DistributionMatchingConfig)
+
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: never
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.dm.loss not in DISTRIBUTION_LOSSES:
+            raise ValueError(f"unknown distribution-matching loss {self.dm.loss!r}; choose one of {list(DISTRIBUTION_LOSSES)}")
+        if self.parallel not in ("none", "ddp", "fsdp2"):
+            raise ValueError(f"parallel must be none, ddp or fsdp2, got {self.parallel!r}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
+            raise ValueError("batch_size and grad_accum must be >= 1 and max_steps >= 0")

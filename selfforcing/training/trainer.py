@@ -1,0 +1,206 @@
+"""The one training loop: every method of ``methods.py`` runs through :func:`train`.
+
+Per step: re-seed (from run seed, step and rank), then for each network the method updates at this step
+(``update_schedule``): zero grads, ``grad_accum`` micro-batches of loss/backward, average gradients over ranks
+(data parallel) or let FSDP2 reduce them, clip, AdamW step, EMA of the generator. Checkpoints every
+``checkpoint_every`` steps are atomic and hold everything needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import save_config, to_dict
+from ..models import CausalWanModel
+from . import distributed as D
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ModelSpec, TrainConfig
+from .data import build_batch_source
+from .ema import EMA
+from .methods import METHOD_CLASSES, GANCritic, needs_critic, needs_teacher
+from .parallelize import all_reduce_gradients, apply_fsdp2, broadcast_parameters
+
+
+def build_model(spec: ModelSpec, device: torch.device) -> CausalWanModel:
+    """A CausalWanModel from a spec: the preset (+ overrides), weights from ``spec.checkpoint`` if given."""
+    if spec.checkpoint:
+        model = CausalWanModel.from_checkpoint(spec.checkpoint, preset=spec.preset, use_ema=spec.use_ema,
+                                               **spec.overrides)
+    else:
+        model = CausalWanModel.from_preset(spec.preset, **spec.overrides)
+    return model.to(device)
+
+
+@dataclass
+class TrainState:
+    step: int
+    method: object
+    models: dict
+    optimizers: dict
+    ema: EMA | None
+    history: list
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def setup(cfg: TrainConfig, device: torch.device | None = None) -> TrainState:
+    """Build networks, method, optimisers and EMA (and parallelise) for ``cfg``."""
+    device = device or D.init_from_env()
+    D.seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    generator = build_model(cfg.generator, device)
+    teacher = critic = None
+    if needs_teacher(cfg) or needs_critic(cfg):
+        teacher_spec = cfg.teacher or cfg.generator
+        if needs_teacher(cfg):
+            teacher = build_model(teacher_spec, device).eval().requires_grad_(False)
+        if needs_critic(cfg):
+            critic = build_model(cfg.critic or teacher_spec, device)
+            if cfg.dm.loss == "gan" and cfg.method == "self_forcing":
+                critic = GANCritic(critic, cfg.dm.gan_feature_layers).to(device)
+    trainables = {"generator": generator}
+    if critic is not None:
+        trainables["critic"] = critic
+    for m in trainables.values():
+        m.train()
+        if cfg.gradient_checkpointing:
+            (m.backbone if isinstance(m, GANCritic) else m).enable_gradient_checkpointing()
+        if cfg.parallel == "fsdp2":
+            apply_fsdp2(m, device, bf16=_bf16(cfg, device))
+        elif cfg.parallel == "ddp":
+            broadcast_parameters(m)
+    method = METHOD_CLASSES[cfg.method](cfg, generator, teacher=teacher, critic=critic)
+    optimizers = {}
+    for name, m in method.trainable().items():
+        o = cfg.generator_optim if name == "generator" else cfg.critic_optim
+        optimizers[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=o.lr,
+                                             betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    ema = EMA(generator, cfg.ema_weight, cfg.ema_start_step) if cfg.ema_weight > 0 else None
+    return TrainState(0, method, method.trainable(), optimizers, ema, [])
+
+
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+
+
+def train_step(cfg: TrainConfig, state: TrainState, batches, device: torch.device) -> dict[str, float]:
+    """One optimisation step of every network the method updates at ``state.step``; returns the logs."""
+    step = state.step
+    torch.manual_seed(hash((cfg.seed, step, D.rank())) % (2**63))  # all in-step randomness, resumable
+    logs: dict[str, float] = {}
+    for purpose, name in enumerate(state.method.update_schedule(step)):
+        model, opt = state.models[name], state.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            batch = batches.batch(step, micro, purpose)
+            with _autocast(cfg, device):
+                loss, l = state.method.loss(name, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: non-finite {name} loss {float(loss)}")
+            (loss / cfg.grad_accum).backward()
+            for k, v in l.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+        if cfg.parallel == "ddp":
+            all_reduce_gradients(model)
+        optim_cfg = cfg.generator_optim if name == "generator" else cfg.critic_optim
+        params = [p for p in model.parameters() if p.grad is not None]
+        gn = torch.nn.utils.clip_grad_norm_(params, optim_cfg.max_grad_norm) if params else torch.tensor(0.0)
+        logs[f"{name}_grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        opt.step()
+        if name == "generator" and state.ema is not None:
+            state.ema.update(step)
+    state.step += 1
+    return logs
+
+
+class _Logger:
+    """TensorBoard (optional), Weights & Biases (optional) and a JSONL file, on rank 0."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.tb = self.wandb = None
+        self.jsonl = None
+        if not D.is_main():
+            return
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+            except ImportError:
+                pass
+        if cfg.wandb_project:
+            import wandb  # optional dependency: only imported when asked for
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=to_dict(cfg), dir=cfg.out_dir)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.jsonl is None:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        for h in (self.jsonl, self.tb):
+            if h is not None:
+                h.close()
+
+
+def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True, resume: bool = True) -> TrainState:
+    """Run (or resume) the recipe ``cfg`` up to ``max_steps`` (default ``cfg.max_steps``)."""
+    device = D.init_from_env()
+    state = setup(cfg, device)
+    text_dim = state.method.generator.config.text_dim
+    batches = build_batch_source(cfg, text_dim, device)
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    if resume and (path := latest_checkpoint(ckpt_dir)):
+        meta = load_checkpoint(path, state.models, state.optimizers, state.ema)
+        state.step = int(meta["step"])
+    if D.is_main():
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    logger = _Logger(cfg)
+    total = cfg.max_steps if max_steps is None else max_steps
+    bar = None
+    if progress and D.is_main():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=state.step, desc=cfg.method, dynamic_ncols=True)
+    t_last = time.perf_counter()
+    while state.step < total:
+        logs = train_step(cfg, state, batches, device)
+        step = state.step
+        logs = D.all_reduce_mean(logs)
+        now = time.perf_counter()
+        logs["seconds_per_step"] = now - t_last
+        t_last = now
+        state.history.append({"step": step, **logs})
+        if step % cfg.log_every == 0 or step == total:
+            logger.log(step, logs)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
+            save_checkpoint(ckpt_dir, step, state.models, state.optimizers, state.ema,
+                            {"config": to_dict(cfg)}, keep=cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    return state
