@@ -463,7 +463,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         start_frame: int = 0,
         clean_x: torch.Tensor | None = None,
         clean_timestep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_hidden_layers: tuple[int, ...] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         r"""Flow prediction v for latents ``x``.
 
         Args:
@@ -478,9 +479,11 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             clean_x: teacher forcing: clean latents [B, F, C, H, W] placed before ``x`` in one sequence;
                 noisy block i sees the clean blocks < i and itself. Only the noisy half is returned.
             clean_timestep: [B] or [B, F] timesteps of ``clean_x`` (default 0).
+            output_hidden_layers: also return the hidden tokens [B, N, D] after these blocks (0-based;
+                negative counts from the end), e.g. for a discriminator head on the critic's features.
 
         Returns:
-            v = eps - x0 predicted for ``x``: [B, F, C_out, H, W].
+            v = eps - x0 predicted for ``x``: [B, F, C_out, H, W] (and {layer: tokens} if asked).
         """
         cfg = self.config
         self._check_latents(x)
@@ -549,11 +552,15 @@ class CausalWanModel(ModelMixin, ConfigMixin):
 
         # ---- transformer blocks
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
-        for blk, how, ckv in zip(self.blocks, hows, cross):
+        taps = {i % cfg.num_layers for i in (output_hidden_layers or ())}
+        hidden = {}
+        for i, (blk, how, ckv) in enumerate(zip(self.blocks, hows, cross)):
             if ckpt:
                 tokens = self._gradient_checkpointing_func(blk, tokens, e, rope, how, ctx, ckv)
             else:
                 tokens = blk(tokens, e, rope, how, ctx, ckv)
+            if i in taps:
+                hidden[i] = tokens
         if plan is not None and not tracking:
             kv_cache.commit(plan)
 
@@ -565,4 +572,5 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         out = self.proj_out(out)
         if clean_x is not None:
             out = out[:, nf:]
-        return self._unpatchify(out.reshape(b, nf * tpf, -1), nf, hh, ww)
+        out = self._unpatchify(out.reshape(b, nf * tpf, -1), nf, hh, ww)
+        return (out, hidden) if output_hidden_layers is not None else out
