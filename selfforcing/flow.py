@@ -121,10 +121,17 @@ def sample_timesteps(
 
     This is Wan's shifted sampling (and the DMD/critic sampler before its clamp).
     """
+    u = torch.rand(tuple(shape), generator=generator, device=device, dtype=torch.float64)
+    return timesteps_from_uniform(u, shift=shift, min_t=min_t, max_t=max_t)
+
+
+def timesteps_from_uniform(
+    u: torch.Tensor, *, shift: float = 1.0, min_t: float = 0.0, max_t: float = NUM_TRAIN_TIMESTEPS
+) -> torch.Tensor:
+    """Map u in [0, 1) to t = 1000 shift_sigma((min_t + (max_t - min_t) u) / 1000); float32, shape of u."""
     if not 0 <= min_t < max_t <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"need 0 <= min_t < max_t <= {NUM_TRAIN_TIMESTEPS}, got {min_t}, {max_t}")
-    u = torch.rand(tuple(shape), generator=generator, device=device, dtype=torch.float64)
-    u = (min_t + (max_t - min_t) * u) / NUM_TRAIN_TIMESTEPS
+    u = (min_t + (max_t - min_t) * u.double()) / NUM_TRAIN_TIMESTEPS
     return (shift_sigma(u, shift) * NUM_TRAIN_TIMESTEPS).float()
 
 

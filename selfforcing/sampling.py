@@ -30,7 +30,10 @@ def _full_t(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full(x.shape[:2], float(value), device=x.device, dtype=torch.float32)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Fresh noise like x from a torch.Generator, a per-sample ``BatchRNG`` (training), or the global RNG."""
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 

@@ -213,9 +213,16 @@ class WanAttention(nn.Module):
             out = attention(q, torch.cat([how.k.to(k.dtype), k], 1), torch.cat([how.v.to(v.dtype), v], 1))
         return self.to_out[0](out.flatten(2))
 
-    def cross_attention(self, x: torch.Tensor, ctx: torch.Tensor | None, kv=None) -> torch.Tensor:
+    def cross_attention(self, x: torch.Tensor, ctx: torch.Tensor | None, slot=None) -> torch.Tensor:
+        """Attend to the text: K/V from ``slot`` (the cross-attention cache of this layer) when it holds
+        them, else projected from ``ctx`` (and stored in the slot, if any)."""
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        k, v = kv if kv is not None else self.project_kv(ctx)
+        kv = slot.get() if slot is not None else None
+        if kv is None:
+            kv = self.project_kv(ctx)
+            if slot is not None:
+                slot.set(kv)
+        k, v = kv
         return self.to_out[0](attention(q, k.to(q.dtype), v.to(q.dtype)).flatten(2))
 
 
@@ -232,7 +239,7 @@ class CausalWanBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e, rope, how, ctx, cross_kv=None):
+    def forward(self, x, e, rope, how, ctx, cross_slot=None):
         """x [B, F*T, D]; e [B, F, 6, D] (float32 modulation); rope cos/sin [F*T, Dh/2]; ctx [B, L, D]."""
         b, n, d = x.shape
         nf = e.shape[1]
@@ -245,7 +252,7 @@ class CausalWanBlock(nn.Module):
         xf = (xf.float() + a * gate).type_as(x)
 
         h = _fp32_layer_norm(xf, self.norm2).type_as(x).view(b, n, d)
-        xf = xf + self.attn2.cross_attention(h, ctx, cross_kv).view(b, nf, n // nf, d)
+        xf = xf + self.attn2.cross_attention(h, ctx, cross_slot).view(b, nf, n // nf, d)
 
         h = (_fp32_layer_norm(xf, self.norm3) * (1 + c_scale) + c_shift).type_as(x)
         xf = (xf.float() + self.ffn(h).float() * c_gate).type_as(x)
@@ -543,9 +550,11 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         cross = [None] * cfg.num_layers
         ctx = None
         if kv_cache is not None and not tracking:
+            # each block fills its own slot inside its forward (so sharded parameters are gathered there)
             if not kv_cache.cross_matches(context):
-                kv_cache.set_cross(context, *self.cross_attention_kv(context))
-            cross = list(zip(kv_cache.cross_k, kv_cache.cross_v))
+                kv_cache.begin_cross(context)
+                ctx = self.encode_context(context)
+            cross = [kv_cache.cross_slot(i) for i in range(cfg.num_layers)]
         else:
             ctx = self.encode_context(context)
         rope = self.rope(frames, h, w)

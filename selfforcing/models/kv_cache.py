@@ -116,8 +116,8 @@ class KVCache:
         self.k = self.k.detach()
         self.v = self.v.detach()
         if self.cross_k is not None:
-            self.cross_k = [t.detach() for t in self.cross_k]
-            self.cross_v = [t.detach() for t in self.cross_v]
+            self.cross_k = [None if t is None else t.detach() for t in self.cross_k]
+            self.cross_v = [None if t is None else t.detach() for t in self.cross_v]
         return self
 
     @property
@@ -227,13 +227,40 @@ class KVCache:
         return self._cross_key is not None and self._cross_key == _tensor_key(context)
 
     def set_cross(self, context: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        """Store every layer's cross-attention K/V [B, L, H, Dh] of ``context`` at once."""
         self.cross_k = [t.detach() for t in ks]
         self.cross_v = [t.detach() for t in vs]
         self._cross_key = _tensor_key(context)
 
+    def begin_cross(self, context: torch.Tensor) -> None:
+        """Start caching the cross-attention K/V of ``context``; each layer fills its slot when it runs."""
+        self.cross_k = [None] * self.num_layers
+        self.cross_v = [None] * self.num_layers
+        self._cross_key = _tensor_key(context)
+
+    def cross_slot(self, layer: int) -> _CrossSlot:
+        return _CrossSlot(self, layer)
+
     def memory_bytes(self) -> int:
         """Bytes held by the self-attention buffers."""
         return self.k.numel() * self.k.element_size() * 2
+
+
+class _CrossSlot:
+    """One layer's entry of the cross-attention cache: get() -> (K, V) or None; set((K, V))."""
+
+    __slots__ = ("cache", "layer")
+
+    def __init__(self, cache: KVCache, layer: int) -> None:
+        self.cache, self.layer = cache, layer
+
+    def get(self):
+        k = self.cache.cross_k[self.layer] if self.cache.cross_k is not None else None
+        return None if k is None else (k, self.cache.cross_v[self.layer])
+
+    def set(self, kv) -> None:
+        self.cache.cross_k[self.layer] = kv[0].detach()
+        self.cache.cross_v[self.layer] = kv[1].detach()
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:

@@ -101,8 +101,9 @@ class TrainingMethod:
         raise NotImplementedError
 
     # ---- shared pieces
-    def _timesteps(self, shape, device, shift=None) -> torch.Tensor:
-        return flow.sample_timesteps(shape, shift=self.cfg.timestep_shift if shift is None else shift, device=device)
+    def _timesteps(self, rng, shape=(), shift=None) -> torch.Tensor:
+        """Shifted training timesteps [B, *shape] from the batch's per-sample streams."""
+        return flow.timesteps_from_uniform(rng.rand(shape), shift=self.cfg.timestep_shift if shift is None else shift)
 
     def _blocked(self, per_block: torch.Tensor, num_frames: int) -> torch.Tensor:
         return flow.blockwise_timesteps(per_block, self.generator.block_sizes(num_frames))
@@ -123,10 +124,11 @@ class TeacherPretraining(TrainingMethod):
     def loss(self, name, batch):
         x0, ctx = batch["latents"], batch["context"]
         b = x0.shape[0]
-        drop = torch.rand(b, device=x0.device) < self.cfg.text_dropout
+        rng = batch["rng"]
+        drop = (rng.rand() < self.cfg.text_dropout).to(x0.device)
         ctx = torch.where(drop[:, None, None], batch["null_context"], ctx)
-        t = self._timesteps((b,), x0.device)
-        eps = torch.randn_like(x0)
+        t = self._timesteps(rng).to(x0.device)
+        eps = rng.randn_like(x0)
         v = self.generator(flow.add_noise(x0, eps, t), t, ctx, causal=False)
         loss = losses.flow_matching_loss(v, x0, eps)
         return loss, {"loss": loss.item()}
@@ -137,9 +139,9 @@ class DiffusionForcing(TrainingMethod):
 
     def loss(self, name, batch):
         x0, ctx = batch["latents"], batch["context"]
-        b, nf = x0.shape[:2]
-        t = self._blocked(self._timesteps((b, self._num_blocks(nf)), x0.device), nf)
-        eps = torch.randn_like(x0)
+        nf, rng = x0.shape[1], batch["rng"]
+        t = self._blocked(self._timesteps(rng, (self._num_blocks(nf),)), nf).to(x0.device)
+        eps = rng.randn_like(x0)
         v = self.generator(flow.add_noise(x0, eps, t), t, ctx, causal=True)
         loss = losses.flow_matching_loss(v, x0, eps)
         return loss, {"loss": loss.item()}
@@ -151,22 +153,22 @@ class TeacherForcing(TrainingMethod):
 
     def loss(self, name, batch):
         x0, ctx = batch["latents"], batch["context"]
-        b, nf = x0.shape[:2]
-        t = self._blocked(self._timesteps((b, self._num_blocks(nf)), x0.device), nf)
-        eps = torch.randn_like(x0)
+        (b, nf), rng = x0.shape[:2], batch["rng"]
+        t = self._blocked(self._timesteps(rng, (self._num_blocks(nf),)), nf).to(x0.device)
+        eps = rng.randn_like(x0)
         ct = torch.full((b, nf), float(self.cfg.context_noise), device=x0.device)
-        clean = flow.add_noise(x0, torch.randn_like(x0), ct) if self.cfg.context_noise > 0 else x0
+        clean = flow.add_noise(x0, rng.randn_like(x0), ct) if self.cfg.context_noise > 0 else x0
         v = self.generator(flow.add_noise(x0, eps, t), t, ctx, clean_x=clean, clean_timestep=ct)
         loss = losses.flow_matching_loss(v, x0, eps)
         return loss, {"loss": loss.item()}
 
 
-def gather_few_step_inputs(states: torch.Tensor, steps: list[float], block_sizes: list[int]):
+def gather_few_step_inputs(states: torch.Tensor, steps: list[float], block_sizes: list[int], rng):
     """Per block, pick one few-step state index k ~ U{0..S-1}: x_in [B, F, ...] = states[:, k_b], t = steps[k_b].
 
     states [B, S + 1, F, C, H, W] are the states at ``steps`` followed by the clean end point."""
     b, s1, nf = states.shape[:3]
-    per_block = torch.randint(0, len(steps), (b, len(block_sizes)), device=states.device)
+    per_block = rng.randint(len(steps), (len(block_sizes),)).to(states.device)
     idx = flow.blockwise_timesteps(per_block, block_sizes)  # [B, F]
     gather = idx[:, None, :, None, None, None].expand(b, 1, nf, *states.shape[3:])
     x_in = states.gather(1, gather).squeeze(1)
@@ -181,7 +183,7 @@ class ODEInit(TrainingMethod):
     def loss(self, name, batch):
         states, ctx = batch["ode_states"], batch["context"]
         nf = states.shape[2]
-        x_in, t = gather_few_step_inputs(states, self._steps(), self.generator.block_sizes(nf))
+        x_in, t = gather_few_step_inputs(states, self._steps(), self.generator.block_sizes(nf), batch["rng"])
         x0 = predict_x0(self.generator, x_in, t, ctx, causal=True)
         loss = losses.ode_regression_loss(x0, states[:, -1])
         return loss, {"loss": loss.item()}
@@ -202,10 +204,11 @@ class DistributionMatching(TrainingMethod):
         """Generator samples [B, F, ...] and a frame mask [B, F] of supervised frames (None = all)."""
         raise NotImplementedError
 
-    def _score_t(self, x):
+    def _score_t(self, rng, x):
+        """t ~ shift(U[0, 1000)) per sample, clamped to [min_timestep, max_timestep] (as the reference DMD)."""
         dm = self.cfg.dm
-        t = flow.sample_timesteps((x.shape[0],), shift=dm.timestep_shift, device=x.device)
-        return t.clamp(dm.min_timestep, dm.max_timestep)
+        t = self._timesteps(rng, shift=dm.timestep_shift)
+        return t.clamp(dm.min_timestep, dm.max_timestep).to(x.device)
 
     def _real_x0(self, x_t, t, batch):
         cond = predict_x0(self.teacher, x_t, t, batch["context"], causal=False)
@@ -221,9 +224,10 @@ class DistributionMatching(TrainingMethod):
 
     def generator_loss(self, batch):
         dm = self.cfg.dm
+        rng = batch["rng"]
         x, mask = self.generate(batch, with_grad=True)
-        t = self._score_t(x)
-        eps = torch.randn_like(x)
+        t = self._score_t(rng, x)
+        eps = rng.randn_like(x)
         if dm.loss == "dmd":
             with torch.no_grad():
                 x_t = flow.add_noise(x.detach(), eps, t)
@@ -242,14 +246,15 @@ class DistributionMatching(TrainingMethod):
         with _frozen(self.critic):
             logits = self.critic(x_t, t, batch["context"])
         loss = dm.gan_generator_weight * losses.gan_generator_loss(logits)
-        return loss, {"generator_loss": loss.item(), "d_fake": float(logits.mean())}
+        return loss, {"generator_loss": loss.item(), "d_fake": logits.detach().mean().item()}
 
     def critic_loss(self, batch):
         dm = self.cfg.dm
+        rng = batch["rng"]
         with torch.no_grad():
             x, _ = self.generate(batch, with_grad=False)
-        t = self._score_t(x)
-        eps = torch.randn_like(x)
+        t = self._score_t(rng, x)
+        eps = rng.randn_like(x)
         x_t = flow.add_noise(x, eps, t)
         if dm.loss in ("dmd", "sid"):
             v = self.critic(x_t, t, batch["context"], causal=False)
@@ -258,16 +263,16 @@ class DistributionMatching(TrainingMethod):
         real = batch["latents"]  # gan: real clips (same t, fresh noise)
         if real.shape != x.shape:
             raise ValueError(f"GAN needs real latents of the generated shape {tuple(x.shape)}, got {tuple(real.shape)}")
-        real_t = flow.add_noise(real, torch.randn_like(real), t)
+        real_t = flow.add_noise(real, rng.randn_like(real), t)
         d_real = self.critic(real_t, t, batch["context"])
         d_fake = self.critic(x_t, t, batch["context"])
         loss = dm.gan_discriminator_weight * losses.gan_discriminator_loss(d_real, d_fake)
-        logs = {"d_real": float(d_real.mean()), "d_fake": float(d_fake.mean())}
+        logs = {"d_real": d_real.detach().mean().item(), "d_fake": d_fake.detach().mean().item()}
         if dm.r1_weight > 0:
-            d_pert = self.critic(real_t + dm.r1_sigma * torch.randn_like(real_t), t, batch["context"])
+            d_pert = self.critic(real_t + dm.r1_sigma * rng.randn_like(real_t), t, batch["context"])
             r1 = losses.r1_penalty(d_real, d_pert, dm.r1_sigma)
             loss = loss + dm.r1_weight * r1
-            logs["r1"] = float(r1)
+            logs["r1"] = r1.item()
         logs["critic_loss"] = loss.item()
         return loss, logs
 
@@ -277,11 +282,12 @@ class CausVid(DistributionMatching):
     denoised in one block-causal forward."""
 
     def generate(self, batch, with_grad):
-        x0 = batch["latents"]
+        x0, rng = batch["latents"], batch["rng"]
         steps = self._steps()
-        eps = torch.randn_like(x0)
+        eps = rng.randn_like(x0)
         noisy = torch.stack([flow.add_noise(x0, eps, torch.full(x0.shape[:2], s, device=x0.device)) for s in steps], 1)
-        x_in, t = gather_few_step_inputs(torch.cat([noisy, x0[:, None]], 1), steps, self.generator.block_sizes(x0.shape[1]))
+        x_in, t = gather_few_step_inputs(torch.cat([noisy, x0[:, None]], 1), steps,
+                                         self.generator.block_sizes(x0.shape[1]), rng)
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
             return predict_x0(self.generator, x_in, t, batch["context"], causal=True), None
 
@@ -289,6 +295,10 @@ class CausVid(DistributionMatching):
 class SelfForcing(DistributionMatching):
     """Self Forcing (Algorithm 1): the generator's own KV-cache rollout, gradient only at one exit step per chunk
     (drawn on rank 0, broadcast), optionally longer than the supervised window."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exit_history: list[list[int]] = []  # the exit steps of every rollout (logged, and checked in tests)
 
     def rollout_shape(self, batch) -> tuple[int, ...]:
         ref = batch["latents"] if "latents" in batch else None
@@ -306,14 +316,17 @@ class SelfForcing(DistributionMatching):
         device = batch["context"].device
         block_sizes = self.generator.block_sizes(shape[1])
         steps = self._steps()
+        # drawn on rank 0 and broadcast: every rank runs the same forwards (FSDP collectives stay in step)
         exits = broadcast_object(sample_exit_steps(len(block_sizes), len(steps),
                                                    same_step_across_blocks=r.same_step_across_blocks,
                                                    last_step_only=r.last_step_only))
+        self.exit_history.append(exits)
         n_sup = r.supervised_frames or shape[1]
-        noise = torch.randn(shape, device=device)
+        rng = batch["rng"]
+        noise = rng.randn(shape[1:]).to(device)
         res = rollout_with_kv_cache(self.generator, noise, batch["context"], steps, block_sizes=block_sizes,
                                     exit_steps=exits, grad_from_frame=shape[1] - n_sup,
-                                    context_noise=r.context_noise)
+                                    context_noise=r.context_noise, generator=rng)
         # the scores judge the supervised window only
         return res.video[:, shape[1] - n_sup:], None
 
