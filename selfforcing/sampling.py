@@ -174,3 +174,105 @@ def rollout_with_kv_cache(
                     context_noise=context_noise, generator=generator)
         start += f
     return RolloutResult(torch.cat(outputs, dim=1), list(exit_steps), block_sizes, grad_forwards)
+
+
+# ---------------------------------------------------------------------------------------------- many-step
+def ode_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """The Euler grid: sigma_i = shift_sigma(1 - i / N), i = 0..N (float64 [N + 1], from 1 down to 0)."""
+    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return flow.shift_sigma(u, shift)
+
+
+def guided_flow(model, x_t, t, context, null_context, guidance_scale: float, **kw) -> torch.Tensor:
+    """Classifier-free guided flow v = v_u + w (v_c - v_u) (one forward when w = 1 or no null context)."""
+    v_c = model(x_t, t, context, **kw)
+    if null_context is None or guidance_scale == 1.0:
+        return v_c
+    v_u = model(x_t, t, null_context, **kw)
+    return v_u + guidance_scale * (v_c - v_u)
+
+
+@torch.no_grad()
+def sample_bidirectional(
+    model,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    null_context: torch.Tensor | None = None,
+    num_steps: int = 48,
+    shift: float = 5.0,
+    guidance_scale: float = 1.0,
+    record_timesteps: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Many-step Euler sampling of the probability-flow ODE with a bidirectional model (the teacher):
+    x_{sigma_{i+1}} = x_{sigma_i} + (sigma_{i+1} - sigma_i) v(x, 1000 sigma_i), with CFG.
+
+    noise [B, F, C, H, W] is x at t = 1000. ``record_timesteps`` (e.g. the warped few-step list) must lie on
+    the grid; the states there, followed by the final x0, are returned as [B, S + 1, F, C, H, W] (ODE pairs).
+    Returns (x0, states or None)."""
+    sig = ode_sigmas(num_steps, shift)
+    want = {}
+    if record_timesteps is not None:
+        grid_t = (sig * flow.NUM_TRAIN_TIMESTEPS).tolist()
+        for t in record_timesteps:
+            i = min(range(len(grid_t)), key=lambda j: abs(grid_t[j] - float(t)))
+            if abs(grid_t[i] - float(t)) > 1e-3:
+                raise ValueError(f"timestep {float(t):.3f} is not on the {num_steps}-step grid with shift {shift}; "
+                                 f"use a step count that is a multiple of the few-step list's length")
+            want[i] = len(want)
+    states: list[torch.Tensor | None] = [None] * len(want)
+    x = noise
+    for i in range(num_steps):
+        if i in want:
+            states[want[i]] = x
+        t = torch.full(x.shape[:2], float(sig[i] * flow.NUM_TRAIN_TIMESTEPS), device=x.device)
+        v = guided_flow(model, x, t, context, null_context, guidance_scale, causal=False)
+        x = x + float(sig[i + 1] - sig[i]) * v
+    recorded = torch.stack(states + [x], 1) if want else None
+    return x, recorded
+
+
+@torch.no_grad()
+def sample_causal_many_step(
+    model,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    block_sizes: Sequence[int],
+    null_context: torch.Tensor | None = None,
+    num_steps: int = 50,
+    shift: float = 5.0,
+    guidance_scale: float = 1.0,
+    context_noise: float = 0.0,
+    window_frames: int | None = None,
+    sink_frames: int | None = None,
+) -> torch.Tensor:
+    """Many-step AR sampling for causal models trained by teacher or diffusion forcing: chunk by chunk, Euler
+    over ``num_steps`` with CFG, the conditional and unconditional branches each with their own KV cache
+    (their contexts differ, so their cached K/V differ); then the clean chunk is cached in both.
+    noise [B, F, C, H, W] -> video [B, F, C, H, W]."""
+    b, nf, _, h, w = noise.shape
+    if sum(block_sizes) != nf:
+        raise ValueError(f"block sizes {list(block_sizes)} sum to {sum(block_sizes)}, noise has {nf} frames")
+    use_cfg = null_context is not None and guidance_scale != 1.0
+
+    def new_cache():
+        return model.new_kv_cache(b, h, w, max_frames=nf, window_frames=window_frames, sink_frames=sink_frames)
+
+    caches = [new_cache()] + ([new_cache()] if use_cfg else [])
+    sig = ode_sigmas(num_steps, shift)
+    out, start = [], 0
+    for f in block_sizes:
+        x = noise[:, start:start + f]
+        for i in range(num_steps):
+            t = torch.full((b, f), float(sig[i] * flow.NUM_TRAIN_TIMESTEPS), device=x.device)
+            v = model(x, t, context, kv_cache=caches[0], start_frame=start)
+            if use_cfg:
+                v_u = model(x, t, null_context, kv_cache=caches[1], start_frame=start)
+                v = v_u + guidance_scale * (v - v_u)
+            x = x + float(sig[i + 1] - sig[i]) * v
+        out.append(x)
+        for cache, ctx in zip(caches, (context, null_context)):
+            cache_chunk(model, x, ctx, kv_cache=cache, start_frame=start, context_noise=context_noise)
+        start += f
+    return torch.cat(out, 1)

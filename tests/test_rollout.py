@@ -138,3 +138,46 @@ def test_context_noise_caches_a_noised_chunk():
                         generator=torch.Generator().manual_seed(0))
             outs[cn] = model(noise[:, 2:4], torch.full((2, 2), 500.0), ctx, kv_cache=cache, start_frame=2)
     assert (outs[0.0] - outs[100.0]).abs().max() > 1e-5
+
+
+def test_bidirectional_ode_sampler_records_the_few_step_states():
+    """ODE pairs: with N a multiple of the few-step list length, the recorded states sit exactly at the warped
+    timesteps; with a flow that is exact for a single point mass the ODE lands on it."""
+    from selfforcing.sampling import sample_bidirectional
+
+    target = torch.randn(1, 2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    class PointMass:  # v(x_t, t) = (x_t - x0*) / sigma: the exact flow of a dirac at x0*
+        def __call__(self, x, t, ctx, **kw):
+            sigma = (t / 1000).reshape(*t.shape, 1, 1, 1)
+            return (x - target) / sigma
+
+    noise = torch.randn(1, 2, 3, 2, 2)
+    x0, states = sample_bidirectional(PointMass(), noise, None, num_steps=48, shift=5.0, record_timesteps=STEPS)
+    torch.testing.assert_close(x0, target, atol=1e-5, rtol=0)
+    assert states.shape == (1, 5, 2, 3, 2, 2)
+    assert torch.equal(states[:, 0], noise)
+    for k, t in enumerate(STEPS.tolist()):  # each state is on the straight path at its timestep
+        torch.testing.assert_close(states[:, k], flow.add_noise(target, noise, torch.full((1, 2), t)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not on the 50-step grid"):
+        sample_bidirectional(PointMass(), noise, None, num_steps=50, shift=5.0, record_timesteps=STEPS)
+
+
+def test_causal_many_step_sampler_with_separate_cfg_caches():
+    from selfforcing.sampling import sample_causal_many_step
+
+    model, noise, ctx = _setup()
+    null = torch.zeros_like(ctx)
+    with torch.no_grad():
+        a = sample_causal_many_step(model, noise, ctx, block_sizes=[2, 2, 2], null_context=null, num_steps=4,
+                                    guidance_scale=3.0)
+        # the first chunk equals Euler with CFG on full forwards of that chunk alone
+        from selfforcing.sampling import ode_sigmas
+        sig = ode_sigmas(4, 5.0)
+        x = noise[:, :2]
+        for i in range(4):
+            t = torch.full((2, 2), float(sig[i] * 1000))
+            vc, vu = model(x, t, ctx), model(x, t, null)
+            x = x + float(sig[i + 1] - sig[i]) * (vu + 3.0 * (vc - vu))
+    torch.testing.assert_close(a[:, :2], x, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(a).all()
