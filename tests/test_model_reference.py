@@ -153,3 +153,28 @@ def test_other_presets_have_their_stated_sizes(name, low, high):
     with torch.device("meta"):
         model = CausalWanModel.from_preset(name)
     assert low < sum(p.numel() for p in model.parameters()) < high
+
+
+def test_original_wan_release_folder_with_sharded_safetensors(wan_config, tmp_path):
+    """A Wan2.1 release folder (original key names split over safetensors shards, non-diffusers config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ours = make_model(wan_config, seed=6, num_frame_per_block=2)
+    original = to_original_wan(ours.state_dict())
+    keys = sorted(original)
+    folder = tmp_path / "Wan2.1-T2V-tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t2v", "dim": 24}))
+    save_file({k: original[k].contiguous() for k in keys[: len(keys) // 2]}, folder / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    save_file({k: original[k].contiguous() for k in keys[len(keys) // 2:]}, folder / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    import selfforcing.models.presets as presets
+
+    presets.PRESETS["_test"] = dict(wan_config, num_frame_per_block=2)
+    try:
+        loaded = CausalWanModel.from_checkpoint(str(folder), preset="_test")
+    finally:
+        del presets.PRESETS["_test"]
+    for k, v in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

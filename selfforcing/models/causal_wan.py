@@ -343,14 +343,28 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         needs ``preset`` (plus ``overrides``) to say which architecture it holds."""
         import os
 
+        import json
+
         if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                raise FileNotFoundError(f"{path} is a directory without config.json (not a save_pretrained dir)")
-            return cls.from_pretrained(path, **overrides)
+            cfg_path = os.path.join(path, "config.json")
+            if os.path.isfile(cfg_path):
+                with open(cfg_path) as fh:
+                    if "_class_name" in json.load(fh):  # a diffusers directory (ours or WanTransformer3DModel)
+                        return cls.from_pretrained(path, **overrides)
+            # an original Wan2.1 release folder: weights in (sharded) safetensors, original key names
+            shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"{path}: neither a diffusers config.json nor *.safetensors weights")
+            files = [os.path.join(path, f) for f in shards]
+        else:
+            files = [path]
         if preset is None:
-            raise ValueError(f"loading the file {path} needs preset=... (the file holds weights, not a config)")
+            raise ValueError(f"loading {path} needs preset=... (it holds weights, not a diffusers config)")
         model = cls.from_preset(preset, **overrides)
-        model.load_weights(load_checkpoint_file(path, use_ema=use_ema), source=path)
+        state = {}
+        for f in files:
+            state.update(load_checkpoint_file(f, use_ema=use_ema))
+        model.load_weights(state, source=path)
         return model
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
