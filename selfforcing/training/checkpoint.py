@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -23,34 +22,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .distributed import barrier, is_distributed, is_main
+from ..fileio import atomic_write, atomic_write_text
+from .distributed import barrier, is_main
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temp file and a rename (see ``selfforcing.fileio``)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _full_opts() -> StateDictOptions:
