@@ -41,9 +41,159 @@ def _sample_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def fill_store(out: str, attrs: dict, keys: list[str], make_records, batch_size: int, null_context, desc: str) -> int:
+    """Write ``make_records(batch_keys) -> [(tensors, metadata)]`` for every key not yet in the store at ``out``
+    (resumable: a killed job continues where it stopped), plus the unconditional text states in
+    ``out/null_context.pt``. Returns the number of records written now."""
+    import os
+
+    import torch
+    from tqdm import tqdm
+
+    from selfforcing.data.store import StoreWriter
+    from selfforcing.fileio import atomic_write
+
+    written = 0
+    with StoreWriter(out, resume=os.path.isdir(out), attrs=attrs) as writer:
+        todo = [k for k in keys if k not in writer]
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not todo):
+            batch = todo[start:start + batch_size]
+            for key, (tensors, meta) in zip(batch, make_records(batch)):
+                writer.add(tensors, meta, key=key)
+                written += 1
+    atomic_write(os.path.join(out, "null_context.pt"), lambda tmp: torch.save(null_context.cpu().contiguous(), tmp))
+    return written
+
+
+def _encode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="moving-digits", choices=["moving-digits", "video-folder"])
+    p.add_argument("--path", default=None, help="video folder (for --dataset video-folder)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--num-clips", type=int, default=1000, help="Moving-Digits clips to encode")
+    p.add_argument("--num-frames", type=int, default=12, help="pixel frames per clip")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--num-digits", default="1,2")
+    p.add_argument("--stride", type=int, default=1, help="frame stride (video folders)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autoencoder", default="moving-digits")
+    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
+
+
+def _encode_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfforcing.autoencoders import get_autoencoder
+    from selfforcing.text import build_text_encoder
+
+    ae = get_autoencoder(args.autoencoder)
+    text = build_text_encoder(args.text_encoder, args.text_len)
+    if args.dataset == "moving-digits":
+        from selfforcing.data.moving_digits import render_clip
+
+        lo, hi = (int(v) for v in args.num_digits.split(","))
+        keys = [f"moving-digits/{args.split}/{i}" for i in range(args.num_clips)]
+
+        def load(key):
+            return render_clip(args.split, int(key.rsplit("/", 1)[1]), num_frames=args.num_frames, size=args.size,
+                               num_digits=(lo, hi), seed=args.seed)
+    else:
+        from selfforcing.data.video_folder import VideoFolderDataset
+
+        if not args.path:
+            raise SystemExit("--dataset video-folder needs --path FOLDER")
+        ds = VideoFolderDataset(args.path, args.num_frames, args.size, stride=args.stride)
+        keys = [f"video/{i}" for i in range(len(ds))]
+
+        def load(key):
+            return ds[int(key.rsplit("/", 1)[1])]
+
+    @torch.no_grad()
+    def make_records(batch_keys):
+        items = [load(k) for k in batch_keys]
+        latents = ae.encode(torch.stack([it["video"] for it in items]))
+        states = text.encode([it["caption"] for it in items]).states
+        return [({"latents": z, "context": c}, {"caption": it["caption"]}) for z, c, it in zip(latents, states, items)]
+
+    attrs = {"dataset": args.dataset, "autoencoder": args.autoencoder, "text_encoder": text.identity,
+             "num_frames": args.num_frames, "size": args.size}
+    n = fill_store(args.out, attrs, keys, make_records, args.batch_size, text.encode([args.negative_prompt]).states[0],
+                   "encode")
+    print(json.dumps({"store": args.out, "written": n, "total": len(keys)}))
+    return 0
+
+
+def _ode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (save_pretrained dir or training checkpoint)")
+    p.add_argument("--preset", default="tiny", help="architecture of a checkpoint file")
+    p.add_argument("--use-ema", action="store_true")
+    p.add_argument("--prompts", default=None, help="prompt file (default: Moving-Digits training captions)")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--latent-shape", default="12,8,16,16", help="F,C,H,W of the generated latents")
+    p.add_argument("--steps", type=int, default=48, help="Euler steps (a multiple of the few-step list length)")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--denoising-steps", default="1000,750,500,250")
+    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+
+
+def _ode_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfforcing import flow
+    from selfforcing.models import CausalWanModel
+    from selfforcing.sampling import sample_bidirectional
+    from selfforcing.text import build_text_encoder
+
+    teacher = CausalWanModel.from_checkpoint(args.teacher, preset=args.preset, use_ema=args.use_ema).eval()
+    text = build_text_encoder(args.text_encoder, args.text_len)
+    if args.prompts:
+        from selfforcing.data.prompts import read_prompt_file
+
+        prompts = read_prompt_file(args.prompts)[: args.num_prompts]
+    else:
+        from selfforcing.data.moving_digits import render_clip
+
+        prompts = [render_clip("train", i, num_frames=1, num_digits=(1, 2), seed=args.seed)["caption"]
+                   for i in range(args.num_prompts)]
+    shape = tuple(int(v) for v in args.latent_shape.split(","))
+    few = flow.denoising_step_list([float(v) for v in args.denoising_steps.split(",")], shift=args.shift)
+    null = text.encode([args.negative_prompt]).states
+    keys = [f"ode/{i}" for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def make_records(batch_keys):
+        idx = [int(k.rsplit("/", 1)[1]) for k in batch_keys]
+        ctx = text.encode([prompts[i] for i in idx]).states
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
+                             for i in idx])
+        _, states = sample_bidirectional(teacher, noise, ctx, null_context=null.expand(len(idx), -1, -1),
+                                         num_steps=args.steps, shift=args.shift, guidance_scale=args.guidance_scale,
+                                         record_timesteps=few)
+        return [({"ode_states": s, "context": c}, {"prompt": prompts[i]}) for s, c, i in zip(states, ctx, idx)]
+
+    attrs = {"teacher": args.teacher, "steps": args.steps, "shift": args.shift, "guidance_scale": args.guidance_scale,
+             "few_step_timesteps": few.tolist(), "latent_shape": list(shape), "text_encoder": text.identity}
+    n = fill_store(args.out, attrs, keys, make_records, args.batch_size, null[0], "ode pairs")
+    print(json.dumps({"store": args.out, "written": n, "total": len(keys)}))
+    return 0
+
+
 SUBCOMMANDS = {
     "sample": ("write a Moving-Digits clip (mp4, optional GIF / contact sheet) and print its caption",
                _sample_args, _sample_run),
+    "encode": ("encode clips (Moving-Digits or a video folder) into a store of latents + text states",
+               _encode_args, _encode_run),
+    "ode-pairs": ("sample teacher ODE trajectories with CFG and store their states at the few-step timesteps",
+                  _ode_args, _ode_run),
 }
 
 
