@@ -203,4 +203,23 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
     if bar is not None:
         bar.close()
     logger.close()
+    if total > 0 and state.step >= total:
+        export_generator(state, os.path.join(cfg.out_dir, "final"))
     return state
+
+
+def export_generator(state: TrainState, folder: str) -> None:
+    """Write the trained generator as a ``save_pretrained`` folder (the EMA weights when EMA is on, else the raw
+    ones; the raw ones also go to ``folder/raw`` in that case). A collective under FSDP2: every rank calls it."""
+    from .checkpoint import gather_model_state
+
+    generator = state.method.generator
+    raw = gather_model_state(generator)
+    ema = state.ema.full_state_dict()["shadow"] if state.ema is not None and state.ema.initialized else None
+    if D.is_main():
+        config = {k: v for k, v in generator.config.items() if not k.startswith("_")}
+        out = CausalWanModel(**config)
+        for weights, where in ((ema, folder), (raw, os.path.join(folder, "raw"))) if ema is not None else ((raw, folder),):
+            out.load_weights({k: v.to(out.proj_out.weight.dtype) for k, v in weights.items()}, source="trained generator")
+            out.save_pretrained(where)
+    D.barrier()
