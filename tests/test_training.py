@@ -117,3 +117,16 @@ def test_torchrun_ddp_and_fsdp2_equal_one_rank(tmp_path):
         for name, sd in single["weights"].items():
             for k, v in sd.items():
                 torch.testing.assert_close(r0["weights"][name][k], v, atol=1e-5, rtol=0, msg=f"{tag} {name} {k}")
+
+
+def test_logs_tensorboard_and_metrics(tmp_path):
+    cfg = _cfg(tmp_path, method="diffusion_forcing", tensorboard=True, log_every=1)
+    train(cfg, progress=False, resume=False)
+    import json
+
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("loss" in r for r in rows)
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert any(e.startswith("events.out.tfevents") for e in events)
+    assert os.path.isfile(tmp_path / "run" / "config.yaml")
+    assert os.path.isfile(tmp_path / "run" / "final" / "config.json")  # exported generator

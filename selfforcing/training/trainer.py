@@ -124,6 +124,50 @@ def train_step(cfg: TrainConfig, state: TrainState, batches, device: torch.devic
     return logs
 
 
+@torch.no_grad()
+def sample_video(cfg: TrainConfig, state: TrainState, batch: dict) -> torch.Tensor:
+    """Latents [B, F, C, H, W] sampled by the generator the way the method uses it at inference: the teacher with
+    the many-step bidirectional sampler, TF/DF models with the many-step causal sampler (both with CFG), every
+    few-step student with the KV-cache rollout of Algorithm 2. Runs on every rank (FSDP collectives)."""
+    from ..sampling import rollout_with_kv_cache, sample_bidirectional, sample_causal_many_step
+
+    g = state.method.generator
+    latents = batch["latents"]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(latents.device)
+    ctx, null = batch["context"], batch["null_context"]
+    was_training = g.training
+    g.eval()
+    try:
+        if cfg.method == "teacher":
+            video, _ = sample_bidirectional(g, noise, ctx, null_context=null, num_steps=24, shift=cfg.timestep_shift,
+                                            guidance_scale=cfg.dm.guidance_scale)
+        elif cfg.method in ("teacher_forcing", "diffusion_forcing"):
+            video = sample_causal_many_step(g, noise, ctx, block_sizes=g.block_sizes(noise.shape[1]), null_context=null,
+                                            num_steps=24, shift=cfg.timestep_shift,
+                                            guidance_scale=cfg.dm.guidance_scale)
+        else:
+            video = rollout_with_kv_cache(g, noise, ctx, state.method._steps(),
+                                          block_sizes=g.block_sizes(noise.shape[1])).video
+    finally:
+        g.train(was_training)
+    return video
+
+
+def _write_samples(cfg: TrainConfig, state: TrainState, batches) -> None:
+    if not hasattr(batches, "autoencoder"):
+        return  # only sources with a decoder can show pixels
+    from ..io import write_contact_sheet, write_mp4
+
+    batch = batches.batch(0, 0, 99)  # the same prompts at every sampling step
+    video = batches.autoencoder.decode(sample_video(cfg, state, batch)[:1])[0]
+    if D.is_main():
+        folder = os.path.join(cfg.out_dir, "samples")
+        write_mp4(os.path.join(folder, f"step_{state.step:06d}.mp4"), video)
+        write_contact_sheet(os.path.join(folder, f"step_{state.step:06d}.png"), video)
+        with open(os.path.join(folder, f"step_{state.step:06d}.txt"), "w") as fh:
+            fh.write(batch["prompts"][0] + "\n")
+
+
 class _Logger:
     """TensorBoard (optional), Weights & Biases (optional) and a JSONL file, on rank 0."""
 
@@ -197,6 +241,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
+            _write_samples(cfg, state, batches)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt_dir, step, state.models, state.optimizers, state.ema,
                             {"config": to_dict(cfg)}, keep=cfg.keep_checkpoints)
