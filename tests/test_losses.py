@@ -98,4 +98,4 @@ def test_critic_loss_is_flow_matching_on_detached_samples():
     v = flow.flow_target(x.detach(), eps) + 0.5
     loss = losses.critic_denoising_loss(v.requires_grad_(), x, eps)
     loss.backward()
-    assert x.grad is None and abs(float(loss) - 0.25) < 1e-6
+    assert x.grad is None and abs(loss.item() - 0.25) < 1e-6
