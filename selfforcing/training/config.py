@@ -116,6 +116,7 @@ class TrainConfig:
 
     log_every: int = 10
     checkpoint_every: int = 200
+    checkpoint_format: str = "full"  # full: one file gathered on rank 0; sharded: torch.distributed.checkpoint
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: never
     tensorboard: bool = True
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         if self.dm.loss not in DISTRIBUTION_LOSSES:
             raise ValueError(f"unknown distribution-matching loss {self.dm.loss!r}; choose one of {list(DISTRIBUTION_LOSSES)}")
+        if self.checkpoint_format not in ("full", "sharded"):
+            raise ValueError(f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         if self.parallel not in ("none", "ddp", "fsdp2"):
             raise ValueError(f"parallel must be none, ddp or fsdp2, got {self.parallel!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:

@@ -13,26 +13,29 @@ import torch
 
 from .. import flow
 from .config import TrainConfig
-from .distributed import rank
+from .distributed import rank, world_size
 from .rng import BatchRNG
 
 
-def sample_seed(seed: int, step: int, micro: int, purpose: int, index: int, stream: int = 0) -> int:
-    """A distinct 63-bit seed for every (run seed, step, micro-batch, purpose, global sample index, stream)."""
+def sample_seed(seed: int, step: int, purpose: int, index: int, stream: int = 0) -> int:
+    """A distinct 61-bit seed for every (run seed, step, purpose, global sample index, stream)."""
     h = seed
-    for v in (step, micro, purpose, index, stream):
+    for v in (step, purpose, index, stream):
         h = (h * 1_000_003 + v + 1) % (2**61 - 1)
     return h
 
 
-def global_indices(batch_size: int) -> list[int]:
-    """Global indices of this rank's samples: rank r holds [r * B, (r + 1) * B)."""
-    return [rank() * batch_size + j for j in range(batch_size)]
+def global_indices(batch_size: int, micro: int) -> list[int]:
+    """Global indices of this rank's samples in micro-batch ``micro``: micro m, rank r holds
+    [(m W + r) B, (m W + r + 1) B). So a step sees the same samples whether they are split over ranks, over
+    accumulated micro-batches, or held in one big batch."""
+    first = (micro * world_size() + rank()) * batch_size
+    return list(range(first, first + batch_size))
 
 
 def batch_rng(cfg: TrainConfig, step: int, micro: int, purpose: int, device) -> BatchRNG:
     """The per-sample random streams of one micro-batch (timesteps, noise, dropout, block indices...)."""
-    return BatchRNG([sample_seed(cfg.seed, step, micro, purpose, i, stream=1) for i in global_indices(cfg.batch_size)],
+    return BatchRNG([sample_seed(cfg.seed, step, purpose, i, stream=1) for i in global_indices(cfg.batch_size, micro)],
                     device)
 
 
@@ -61,7 +64,7 @@ class RandomLatents:
 
     def batch(self, step: int, micro: int, purpose: int) -> dict:
         cfg = self.cfg
-        samples = [self._sample(sample_seed(cfg.seed, step, micro, purpose, i)) for i in global_indices(cfg.batch_size)]
+        samples = [self._sample(sample_seed(cfg.seed, step, purpose, i)) for i in global_indices(cfg.batch_size, micro)]
         out = {k: torch.stack([s[k] for s in samples]).to(self.device) for k in samples[0]}
         out["rng"] = batch_rng(cfg, step, micro, purpose, self.device)
         return out
@@ -108,9 +111,9 @@ class MovingDigitsLatents:
         from ..data.moving_digits import render_clip
 
         d = self.cfg.data
-        return [render_clip("train", _pick(sample_seed(self.cfg.seed, step, micro, purpose, i), 2**31),
+        return [render_clip("train", _pick(sample_seed(self.cfg.seed, step, purpose, i), 2**31),
                             num_frames=d.num_frames, size=d.size, num_digits=tuple(d.num_digits), seed=self.cfg.seed)
-                for i in global_indices(self.cfg.batch_size)]
+                for i in global_indices(self.cfg.batch_size, micro)]
 
     @torch.no_grad()
     def batch(self, step: int, micro: int, purpose: int) -> dict:
@@ -144,8 +147,8 @@ class StoreRecords:
                              f"the model expects text_dim={text_dim}")
 
     def batch(self, step: int, micro: int, purpose: int) -> dict:
-        recs = [self.store[_pick(sample_seed(self.cfg.seed, step, micro, purpose, i), len(self.store))]
-                for i in global_indices(self.cfg.batch_size)]
+        recs = [self.store[_pick(sample_seed(self.cfg.seed, step, purpose, i), len(self.store))]
+                for i in global_indices(self.cfg.batch_size, micro)]
         out = {k: torch.stack([r[k] for r in recs]).to(self.device)
                for k in ("latents", "ode_states", "context") if k in recs[0]}
         out["null_context"] = self.null_context[None].expand(len(recs), -1, -1).to(self.device)
@@ -166,8 +169,8 @@ class PromptContexts:
         self.text = TextContexts(cfg, text_dim, device)
 
     def batch(self, step: int, micro: int, purpose: int) -> dict:
-        prompts = [self.prompts[_pick(sample_seed(self.cfg.seed, step, micro, purpose, i), len(self.prompts))]
-                   for i in global_indices(self.cfg.batch_size)]
+        prompts = [self.prompts[_pick(sample_seed(self.cfg.seed, step, purpose, i), len(self.prompts))]
+                   for i in global_indices(self.cfg.batch_size, micro)]
         return {"context": self.text(prompts), "null_context": self.text.null(len(prompts)), "prompts": prompts,
                 "rng": batch_rng(self.cfg, step, micro, purpose, self.device)}
 

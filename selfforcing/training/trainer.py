@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
             _write_samples(cfg, state, batches)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt_dir, step, state.models, state.optimizers, state.ema,
-                            {"config": to_dict(cfg)}, keep=cfg.keep_checkpoints)
+                            {"config": to_dict(cfg)}, sharded=cfg.checkpoint_format == "sharded",
+                            keep=cfg.keep_checkpoints)
     if bar is not None:
         bar.close()
     logger.close()
