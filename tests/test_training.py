@@ -32,6 +32,9 @@ def _cfg(tmp_path, **kw):
     ("causvid", {}), ("self_forcing", {}), ("self_forcing", {"dm": {"loss": "sid"}}),
     ("self_forcing", {"dm": {"loss": "gan", "r1_weight": 1.0}}),
     ("self_forcing", {"rollout": {"num_rollout_frames": 9, "supervised_frames": 6, "same_step_across_blocks": False}}),
+    ("self_forcing", {"rollout": {"last_step_only": True, "context_noise": 20.0},
+                      "generator": {"preset": "tiny", "overrides": {"num_layers": 2, "independent_first_frame": True}},
+                      "data": {"kind": "random", "latent_shape": [7, 8, 4, 4], "text_len": 4}}),
 ])
 def test_every_method_runs_with_finite_losses(tmp_path, method, extra):
     extra = dict(extra)
@@ -43,6 +46,8 @@ def test_every_method_runs_with_finite_losses(tmp_path, method, extra):
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     if method in ("causvid", "self_forcing"):
         assert "generator_loss" in losses and "critic_loss" in losses
+    if extra.get("rollout", {}).get("last_step_only"):  # blocks [1, 3, 3], always exiting at the last step
+        assert state.method.exit_history and all(e == [3, 3, 3] for e in state.method.exit_history)
 
 
 def _write_recipe(path, out_dir, steps_every=2):
