@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "presets": ("list the model presets and their sizes", "selfforcing.commands.basic", "presets"),
     "demo": ("stream a video through the KV cache and report its speed", "selfforcing.commands.basic", "demo"),
     "data": ("Moving-Digits clips and the store of precomputed latents / embeddings", "selfforcing.commands.data", ""),
+    "generate": ("stream videos from prompts with a few-step causal model (rolling KV cache)", "selfforcing.commands.generate", ""),
     "train-autoencoder": ("train the small video autoencoder (configs/autoencoder/)", "selfforcing.autoencoders.train", ""),
     "train": ("train with a recipe: teacher, TF, DF, ODE init, CausVid, Self Forcing", "selfforcing.commands.train", ""),
 }

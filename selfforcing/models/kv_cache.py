@@ -40,6 +40,7 @@ class ChunkPlan:
     slot_index: torch.Tensor  # Long [num_frames * T]: token slots the chunk writes
     context_index: torch.Tensor  # Long [N_ctx * T]: token slots of the earlier visible frames
     visible_tokens: int  # filled prefix of the buffer once the chunk is written
+    read_index: torch.Tensor | None = None  # slots to attend when the filled prefix is not exactly them
 
 
 class KVCache:
@@ -101,6 +102,7 @@ class KVCache:
     def reset(self) -> KVCache:
         """Forget every cached frame and the prompt (buffers are kept, not reallocated)."""
         self.end_frame = 0  # frames [0, end_frame) have been written
+        self.valid_from = 0  # frames in [sink_frames, valid_from) were skipped (see skip_to) and are never read
         self.last_start: int | None = None  # start of the most recently written chunk
         self.last_num_frames = 0
         self.reset_cross()
@@ -142,9 +144,9 @@ class KVCache:
         """Absolute indices of the earlier frames a chunk [start, start + n) attends to (the rule of
         ``attention.py``), oldest first."""
         end = start + num_frames
-        frames = range(start)
+        frames = [j for j in range(start) if j >= self.valid_from or j < self.sink_frames]
         if not self.rolling:
-            return list(frames)
+            return frames
         lo = end - self.ring_frames
         return [j for j in frames if j >= lo or j < self.sink_frames]
 
@@ -193,13 +195,26 @@ class KVCache:
         slots = torch.as_tensor([self.slot_of_frame(j) for j in range(start, end)], device=device)
         ctx_slots = torch.as_tensor([self.slot_of_frame(j) for j in self.visible_frames(start, num_frames)],
                                     device=device, dtype=torch.long)
-        return ChunkPlan(
-            start=start,
-            num_frames=num_frames,
-            slot_index=(slots[:, None] * t + offs).reshape(-1),
-            context_index=(ctx_slots[:, None] * t + offs).reshape(-1),
-            visible_tokens=min(end, self.capacity) * t,
-        )
+        slot_index = (slots[:, None] * t + offs).reshape(-1)
+        context_index = (ctx_slots[:, None] * t + offs).reshape(-1)
+        visible = min(end, self.capacity)
+        read_index = None
+        if len(ctx_slots) + num_frames != visible:  # skipped frames leave stale slots in the prefix: gather
+            read_index = torch.cat([context_index, slot_index])
+        return ChunkPlan(start=start, num_frames=num_frames, slot_index=slot_index, context_index=context_index,
+                         visible_tokens=visible * t, read_index=read_index)
+
+    def skip_to(self, frame: int) -> None:
+        """Continue the stream at ``frame`` >= end_frame without writing the frames in between (the sinks stay).
+
+        Used to re-cache a rolling window: after ``reset`` the sinks are written, then the stream skips to the
+        oldest frame still in the window. Skipped frames are never attended (their slots may hold stale K/V)."""
+        if frame < self.end_frame:
+            raise ValueError(f"cannot skip back to frame {frame}: the cache already holds frames up to {self.end_frame}")
+        if not self.rolling and frame > self.capacity:
+            raise ValueError(f"cannot skip to frame {frame}: the cache holds {self.capacity} frames")
+        self.end_frame, self.last_start, self.last_num_frames = frame, None, 0
+        self.valid_from = max(self.valid_from, frame)
 
     def commit(self, plan: ChunkPlan) -> None:
         """Record that the chunk's K/V were written (called once per forward that writes)."""
@@ -214,6 +229,8 @@ class KVCache:
         """Write the chunk's K/V [B, n*T, H, Dh] into its slots; return the filled buffer as views."""
         self.k[layer].index_copy_(1, plan.slot_index, k.detach().to(self.dtype))
         self.v[layer].index_copy_(1, plan.slot_index, v.detach().to(self.dtype))
+        if plan.read_index is not None:
+            return self.k[layer].index_select(1, plan.read_index), self.v[layer].index_select(1, plan.read_index)
         return self.k[layer, :, : plan.visible_tokens], self.v[layer, :, : plan.visible_tokens]
 
     def snapshot_context(self, plan: ChunkPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,87 @@
+"""`selfforcing generate`: stream a video for each prompt with the few-step KV-cache sampler, write mp4."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several videos)")
+    src.add_argument("--prompts", help="a prompt file (one prompt a line)")
+    p.add_argument("--checkpoint", required=True,
+                   help="generator: a save_pretrained folder, a training checkpoint, or an original Wan / CausVid / "
+                        "Self Forcing .pt (with --preset)")
+    p.add_argument("--preset", default="tiny", help="architecture of a checkpoint file (default: tiny)")
+    p.add_argument("--use-ema", action="store_true", help="load generator_ema from a training checkpoint")
+    p.add_argument("--num-frames", type=int, default=48, help="pixel frames to generate")
+    p.add_argument("--window-frames", type=int, default=None, help="rolling KV window in latent frames")
+    p.add_argument("--sink-frames", type=int, default=None, help="sink frames kept in the window")
+    p.add_argument("--steps", default="1000,750,500,250", help="nominal few-step list (warped with --shift)")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autoencoder", default="moving-digits")
+    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: 24 for minilm, 512 for UMT5)")
+    p.add_argument("--latent-size", default="16,16", help="h,w of the latents")
+    p.add_argument("--switch", action="append", default=[], metavar="CHUNK:PROMPT",
+                   help="switch to PROMPT before chunk CHUNK (repeatable)")
+    p.add_argument("--recache", action="store_true", help="rebuild the KV cache under the new prompt at a switch")
+    p.add_argument("--init-video", default=None, help="continue from this video's frames (image-to-video: 1 frame)")
+    p.add_argument("--fps", type=float, default=8)
+    p.add_argument("--out", required=True, help="mp4 path (several prompts: NAME_0.mp4, NAME_1.mp4, ...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per video")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfforcing import flow
+    from selfforcing.autoencoders import get_autoencoder
+    from selfforcing.inference import StreamingGenerator
+    from selfforcing.io import read_video, to_float_video, write_mp4
+    from selfforcing.models import CausalWanModel
+    from selfforcing.text import build_text_encoder
+
+    if args.prompts:
+        from selfforcing.data.prompts import read_prompt_file
+
+        prompts = read_prompt_file(args.prompts)
+    else:
+        prompts = args.prompt
+    switches = {}
+    for item in args.switch:
+        chunk, _, prompt = item.partition(":")
+        if not chunk.isdigit() or not prompt:
+            raise SystemExit(f"--switch must be CHUNK:PROMPT, got {item!r}")
+        switches[int(chunk)] = (prompt, args.recache)
+    model = CausalWanModel.from_checkpoint(args.checkpoint, preset=args.preset, use_ema=args.use_ema).eval()
+    ae = get_autoencoder(args.autoencoder)
+    text_len = args.text_len or (24 if args.text_encoder == "minilm" else 512)
+    text = build_text_encoder(args.text_encoder, text_len)
+    h, w = (int(v) for v in args.latent_size.split(","))
+    steps = flow.denoising_step_list([float(s) for s in args.steps.split(",")], shift=args.shift)
+    latent_frames = ae.latent_frames(args.num_frames)
+    prefix = None
+    if args.init_video:
+        prefix = to_float_video(read_video(args.init_video))[None]
+    gen = StreamingGenerator(model, ae, text, (h, w), steps=steps, window_frames=args.window_frames,
+                             sink_frames=args.sink_frames, max_frames=latent_frames + 64)
+    for i, prompt in enumerate(prompts):
+        out = args.out if len(prompts) == 1 else f"{os.path.splitext(args.out)[0]}_{i}.mp4"
+        t0 = time.perf_counter()
+        chunks = []
+        for chunk in gen.stream(prompt, latent_frames, seed=args.seed + i, switches=switches, prefix_video=prefix):
+            chunks.append(chunk)
+        seconds = time.perf_counter() - t0
+        frames = torch.cat([c.frames for c in chunks])[: args.num_frames]
+        write_mp4(out, frames, fps=args.fps)
+        report = {"path": out, "prompt": prompt, "frames": int(frames.shape[0]), "seconds": round(seconds, 3),
+                  "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(chunks[0].seconds, 4),
+                  "chunks": len(chunks)}
+        print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
+              f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)")
+    return 0
