@@ -16,9 +16,10 @@ prompt and of the unconditional prompt), ``ode_states`` [B, S + 1, F, C, H, W] (
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import flow
 from ..sampling import predict_x0, rollout_with_kv_cache, sample_exit_steps
@@ -27,18 +28,17 @@ from .config import TrainConfig
 from .distributed import broadcast_object
 
 
+@contextlib.contextmanager
 def _frozen(model: nn.Module):
-    """Context: parameters of ``model`` do not require grad (gradient still flows through its inputs)."""
-    class _Ctx:
-        def __enter__(self):
-            self.flags = [p.requires_grad for p in model.parameters()]
-            for p in model.parameters():
-                p.requires_grad_(False)
-
-        def __exit__(self, *exc):
-            for p, f in zip(model.parameters(), self.flags):
-                p.requires_grad_(f)
-    return _Ctx()
+    """Parameters of ``model`` do not require grad inside (gradient still flows through its inputs)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
 
 
 class DiscriminatorHead(nn.Module):
@@ -123,7 +123,6 @@ class TeacherPretraining(TrainingMethod):
 
     def loss(self, name, batch):
         x0, ctx = batch["latents"], batch["context"]
-        b = x0.shape[0]
         rng = batch["rng"]
         drop = (rng.rand() < self.cfg.text_dropout).to(x0.device)
         ctx = torch.where(drop[:, None, None], batch["null_context"], ctx)
