@@ -119,3 +119,14 @@ def test_generate_cli_writes_a_long_video(parts, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["frames"] == 96 and report["first_chunk_latency_s"] > 0 and report["fps"] > 0
     assert read_video(out).shape == (96, 64, 64, 3)
+
+
+@pytest.mark.parametrize("sampler", ["many-step", "bidirectional"])
+def test_generate_cli_many_step_samplers(parts, tmp_path, capsys, sampler):
+    model, _, _ = parts
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "y.mp4"
+    assert main(["generate", "--prompt", "the digit 1 moves up", "--checkpoint", str(tmp_path / "m"), "--num-frames",
+                 "6", "--sampler", sampler, "--num-steps", "4", "--text-len", "16", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["sampler"] == sampler and read_video(out).shape == (6, 64, 64, 3)

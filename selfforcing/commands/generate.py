@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="switch to PROMPT before chunk CHUNK (repeatable)")
     p.add_argument("--recache", action="store_true", help="rebuild the KV cache under the new prompt at a switch")
     p.add_argument("--init-video", default=None, help="continue from this video's frames (image-to-video: 1 frame)")
+    p.add_argument("--sampler", default="few-step", choices=["few-step", "many-step", "bidirectional"],
+                   help="few-step: streaming KV-cache sampler (Self Forcing, CausVid, ODE init); many-step: Euler "
+                        "with CFG and separate conditional / unconditional caches, chunk by chunk (teacher / "
+                        "diffusion forcing models); bidirectional: the teacher on the whole clip")
+    p.add_argument("--num-steps", type=int, default=50, help="Euler steps of the many-step samplers")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG weight of the many-step samplers")
+    p.add_argument("--negative-prompt", default="")
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--out", required=True, help="mp4 path (several prompts: NAME_0.mp4, NAME_1.mp4, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object per video")
@@ -73,15 +80,42 @@ def run(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(prompts):
         out = args.out if len(prompts) == 1 else f"{os.path.splitext(args.out)[0]}_{i}.mp4"
         t0 = time.perf_counter()
-        chunks = []
-        for chunk in gen.stream(prompt, latent_frames, seed=args.seed + i, switches=switches, prefix_video=prefix):
-            chunks.append(chunk)
+        if args.sampler == "few-step":
+            chunks = list(gen.stream(prompt, latent_frames, seed=args.seed + i, switches=switches, prefix_video=prefix))
+            frames = torch.cat([c.frames for c in chunks])
+            first_latency = chunks[0].seconds
+        else:
+            frames = _many_step(args, model, ae, text, prompt, latent_frames, (h, w), args.seed + i)
+            first_latency = time.perf_counter() - t0  # not streamed: the whole clip arrives at once
+            chunks = [None]
         seconds = time.perf_counter() - t0
-        frames = torch.cat([c.frames for c in chunks])[: args.num_frames]
+        frames = frames[: args.num_frames]
         write_mp4(out, frames, fps=args.fps)
         report = {"path": out, "prompt": prompt, "frames": int(frames.shape[0]), "seconds": round(seconds, 3),
-                  "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(chunks[0].seconds, 4),
-                  "chunks": len(chunks)}
+                  "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
+                  "chunks": len(chunks), "sampler": args.sampler}
         print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
               f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)")
     return 0
+
+
+def _many_step(args, model, ae, text, prompt: str, latent_frames: int, latent_size, seed: int):
+    """Pixel frames [F, 3, H, W] from the many-step samplers (CFG with the negative prompt)."""
+    import torch
+
+    from selfforcing.sampling import sample_bidirectional, sample_causal_many_step
+
+    ctx = text.encode([prompt]).states
+    null = text.encode([args.negative_prompt]).states
+    noise = torch.randn((1, latent_frames, model.config.in_channels, *latent_size),
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        if args.sampler == "bidirectional":
+            latents, _ = sample_bidirectional(model, noise, ctx, null_context=null, num_steps=args.num_steps,
+                                              shift=args.shift, guidance_scale=args.guidance_scale)
+        else:
+            latents = sample_causal_many_step(model, noise, ctx, block_sizes=model.block_sizes(latent_frames),
+                                              null_context=null, num_steps=args.num_steps, shift=args.shift,
+                                              guidance_scale=args.guidance_scale, window_frames=args.window_frames,
+                                              sink_frames=args.sink_frames)
+        return ae.decode(latents)[0]
