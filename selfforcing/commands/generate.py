@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from selfforcing.models import CausalWanModel
     from selfforcing.text import build_text_encoder
 
+    if args.num_frames < 1:
+        raise SystemExit(f"--num-frames must be >= 1, got {args.num_frames}")
     if args.prompts:
         from selfforcing.data.prompts import read_prompt_file
 
