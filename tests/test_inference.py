@@ -173,31 +173,29 @@ def test_rolling_cache_memory_is_flat_over_10x_the_window(parts):
     assert gen.cache.k.shape[2] == 12 * 64
 
 
-def test_original_format_generator_ema_generates_the_same_frames(parts, tmp_path, capsys):
+def test_original_format_generator_ema_generates_the_same_frames(parts, tmp_path):
+    """Random weights written in the original Wan key names under generator_ema (as the Self Forcing release
+    ships them) load through the generate path and stream exactly the frames of the same weights loaded natively.
+    (Compared as tensors: H.264 files of identical frames are not byte-reproducible with this libx264.)"""
     from selfforcing.models.state_dict_adapter import to_original_wan
+    import selfforcing.models.presets as presets
 
-    model, _, _ = parts
+    model, ae, text = parts
     model.save_pretrained(tmp_path / "native")
     original = {f"model.{k}": v for k, v in to_original_wan(model.state_dict()).items()}
     torch.save({"generator_ema": original, "generator": {k: torch.zeros_like(v) for k, v in original.items()}},
                tmp_path / "release.pt")
-    videos = {}
-    for name, extra in (("native", ["--checkpoint", str(tmp_path / "native")]),
-                        ("release", ["--checkpoint", str(tmp_path / "release.pt"), "--use-ema", "--preset", "tiny"])):
-        out = tmp_path / f"{name}.mp4"
-        overrides = ["--num-frames", "9", "--text-len", "16", "--out", str(out)]
-        if name == "release":  # the release file holds weights only: its architecture comes from the preset
-            import selfforcing.models.presets as presets
-
-            presets.PRESETS["_tiny2"] = dict(presets.PRESETS["tiny"], num_layers=2)
-            extra = extra[:-1] + ["_tiny2"]
-        try:
-            assert main(["generate", "--prompt", "the digit 4 moves down", *extra, *overrides]) == 0
-        finally:
-            presets_mod = __import__("selfforcing.models.presets", fromlist=["PRESETS"])
-            presets_mod.PRESETS.pop("_tiny2", None)
-        videos[name] = read_video(out)
-    assert (videos["native"] == videos["release"]).all()
+    presets.PRESETS["_tiny2"] = dict(presets.PRESETS["tiny"], num_layers=2)
+    try:
+        release = CausalWanModel.from_checkpoint(str(tmp_path / "release.pt"), preset="_tiny2", use_ema=True)
+    finally:
+        presets.PRESETS.pop("_tiny2")
+    native = CausalWanModel.from_checkpoint(str(tmp_path / "native"))
+    frames = {}
+    for name, m in (("native", native), ("release", release)):
+        gen = StreamingGenerator(m, ae, text, (16, 16), steps=STEPS, max_frames=9)
+        frames[name] = torch.cat([c.frames for c in gen.stream("the digit 4 moves down", 9, seed=0)])
+    assert torch.equal(frames["native"], frames["release"])
 
 
 def test_bad_generate_input(parts, tmp_path):

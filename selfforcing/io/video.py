@@ -55,10 +55,7 @@ def write_mp4(path: str | os.PathLike, video, fps: float = 8, crf: int = 18) -> 
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf)}
             for frame in frames:
-                # convert to yuv420p ourselves: the encoder's implicit conversion is not reproducible (the same
-                # frames gave different files from one call to the next); this one is
-                yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
-                for packet in stream.encode(yuv):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
