@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 REQS   := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt pyproject.toml
 
-.PHONY: install test demo clean-venv
+.PHONY: install test demo tiny-model clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/selfforcing demo
+
+tiny-model: $(STAMP)
+	scripts/train_tiny_pipeline.sh
 
 clean-venv:
 	rm -rf $(VENV)
