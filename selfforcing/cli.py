@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("stream a video through the KV cache and report its speed", "selfforcing.commands.basic", "demo"),
     "data": ("Moving-Digits clips and the store of precomputed latents / embeddings", "selfforcing.commands.data", ""),
     "generate": ("stream videos from prompts with a few-step causal model (rolling KV cache)", "selfforcing.commands.generate", ""),
+    "bench": ("benchmarks: stream (rolling KV cache vs recompute vs sliding window)", "selfforcing.commands.bench", ""),
     "train-autoencoder": ("train the small video autoencoder (configs/autoencoder/)", "selfforcing.autoencoders.train", ""),
     "train": ("train with a recipe: teacher, TF, DF, ODE init, CausVid, Self Forcing", "selfforcing.commands.train", ""),
 }

@@ -22,3 +22,15 @@ def test_demo_streams_and_reports(capsys):
     assert main(["demo", "--chunks", "2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["latent_frames"] == 6 and report["first_chunk_latency_s"] > 0
+
+
+def test_bench_stream_json_schema(capsys):
+    """The benchmark runs every strategy and reports what the performance issue asks for (no timing asserted)."""
+    assert main(["bench", "stream", "--preset", "tiny", "--lengths", "1,2", "--train-frames", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = out["rows"]
+    assert {r["strategy"] for r in rows} == {"rolling_kv", "recompute", "sliding_window"}
+    assert {r["length"] for r in rows} == {1, 2}
+    for r in rows:
+        assert r["chunk_latency_s"] > 0 and r["first_chunk_latency_s"] > 0 and r["fps"] > 0
+        assert r["chunks"] == r["length"] * 6 // 3
