@@ -33,6 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default=None, help="also write the JSON here")
     s.add_argument("--json", action="store_true")
+    c = sub.add_parser("chunk", help="one AR chunk step (denoising steps + cache pass): time, FLOPs, share of the "
+                                     "measured float32 matmul peak")
+    c.add_argument("--preset", default="small")
+    c.add_argument("--latent-size", default="16,16")
+    c.add_argument("--context-frames", type=int, default=9, help="cached frames the chunk attends to")
+    c.add_argument("--text-len", type=int, default=16)
+    c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--repeats", type=int, default=10)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--out", default=None)
+    c.add_argument("--json", action="store_true")
 
 
 def _chunk_rolling(model, state, x, steps, ctx, start):
@@ -131,11 +142,66 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             "note": "chunk_latency_s: median over all chunks of the video; fps: latent frames per second"}
 
 
+def chunk_benchmark(preset: str, latent_size: tuple[int, int], context_frames: int, text_len: int, num_steps: int,
+                    repeats: int) -> dict:
+    """Median time of one chunk step with ``context_frames`` cached, its analytic FLOPs, and the share of the
+    float32 matmul peak measured in the same run."""
+    import torch
+
+    from selfforcing import flow
+    from selfforcing.models import CausalWanModel
+    from selfforcing.perf import chunk_step_flops, matmul_peak_gflops
+    from selfforcing.sampling import cache_chunk, denoise_chunk
+
+    torch.manual_seed(0)
+    model = CausalWanModel.from_preset(preset).eval()
+    c = model.config
+    k, (h, w) = c.num_frame_per_block, latent_size
+    steps = flow.denoising_step_list([1000 - 1000 * i / num_steps for i in range(num_steps)], shift=5.0).tolist()
+    ctx = torch.randn(1, text_len, c.text_dim)
+    window = context_frames + k
+    cache = model.new_kv_cache(1, h, w, window_frames=window, sink_frames=0)
+    times = []
+    with torch.no_grad():
+        start = 0
+        for i in range(repeats + window // k + 1):
+            x = torch.randn(1, k, c.in_channels, h, w)
+            t0 = time.perf_counter()
+            x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start)
+            cache_chunk(model, x0, ctx, kv_cache=cache, start_frame=start)
+            dt = time.perf_counter() - t0
+            if start >= context_frames:  # a full window of context
+                times.append(dt)
+            start += k
+    peak = matmul_peak_gflops()
+    tpf = model.tokens_per_frame(h, w)
+    flops = chunk_step_flops(c, tpf, k, context_frames, text_len, num_steps)
+    median = statistics.median(times)
+    achieved = flops / median / 1e9
+    return {"benchmark": "chunk_step", "preset": preset, "dim": model.dim, "layers": c.num_layers,
+            "tokens_per_frame": tpf, "chunk_frames": k, "context_frames": context_frames, "steps": num_steps,
+            "threads": torch.get_num_threads(), "seconds": median, "min_seconds": min(times),
+            "gflop": flops / 1e9, "achieved_gflops": achieved, "matmul_peak_gflops": peak,
+            "fraction_of_peak": achieved / peak}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bench_command == "chunk":
+        size = tuple(int(v) for v in args.latent_size.split(","))
+        result = chunk_benchmark(args.preset, size, args.context_frames, args.text_len, args.steps, args.repeats)
+        if args.out:
+            from selfforcing.fileio import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result) if args.json else
+              f"{args.preset}: {result['seconds'] * 1e3:.1f} ms per chunk step, {result['gflop']:.2f} GFLOP, "
+              f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.0f}% of the "
+              f"{result['matmul_peak_gflops']:.1f} GFLOP/s float32 matmul peak")
+        return 0
     size = tuple(int(v) for v in args.latent_size.split(",")) if args.latent_size else None
     result = stream_benchmark(args.preset, [int(v) for v in args.lengths.split(",")], args.strategies.split(","),
                               args.train_frames, size, args.steps, args.device)

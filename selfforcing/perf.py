@@ -1,0 +1,58 @@
+"""Analytic FLOP counts of the model's hot path, and the machine's measured float32 matmul peak.
+
+FLOPs count multiply-adds as 2 and include every matmul (projections, attention scores and values, FFN,
+patch embedding, head); elementwise work (norms, RoPE, modulation, softmax) is left out, as is customary.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def forward_flops(config, query_tokens: int, key_tokens: int, text_tokens: int, cross_kv_cached: bool = True) -> int:
+    """Matmul FLOPs of one forward over ``query_tokens`` tokens attending to ``key_tokens`` self-attention keys
+    (its own included) and ``text_tokens`` text tokens. With ``cross_kv_cached`` the text K/V projections are not
+    recomputed (the cross-attention cache)."""
+    d = config.num_attention_heads * config.attention_head_dim
+    n, m, lt = query_tokens, key_tokens, text_tokens
+    patch = 2 * n * config.in_channels * config.patch_size[1] * config.patch_size[2] * d
+    per_layer = (
+        2 * n * 3 * d * d  # q, k, v projections
+        + 2 * 2 * n * m * d  # scores and values
+        + 2 * n * d * d  # output projection
+        + 2 * n * d * d  # cross-attention query
+        + (0 if cross_kv_cached else 2 * 2 * lt * d * d)  # cross-attention K/V of the text
+        + 2 * 2 * n * lt * d  # cross-attention scores and values
+        + 2 * n * d * d  # cross-attention output
+        + 2 * 2 * n * d * config.ffn_dim  # FFN
+    )
+    head = 2 * n * d * config.out_channels * config.patch_size[1] * config.patch_size[2]
+    return patch + config.num_layers * per_layer + head
+
+
+def chunk_step_flops(config, tokens_per_frame: int, chunk_frames: int, context_frames: int, text_tokens: int,
+                     num_steps: int) -> int:
+    """FLOPs of one autoregressive chunk step: ``num_steps`` denoising forwards of the chunk against
+    ``context_frames`` cached frames, plus the cache pass of the clean chunk (Algorithm 2's inner loop)."""
+    n = chunk_frames * tokens_per_frame
+    m = n + context_frames * tokens_per_frame
+    return (num_steps + 1) * forward_flops(config, n, m, text_tokens)
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20, dtype=None, device: str = "cpu") -> float:
+    """Best observed float32 matmul throughput (GFLOP/s) of ``size`` x ``size`` products on this machine."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
