@@ -201,3 +201,16 @@ def test_gradient_path_snapshots_the_cache_and_writes_nothing():
         out.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_planning_a_chunk_does_not_scan_the_whole_stream():
+    """The visible frames of a chunk far into a stream come from interval ends (an O(length) scan would not
+    finish here): sinks plus the last L - S frames."""
+    from selfforcing.models import KVCache
+
+    cache = KVCache(num_layers=1, batch_size=1, num_heads=1, head_dim=4, tokens_per_frame=1, window_frames=9,
+                    sink_frames=3)
+    start = 10**12
+    assert cache.visible_frames(start, 3) == [0, 1, 2] + list(range(start - 3, start))
+    glob = KVCache(num_layers=1, batch_size=1, num_heads=1, head_dim=4, tokens_per_frame=1, max_frames=8)
+    assert glob.visible_frames(5, 3) == [0, 1, 2, 3, 4]

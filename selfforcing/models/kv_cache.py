@@ -143,12 +143,11 @@ class KVCache:
     def visible_frames(self, start: int, num_frames: int) -> list[int]:
         """Absolute indices of the earlier frames a chunk [start, start + n) attends to (the rule of
         ``attention.py``), oldest first."""
+        # computed from interval ends, not by scanning [0, start): planning a chunk costs O(window), not O(length)
         end = start + num_frames
-        frames = [j for j in range(start) if j >= self.valid_from or j < self.sink_frames]
-        if not self.rolling:
-            return frames
-        lo = end - self.ring_frames
-        return [j for j in frames if j >= lo or j < self.sink_frames]
+        sinks = list(range(min(self.sink_frames, start)))
+        lo = max(self.valid_from, self.sink_frames, end - self.ring_frames if self.rolling else 0)
+        return sinks + list(range(lo, start))
 
     # ------------------------------------------------------------------ planning a chunk
     def plan(self, start: int, num_frames: int, tokens_per_frame: int, batch_size: int) -> ChunkPlan:
