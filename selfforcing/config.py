@@ -162,15 +162,18 @@ def load_config(path: str | os.PathLike, cls: type[T], overrides: list[str] | No
     return build_config(cls, read_yaml(path), overrides, source=os.fspath(path))
 
 
+def plain_data(v):
+    """Nested lists / tuples / dicts as JSON- and YAML-safe plain data (tuples become lists)."""
+    if isinstance(v, (list, tuple)):
+        return [plain_data(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain_data(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg) -> dict:
     """A config dataclass as a plain dict (tuples become lists), e.g. to save beside a checkpoint."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
+    return plain_data(dataclasses.asdict(cfg))
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import plain_data
+from ..fileio import atomic_write
 from .base import Autoencoder
 
 CLASS_NAME = "VideoAutoencoder"
@@ -158,9 +159,9 @@ class VideoAutoencoder(Autoencoder):
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"_class_name": CLASS_NAME, "architecture": _plain(asdict(self.config)), **(extra or {})}
-        _atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda path: save_file(state, path))
-        _atomic_write(os.path.join(folder, CONFIG_NAME), lambda path: _write_json(path, meta))
+        meta = {"_class_name": CLASS_NAME, "architecture": plain_data(asdict(self.config)), **(extra or {})}
+        atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda path: save_file(state, path))
+        atomic_write(os.path.join(folder, CONFIG_NAME), lambda path: _write_json(path, meta))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "VideoAutoencoder":
@@ -217,30 +218,6 @@ def read_config(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def _plain(v):
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(json.dumps(data, indent=2) + "\n")
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` (never half-written)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the normal permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -39,6 +39,15 @@ def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_full_opts())
 
 
+def _sharded_state(models: dict, optimizers: dict, ema) -> dict:
+    """The local (sharded) state that torch.distributed.checkpoint saves and loads in place."""
+    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+    state.update({f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()})
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
 def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, ema, extra: dict,
                     sharded: bool = False, keep: int = 2) -> str:
     """Write checkpoint ``step`` (collective: every rank calls it). Returns its path."""
@@ -52,10 +61,7 @@ def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, em
         if is_main() and os.path.exists(tmp):
             shutil.rmtree(tmp)
         barrier()
-        state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
-        state.update({f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()})
-        if ema is not None:
-            state["ema"] = ema.state_dict()
+        state = _sharded_state(models, optimizers, ema)
         dcp.save(state, checkpoint_id=tmp)
         barrier()
         if is_main():
@@ -111,10 +117,7 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
     if os.path.isdir(path):
         import torch.distributed.checkpoint as dcp
 
-        state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
-        state.update({f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()})
-        if ema is not None:
-            state["ema"] = ema.state_dict()
+        state = _sharded_state(models, optimizers, ema)
         dcp.load(state, checkpoint_id=path)
         for k, m in models.items():
             set_model_state_dict(m, state[f"model.{k}"])

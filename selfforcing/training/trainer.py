@@ -48,8 +48,7 @@ class TrainState:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    if bf16:
+    if _bf16(cfg, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
