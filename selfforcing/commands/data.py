@@ -198,6 +198,7 @@ def _ode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True)
 
 
@@ -209,8 +210,9 @@ def _ode_run(args: argparse.Namespace) -> int:
     from selfforcing.sampling import sample_bidirectional
     from selfforcing.text import build_text_encoder
 
-    teacher = CausalWanModel.from_checkpoint(args.teacher, preset=args.preset, use_ema=args.use_ema).eval()
-    text = build_text_encoder(args.text_encoder, args.text_len)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = CausalWanModel.from_checkpoint(args.teacher, preset=args.preset, use_ema=args.use_ema).eval().to(device)
+    text = build_text_encoder(args.text_encoder, args.text_len, device=device)
     if args.prompts:
         from selfforcing.data.prompts import read_prompt_file
 
@@ -230,15 +232,16 @@ def _ode_run(args: argparse.Namespace) -> int:
         idx = [int(k.rsplit("/", 1)[1]) for k in batch_keys]
         ctx = text.encode([prompts[i] for i in idx]).states
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
-                             for i in idx])
+                             for i in idx]).to(device)
         _, states = sample_bidirectional(teacher, noise, ctx, null_context=null.expand(len(idx), -1, -1),
                                          num_steps=args.steps, shift=args.shift, guidance_scale=args.guidance_scale,
                                          record_timesteps=few)
-        return [({"ode_states": s, "context": c}, {"prompt": prompts[i]}) for s, c, i in zip(states, ctx, idx)]
+        return [({"ode_states": s.cpu(), "context": c.cpu()}, {"prompt": prompts[i]})
+                for s, c, i in zip(states, ctx, idx)]
 
     attrs = {"teacher": args.teacher, "steps": args.steps, "shift": args.shift, "guidance_scale": args.guidance_scale,
              "few_step_timesteps": few.tolist(), "latent_shape": list(shape), "text_encoder": text.identity}
-    n = fill_store(args.out, attrs, keys, make_records, args.batch_size, null[0], "ode pairs")
+    n = fill_store(args.out, attrs, keys, make_records, args.batch_size, null[0].cpu(), "ode pairs")
     print(json.dumps({"store": args.out, "written": n, "total": len(keys)}))
     return 0
 

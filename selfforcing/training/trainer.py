@@ -12,12 +12,14 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..config import save_config, to_dict
 from ..models import CausalWanModel
+from ..pipeline import PipelineSpec
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelSpec, TrainConfig
@@ -161,7 +163,10 @@ def _write_samples(cfg: TrainConfig, state: TrainState, batches) -> None:
     video = batches.autoencoder.decode(sample_video(cfg, state, batch)[:1])[0]
     if D.is_main():
         folder = os.path.join(cfg.out_dir, "samples")
-        write_mp4(os.path.join(folder, f"step_{state.step:06d}.mp4"), video)
+        try:
+            write_mp4(os.path.join(folder, f"step_{state.step:06d}.mp4"), video)
+        except ImportError as err:  # PyAV absent (e.g. a bare GPU image): the PNG still shows the sample
+            warnings.warn(f"sample mp4 skipped ({err}); writing the contact sheet only", stacklevel=2)
         write_contact_sheet(os.path.join(folder, f"step_{state.step:06d}.png"), video)
         with open(os.path.join(folder, f"step_{state.step:06d}.txt"), "w") as fh:
             fh.write(batch["prompts"][0] + "\n")
@@ -250,13 +255,35 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         bar.close()
     logger.close()
     if total > 0 and state.step >= total:
-        export_generator(state, os.path.join(cfg.out_dir, "final"))
+        export_generator(state, os.path.join(cfg.out_dir, "final"), pipeline_spec(cfg, batches, state.step))
     return state
 
 
-def export_generator(state: TrainState, folder: str) -> None:
+# How each method's generator is sampled: the teacher sees the whole clip, the TF / DF baselines need many steps with
+# CFG, everything distilled (ODE init, CausVid, Self Forcing) streams with the few-step KV-cache sampler.
+_SAMPLER_OF_METHOD = {"teacher": "bidirectional", "teacher_forcing": "many-step", "diffusion_forcing": "many-step"}
+
+
+def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
+    """The :class:`~selfforcing.pipeline.PipelineSpec` of a generator trained by ``cfg``: the recipe's autoencoder,
+    text encoder, latent size, few-step timesteps and shift, so that ``generate`` samples it as it was trained."""
+    sample = batches.batch(0, 0, 99)
+    latents = sample.get("latents", sample.get("ode_states"))
+    latent_size = tuple(latents.shape[-2:]) if latents is not None else tuple(cfg.data.latent_shape[-2:])
+    return PipelineSpec(
+        method=cfg.method, sampler=_SAMPLER_OF_METHOD.get(cfg.method, "few-step"), autoencoder=cfg.data.autoencoder,
+        text_encoder=cfg.data.text_encoder, text_len=cfg.data.text_len, latent_size=latent_size,
+        denoising_steps=tuple(cfg.rollout.denoising_steps), warp_denoising_step=cfg.rollout.warp_denoising_step,
+        shift=cfg.timestep_shift, num_steps=24, guidance_scale=cfg.dm.guidance_scale,
+        negative_prompt=cfg.data.negative_prompt, training_frames=cfg.data.num_frames,
+        extra={"recipe_method": cfg.method, "dm_loss": cfg.dm.loss, "trained_steps": step, "seed": cfg.seed,
+               "batch_size": cfg.batch_size, "out_dir": cfg.out_dir})
+
+
+def export_generator(state: TrainState, folder: str, spec: PipelineSpec | None = None) -> None:
     """Write the trained generator as a ``save_pretrained`` folder (the EMA weights when EMA is on, else the raw
-    ones; the raw ones also go to ``folder/raw`` in that case). A collective under FSDP2: every rank calls it."""
+    ones; the raw ones also go to ``folder/raw`` in that case), with ``spec`` as ``pipeline.json`` beside it.
+    A collective under FSDP2: every rank calls it."""
     from .checkpoint import gather_model_state
 
     generator = state.method.generator
@@ -268,4 +295,6 @@ def export_generator(state: TrainState, folder: str) -> None:
         for weights, where in ((ema, folder), (raw, os.path.join(folder, "raw"))) if ema is not None else ((raw, folder),):
             out.load_weights({k: v.to(out.proj_out.weight.dtype) for k, v in weights.items()}, source="trained generator")
             out.save_pretrained(where)
+            if spec is not None:
+                spec.save(where)
     D.barrier()

@@ -1,0 +1,167 @@
+"""A generator checkpoint together with everything needed to sample it: the *pipeline spec*.
+
+A trained generator is a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``). The trainer also
+writes ``pipeline.json`` beside them, so that whoever loads the folder samples it the way it was trained:
+
+    {"format": "selfforcing-pipeline-v1", "method": "self_forcing", "sampler": "few-step",
+     "autoencoder": "moving-digits", "text_encoder": "minilm", "text_len": 24, "latent_size": [16, 16],
+     "denoising_steps": [1000, 750, 500, 250], "warp_denoising_step": true, "shift": 3.0,
+     "num_steps": 24, "guidance_scale": 3.0, "negative_prompt": "", "training_frames": 12, "fps": 8.0}
+
+``denoising_steps`` are nominal (in [0, 1000]); with ``warp_denoising_step`` they are warped by ``shift`` exactly as
+the training rollout warps them (:func:`selfforcing.flow.denoising_step_list`). A folder without ``pipeline.json``
+(an original checkpoint, a diffusers folder) gets :class:`PipelineSpec`'s defaults, which the command line can
+override one by one.
+
+Names of shipped models (``moving-digits``) resolve to folders inside the installed package, so
+``selfforcing generate --prompt ...`` works on a fresh install without a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+SPEC_FILE = "pipeline.json"
+SPEC_FORMAT = "selfforcing-pipeline-v1"
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "models")
+SHIPPED_MODELS = {"moving-digits": os.path.join(_ASSETS, "moving_digits_self_forcing")}
+DEFAULT_MODEL = "moving-digits"
+SAMPLERS = ("few-step", "many-step", "bidirectional")
+
+
+@dataclass
+class PipelineSpec:
+    """How a generator is sampled (see the module docstring for the JSON form)."""
+
+    method: str = "self_forcing"
+    sampler: str = "few-step"  # few-step (KV-cache streaming) | many-step (Euler + CFG, causal) | bidirectional
+    autoencoder: str = "moving-digits"
+    text_encoder: str = "minilm"
+    text_len: int | None = None  # None: the encoder's default (24 for minilm, 512 for UMT5)
+    latent_size: tuple[int, int] = (16, 16)
+    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    warp_denoising_step: bool = True
+    shift: float = 5.0
+    num_steps: int = 50  # Euler steps of the many-step samplers
+    guidance_scale: float = 3.0
+    negative_prompt: str = ""
+    training_frames: int | None = None  # pixel frames of a training clip (the "1x" length)
+    fps: float = 8.0
+    default_prompt: str = "the digit 3 moves right"
+    extra: dict = field(default_factory=dict)  # provenance (recipe, steps, ...), never read by the sampler
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+        self.latent_size = tuple(int(v) for v in self.latent_size)
+        self.denoising_steps = tuple(float(v) for v in self.denoising_steps)
+        if len(self.latent_size) != 2 or min(self.latent_size) < 1:
+            raise ValueError(f"latent_size must be (h, w) >= 1, got {self.latent_size}")
+        if not self.denoising_steps or not all(0 < s <= 1000 for s in self.denoising_steps):
+            raise ValueError(f"denoising_steps must be non-empty and in (0, 1000], got {self.denoising_steps}")
+
+    def warped_steps(self):
+        """The timesteps the few-step sampler visits, float32 [K] (warped with ``shift`` when asked)."""
+        from . import flow
+
+        return flow.denoising_step_list(list(self.denoising_steps), shift=self.shift, warp=self.warp_denoising_step)
+
+    def to_json(self) -> dict:
+        return {"format": SPEC_FORMAT, **{k: (list(v) if isinstance(v, tuple) else v)
+                                          for k, v in dataclasses.asdict(self).items()}}
+
+    def save(self, folder: str | os.PathLike) -> str:
+        from .fileio import atomic_write_text
+
+        path = os.path.join(os.fspath(folder), SPEC_FILE)
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> PipelineSpec:
+        """The spec in ``folder/pipeline.json``, or the defaults when there is none (or ``folder`` is a file)."""
+        path = os.path.join(os.fspath(folder), SPEC_FILE)
+        if not os.path.isfile(path):
+            return cls()
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable pipeline spec ({err})") from err
+        if not isinstance(data, dict) or data.pop("format", None) != SPEC_FORMAT:
+            raise ValueError(f"{path}: not a {SPEC_FORMAT} file")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def replace(self, **changes) -> PipelineSpec:
+        """A copy with the non-None ``changes`` applied (command-line overrides)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike | None) -> str:
+    """A shipped model's name (or None: the default model) -> its folder; a path is returned as is.
+
+    Raises FileNotFoundError naming the shipped models when a name is neither a shipped model nor a path."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path in SHIPPED_MODELS:
+        folder = SHIPPED_MODELS[name_or_path]
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"the shipped model {name_or_path!r} is missing from the installation "
+                                    f"({folder}); reinstall selfforcing")
+        return folder
+    if not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"checkpoint not found: {name_or_path!r} (neither a path nor a shipped model: "
+                                f"{sorted(SHIPPED_MODELS)})")
+    return name_or_path
+
+
+def load_pipeline(checkpoint: str | os.PathLike | None = None, *, preset: str = "tiny", use_ema: bool = False,
+                  device: str = "cpu", **spec_overrides):
+    """(model, autoencoder, text encoder, spec) of a checkpoint, ready to sample on ``device``.
+
+    ``checkpoint``: a shipped model name (default ``moving-digits``), a ``save_pretrained`` folder, a training
+    checkpoint or an original Wan / CausVid / Self Forcing file (``preset`` names its architecture).
+    ``spec_overrides``: :class:`PipelineSpec` fields to change (None values are ignored)."""
+    from .autoencoders import get_autoencoder
+    from .models import CausalWanModel
+    from .text import build_text_encoder
+
+    path = resolve_checkpoint(checkpoint)
+    spec = PipelineSpec.load(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    spec = spec.replace(**spec_overrides)
+    model = CausalWanModel.from_checkpoint(path, preset=preset, use_ema=use_ema).eval().to(device)
+    autoencoder = get_autoencoder(spec.autoencoder, device=device)
+    if spec.text_len is None:  # a folder without a spec: the lengths the laptop recipes and Wan use
+        spec = spec.replace(text_len=24 if spec.text_encoder in ("minilm", "all-minilm-l6-v2") else 512)
+    text = build_text_encoder(spec.text_encoder, spec.text_len, device=device)
+    if text.dim != model.config.text_dim:
+        raise ValueError(f"the text encoder {spec.text_encoder!r} gives {text.dim}-dim states but the checkpoint "
+                         f"{path} expects {model.config.text_dim}")
+    return model, autoencoder, text, spec
+
+
+def load_streaming_generator(checkpoint: str | os.PathLike | None = None, *, preset: str = "tiny",
+                             use_ema: bool = False, device: str = "cpu", window_frames: int | None = None,
+                             sink_frames: int | None = None, max_frames: int = 1024, batch_size: int = 1,
+                             **spec_overrides):
+    """A :class:`selfforcing.inference.StreamingGenerator` for a checkpoint (see :func:`load_pipeline`), sampling
+    with the spec's few-step timesteps. Returns (generator, spec)."""
+    from .inference import StreamingGenerator
+
+    model, ae, text, spec = load_pipeline(checkpoint, preset=preset, use_ema=use_ema, device=device,
+                                          **spec_overrides)
+    gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
+                             window_frames=window_frames, sink_frames=sink_frames, max_frames=max_frames,
+                             batch_size=batch_size, negative_prompt=spec.negative_prompt)
+    return gen, spec
