@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("benchmarks: stream (rolling KV cache vs recompute vs sliding window)", "selfforcing.commands.bench", ""),
     "train-autoencoder": ("train the small video autoencoder (configs/autoencoder/)", "selfforcing.autoencoders.train", ""),
     "train": ("train with a recipe: teacher, TF, DF, ODE init, CausVid, Self Forcing", "selfforcing.commands.train", ""),
+    "eval": ("compare checkpoints on Moving-Digits over long rollouts (FD, adherence, drift, GT-cache gap)", "selfforcing.commands.eval", ""),
 }
 
 

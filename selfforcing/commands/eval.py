@@ -1,0 +1,103 @@
+"""`selfforcing eval`: compare generators on Moving-Digits over long rollouts (quality, adherence, drift per time
+window; GT KV cache vs own rollout), resumable. The logic is :mod:`selfforcing.eval.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH[:SAMPLER]",
+                   help="a method: generator checkpoint (save_pretrained folder or file) and sampler: few-step "
+                        "(default; Self Forcing, CausVid, ODE init), many-step (CFG Euler chunk by chunk; teacher / "
+                        "diffusion forcing) or bidirectional (the teacher). Repeat for several methods")
+    p.add_argument("--methods", default=None, metavar="FILE",
+                   help="JSON / YAML list of methods {name, checkpoint, sampler, num_steps, guidance_scale, shift, "
+                        "steps, preset, use_ema} (with or instead of --checkpoint)")
+    p.add_argument("--prompts", default="16", metavar="FILE_OR_N",
+                   help="N: the captions of Moving-Digits test clips 0..N-1 (their frames are the GT context); or a "
+                        "prompt file (then no GT-cache runs). Default 16")
+    p.add_argument("--num-samples", type=int, default=16, help="videos per method and length (sample i: prompt i "
+                   "mod P, seed SEED + i). Default 16")
+    p.add_argument("--lengths", default="1,5,10", help="multiples of the training length (default 1,5,10)")
+    p.add_argument("--train-frames", type=int, default=12, help="pixel frames of the training clips (default 12)")
+    p.add_argument("--window", type=int, default=None, help="metric window in pixel frames (default: --train-frames)")
+    p.add_argument("--out", required=True, help="output folder: results.json, report.md, plots/, samples/, cache/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="samples generated together (default 8)")
+    p.add_argument("--window-frames", type=int, default=None,
+                   help="rolling KV window in latent frames (default: the training length; 0: global cache)")
+    p.add_argument("--sink-frames", type=int, default=0, help="sink frames kept in the rolling window")
+    p.add_argument("--steps", default="1000,750,500,250", help="nominal few-step list (warped with the shift)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="timestep shift (default: the training run's timestep_shift from the config.yaml beside "
+                        "the checkpoint, else 5.0)")
+    p.add_argument("--num-steps", type=int, default=50, help="Euler steps of the many-step / bidirectional samplers")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG weight of the many-step samplers")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--bidirectional-stride", type=int, default=None,
+                   help="new latent frames per sliding window of the bidirectional sampler (default: half the "
+                        "training length)")
+    p.add_argument("--num-real", type=int, default=64, help="real test clips in the reference set (default 64)")
+    p.add_argument("--no-gt-cache", action="store_true", help="skip the GT KV cache runs (train-test gap)")
+    p.add_argument("--no-real", action="store_true", help="skip the real-clip baseline row")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
+    p.add_argument("--preset", default="tiny", help="architecture of checkpoint files (default tiny)")
+    p.add_argument("--autoencoder", default="moving-digits")
+    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: 24 for minilm, 512 for UMT5)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfforcing.eval.evaluate import (EvalSettings, evaluate, load_method_specs, parse_checkpoint_arg,
+                                           parse_lengths)
+
+    try:
+        methods = load_method_specs(args.methods) if args.methods else []
+        for item in args.checkpoint:
+            spec = parse_checkpoint_arg(item)
+            spec.preset = args.preset
+            methods.append(spec)
+        if not methods:
+            raise ValueError("give at least one method: --checkpoint NAME=PATH[:SAMPLER] or --methods FILE")
+        lengths = parse_lengths(args.lengths)
+        prompts, num_prompts = None, 16
+        if args.prompts.strip().isdigit():
+            num_prompts = int(args.prompts)
+            if num_prompts < 1:
+                raise ValueError(f"--prompts N needs N >= 1, got {args.prompts}")
+        else:
+            from selfforcing.data.prompts import read_prompt_file
+
+            if not os.path.isfile(args.prompts):
+                raise FileNotFoundError(f"--prompts: neither a number nor an existing prompt file: {args.prompts}")
+            prompts = read_prompt_file(args.prompts)
+        steps = [float(v) for v in args.steps.split(",")]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"selfforcing eval: {e}") from None
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = EvalSettings(
+        out_dir=args.out, lengths=lengths, num_samples=args.num_samples, num_prompts=num_prompts, prompts=prompts,
+        train_frames=args.train_frames, window=args.window, seed=args.seed, batch_size=args.batch_size,
+        kv_window=args.window_frames, sink_frames=args.sink_frames, few_steps=steps, shift=args.shift,
+        num_steps=args.num_steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+        bidirectional_stride=args.bidirectional_stride, num_real=args.num_real, gt_cache=not args.no_gt_cache,
+        real_baseline=not args.no_real, bootstrap=args.bootstrap, autoencoder=args.autoencoder,
+        text_encoder=args.text_encoder, text_len=args.text_len, device=device)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        results = evaluate(methods, settings, log=log)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"selfforcing eval: {e}") from None
+    print(json.dumps({"results": os.path.join(args.out, "results.json"), "report": os.path.join(args.out, "report.md"),
+                      "plots": len(results["plots"]), "rows": len(results["rows"]), "seconds": results["seconds"]}))
+    return 0
