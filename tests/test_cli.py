@@ -2,7 +2,10 @@ import json
 import subprocess
 import sys
 
+from PIL import Image
+
 from selfforcing.cli import main
+from selfforcing.io import read_video
 
 
 def test_help_lists_subcommands():
@@ -18,10 +21,13 @@ def test_presets_json(capsys):
     assert rows["tiny"]["parameters"] < rows["small"]["parameters"]
 
 
-def test_demo_streams_and_reports(capsys):
-    assert main(["demo", "--chunks", "2"]) == 0
+def test_demo_streams_the_shipped_model(capsys, tmp_path):
+    out, sheet = tmp_path / "demo.mp4", tmp_path / "demo.png"
+    assert main(["demo", "--num-frames", "15", "--out", str(out), "--sheet", str(sheet)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["latent_frames"] == 6 and report["first_chunk_latency_s"] > 0
+    assert report["frames"] == 15 and report["first_chunk_latency_s"] > 0 and report["fps"] > 0
+    assert read_video(out).shape == (15, 64, 64, 3)
+    assert Image.open(sheet).size[0] > 64
 
 
 def test_bench_stream_json_schema(capsys):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import time
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -45,52 +46,32 @@ def presets_run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- demo
 def demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    p.add_argument("--chunks", type=int, default=8, help="number of chunks to stream")
+    p.add_argument("--checkpoint", default=None,
+                   help="generator (default: the shipped Moving-Digits Self Forcing model)")
+    p.add_argument("--prompt", default=None, help="default: the model's default prompt")
+    p.add_argument("--num-frames", type=int, default=96, help="pixel frames (default 96: 8x the training clip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo.mp4", help="mp4 to write (default demo.mp4)")
+    p.add_argument("--sheet", default="demo.png", help="PNG contact sheet to write (default demo.png)")
 
 
 def demo_run(args: argparse.Namespace) -> int:
-    """Stream chunks through the KV cache with the few-step sampler of Algorithm 2.
+    """Stream a video from the shipped model (Algorithm 2 with a rolling KV cache), write the mp4 and a PNG contact
+    sheet, and report frames per second and the first chunk's latency: ``selfforcing generate`` with defaults."""
+    from selfforcing.commands import generate
 
-    Until a trained model ships (the inference issue), this runs randomly initialised weights: it checks
-    the installation and the streaming path end to end and reports its speed, nothing more.
-    """
-    import torch
-
-    from selfforcing import flow
-    from selfforcing.models import CausalWanModel
-    from selfforcing.sampling import rollout_with_kv_cache
-
-    torch.manual_seed(args.seed)
-    model = CausalWanModel.from_preset(args.preset).eval()
-    c = model.config
-    k, h, w = c.num_frame_per_block, 16, 16
-    steps = flow.denoising_step_list([1000, 750, 500, 250], shift=5.0)
-    ctx = torch.randn(1, 16, c.text_dim)
-    cache = model.new_kv_cache(1, h, w, max_frames=k * args.chunks)
-    print(f"selfforcing demo: {args.preset} preset with RANDOM weights (no trained model ships yet); "
-          f"streaming {args.chunks} chunks of {k} latent frames, {len(steps)} steps each")
-    latencies = []
-    t_start = time.perf_counter()
-    last = [t_start]
-
-    def chunk_done(i, x0):  # called as each chunk's x0 is ready
-        now = time.perf_counter()
-        latencies.append(now - last[0])
-        last[0] = now
-
-    noise = torch.randn(1, k * args.chunks, c.in_channels, h, w)
-    with torch.no_grad():
-        rollout_with_kv_cache(model, noise, ctx, steps, block_sizes=[k] * args.chunks, kv_cache=cache,
-                              on_chunk=chunk_done)
-    total = time.perf_counter() - t_start
-    frames = k * args.chunks
-    print(json.dumps({
-        "latent_frames": frames,
-        "seconds": round(total, 3),
-        "latent_fps": round(frames / total, 2),
-        "first_chunk_latency_s": round(latencies[0], 4),
-        "median_chunk_latency_s": round(sorted(latencies)[len(latencies) // 2], 4),
-    }))
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    argv = ["--num-frames", str(args.num_frames), "--seed", str(args.seed), "--out", args.out,
+            "--sheet", args.sheet, "--json"]
+    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    argv += ["--prompt", args.prompt] if args.prompt else []
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        generate.run(parser.parse_args(argv))
+    report = json.loads(buf.getvalue().strip().splitlines()[-1])
+    print(f"selfforcing demo: \"{report['prompt']}\" -> {report['path']} ({report['frames']} frames) and "
+          f"{args.sheet}\n  {report['fps']} frames/s, first chunk after {report['first_chunk_latency_s']} s, "
+          f"{report['seconds']} s in all ({report['chunks']} chunks)")
+    print(json.dumps(report))
     return 0
