@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 SPEC_FILE = "pipeline.json"
 SPEC_FORMAT = "selfforcing-pipeline-v1"
 _ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "models")
-SHIPPED_MODELS = {"moving-digits": os.path.join(_ASSETS, "moving_digits_self_forcing")}
+SHIPPED_MODELS = {"moving-digits": os.path.join(_ASSETS, "moving_digits")}
 DEFAULT_MODEL = "moving-digits"
 SAMPLERS = ("few-step", "many-step", "bidirectional")
 
