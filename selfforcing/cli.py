@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-autoencoder": ("train the small video autoencoder (configs/autoencoder/)", "selfforcing.autoencoders.train", ""),
     "train": ("train with a recipe: teacher, TF, DF, ODE init, CausVid, Self Forcing", "selfforcing.commands.train", ""),
     "eval": ("compare checkpoints on Moving-Digits over long rollouts (FD, adherence, drift, GT-cache gap)", "selfforcing.commands.eval", ""),
+    "serve": ("the streaming server and web page: watch the video being made, switch prompts live", "selfforcing.commands.serve", ""),
 }
 
 

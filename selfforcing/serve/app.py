@@ -1,0 +1,266 @@
+"""The FastAPI app: ``/`` (the web page), ``/ws/stream`` (the streaming protocol), ``/health``, ``/models`` and
+``POST /generate``. See :mod:`selfforcing.serve.protocol` for the messages and the README's "Serving" section.
+
+``create_app(checkpoint)`` loads the model once; ``ServerThread(app)`` runs it on uvicorn in a thread (tests,
+benchmarks); ``selfforcing serve`` runs it in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from .protocol import (MAX_PROMPT_CHARS, GenerateRequest, PauseMessage, PromptMessage, ProtocolError, ResumeMessage,
+                       StartMessage, StopMessage, message, parse_client_message)
+from .sessions import Busy, ModelHost, Session
+
+log = logging.getLogger("selfforcing.serve")
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+WS_MAX_MESSAGE_BYTES = 1 << 20  # larger client messages close the connection (1009); smaller bad ones get errors
+AUTH_TIMEOUT_S = 10.0  # a client that must send its token in the first message has this long to do so
+
+
+def _same(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
+
+
+def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | None = None, max_sessions: int = 4,
+               max_prompt_chars: int = MAX_PROMPT_CHARS, window_frames: int | None = None,
+               sink_frames: int | None = None, torch_threads: int | None = None, preset: str = "tiny",
+               idle_timeout_s: float = 300.0) -> FastAPI:
+    """The server for ``checkpoint`` (a shipped model name, a folder or a file; None: the default model), or for an
+    already loaded ``host``. ``token``: a bearer token every client must present (None: no authentication)."""
+    owns_host = host is None
+    if host is None:
+        host = ModelHost(checkpoint, preset=preset, window_frames=window_frames, sink_frames=sink_frames,
+                         max_sessions=max_sessions, torch_threads=torch_threads)
+    token = token or None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if owns_host:  # a host passed in may serve other apps too
+            host.close()
+
+    app = FastAPI(title="selfforcing", summary="Self Forcing streaming video server", lifespan=lifespan)
+    app.state.host = host
+
+    def error_response(status: int, error: str, detail) -> JSONResponse:
+        return JSONResponse({"type": "error", "error": error, "detail": detail}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        error = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 503: "busy"}.get(
+            exc.status_code, "bad_request")
+        return error_response(exc.status_code, error, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        detail = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5])
+        return error_response(422, "invalid_request", detail)
+
+    def require_token(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not _same(given.strip(), token):
+            raise HTTPException(401, "send the header 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "sessions": host.active, "max_sessions": host.max_sessions,
+                "frames_served": host.frames_served, "uptime_s": round(time.time() - host.started, 1),
+                "auth": token is not None}
+
+    @app.get("/models", dependencies=[Depends(require_token)])
+    async def models():
+        return {"models": [host.describe()], "max_prompt_chars": max_prompt_chars}
+
+    @app.post("/generate", dependencies=[Depends(require_token)],
+              responses={200: {"content": {"video/mp4": {}}, "description": "an H.264 mp4"}})
+    async def generate(req: GenerateRequest):
+        if len(req.prompt) > max_prompt_chars:
+            raise RequestValidationError([{"loc": ("body", "prompt"), "msg":
+                                           f"prompt has {len(req.prompt)} characters; the limit is {max_prompt_chars}"}])
+        try:
+            sid = host.acquire("generate")
+        except Busy as err:
+            raise HTTPException(503, str(err)) from None
+        try:
+            data = await host.run(_render_mp4, host, req)
+        finally:
+            host.release(sid)
+        return Response(data, media_type="video/mp4",
+                        headers={"Content-Disposition": 'attachment; filename="selfforcing.mp4"'})
+
+    @app.websocket("/ws/stream")
+    async def ws_stream(ws: WebSocket):
+        await ws.accept()
+        query_token = ws.query_params.get("token")
+        if token is not None and query_token is not None and not _same(query_token, token):
+            return await _refuse(ws, "unauthorized", "wrong token", 1008)
+        try:
+            sid = host.acquire("stream")
+        except Busy as err:
+            return await _refuse(ws, "busy", str(err), 1013)
+        authed = token is None or query_token is not None
+        session = Session(host, sid, ws.send_text, ws.send_bytes)
+        try:
+            await session.send("ready", session=sid, auth_required=not authed, max_prompt_chars=max_prompt_chars,
+                               frame_size=list(host.frame_size()[::-1]), fps=host.spec.fps,
+                               default_prompt=host.spec.default_prompt)
+            while True:
+                timeout = AUTH_TIMEOUT_S if not authed else (None if session.streaming else idle_timeout_s)
+                try:
+                    event = await asyncio.wait_for(ws.receive(), timeout)
+                except asyncio.TimeoutError:
+                    await _refuse(ws, "unauthorized" if not authed else "idle",
+                                  "no token sent" if not authed else f"no message for {idle_timeout_s:g} s", 1008)
+                    break
+                if event["type"] == "websocket.disconnect":
+                    break
+                try:
+                    msg = parse_client_message(event.get("text"), max_prompt_chars)
+                except ProtocolError as err:
+                    if not authed:
+                        await _refuse(ws, "unauthorized", "the first message must be a start message with the token",
+                                      1008)
+                        break
+                    await session.send("error", error=err.error, detail=err.detail)
+                    continue
+                if not authed:
+                    if not (isinstance(msg, StartMessage) and _same(msg.token, token)):
+                        await _refuse(ws, "unauthorized", "wrong or missing token", 1008)
+                        break
+                    authed = True
+                await _handle(session, msg)
+        except (WebSocketDisconnect, ConnectionError):
+            pass  # the client went away
+        except RuntimeError as err:  # starlette's "not connected" after a close, or a failed start
+            log.debug("session %s ended: %s", sid, err)
+        except Exception:  # never let one client take the server down
+            log.exception("session %s failed", sid)
+        finally:
+            await session.close()
+            host.release(sid)
+
+    return app
+
+
+async def _refuse(ws: WebSocket, error: str, detail: str, code: int) -> None:
+    with contextlib.suppress(Exception):
+        await ws.send_text(message("error", error=error, detail=detail))
+        await ws.close(code=code, reason=error)
+
+
+async def _handle(session: Session, msg) -> None:
+    if isinstance(msg, StartMessage):
+        await session.start(msg)
+        return
+    if not session.streaming:
+        await session.send("error", error="not_streaming", detail=f"'{msg.type}' needs a running stream; send 'start'")
+        return
+    if isinstance(msg, PromptMessage):
+        recache = session.switch(msg)
+        await session.send("ack", command="prompt", prompt=msg.prompt, recache=recache)
+    elif isinstance(msg, PauseMessage):
+        session.pause()
+        await session.send("ack", command="pause")
+    elif isinstance(msg, ResumeMessage):
+        session.resume()
+        await session.send("ack", command="resume")
+    elif isinstance(msg, StopMessage):
+        await session.send("ack", command="stop")
+        await session.stop()
+
+
+def _render_mp4(host: ModelHost, req: GenerateRequest) -> bytes:
+    """Worker thread: ``req.num_frames`` frames of a fresh stream, as mp4 bytes."""
+    import torch
+
+    from ..io import write_mp4
+
+    gen = host.new_generator()
+    gen.start(req.prompt, seed=req.seed)
+    frames, count = [], 0
+    while count < req.num_frames:
+        chunk = gen.next_chunk().frames
+        frames.append(chunk)
+        count += chunk.shape[0]
+    video = torch.cat(frames)[:req.num_frames]
+    with tempfile.TemporaryDirectory(prefix="selfforcing-serve-") as tmp:
+        path = write_mp4(os.path.join(tmp, "video.mp4"), video, fps=float(req.fps or host.spec.fps))
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs):
+    import uvicorn
+
+    sessions = app.state.host.max_sessions
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=WS_MAX_MESSAGE_BYTES,
+                          ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_graceful_shutdown=5,
+                          limit_concurrency=max(64, 8 * sessions), **kwargs)
+
+
+class ServerThread:
+    """Run ``app`` on uvicorn in a background thread, on a free loopback port (tests, benchmarks).
+
+        with ServerThread(create_app(folder, max_sessions=2)) as server:
+            server.url  # http://127.0.0.1:PORT
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn_config(app, host, self.port, log_level))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="selfforcing-serve")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws/stream"
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
