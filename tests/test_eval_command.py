@@ -208,3 +208,16 @@ def test_prompt_file_and_bidirectional_sliding_window(run_dir, tmp_path):
     assert any("sliding window" in n for n in res["notes"])
     curve = [c for c in res["curves"] if c["method"] == "teacher" and c["metric"] == "fd"][0]
     assert len(curve["mean"]) == 2  # 12 frames in windows of 6
+
+
+def test_the_shift_comes_from_the_trained_folder(tmp_path):
+    """A folder's pipeline.json (written by the trainer) sets the sampler's shift; an explicit shift wins."""
+    from selfforcing.pipeline import PipelineSpec
+
+    _tiny(0).save_pretrained(tmp_path / "m")
+    PipelineSpec(shift=2.5).save(tmp_path / "m")
+    settings = ev.EvalSettings(out_dir=str(tmp_path / "out"))
+    evaluator = ev.Evaluator([ev.parse_checkpoint_arg(f"m={tmp_path / 'm'}")], settings)
+    assert evaluator._shift(evaluator.methods[0]) == 2.5
+    evaluator.methods[0].shift = 4.0
+    assert evaluator._shift(evaluator.methods[0]) == 4.0

@@ -557,6 +557,11 @@ class Evaluator:
             return float(m.shift)
         if self.s.shift is not None:
             return float(self.s.shift)
+        from ..pipeline import SPEC_FILE, PipelineSpec
+
+        folder = m.checkpoint if os.path.isdir(m.checkpoint) else os.path.dirname(m.checkpoint)
+        if os.path.isfile(os.path.join(folder, SPEC_FILE)):  # the trained folder says how it was trained
+            return float(PipelineSpec.load(folder).shift)
         return float(run_config(m.checkpoint).get("timestep_shift", 5.0))
 
     def _wants_gt(self, m: MethodSpec) -> bool:
