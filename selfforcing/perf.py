@@ -39,20 +39,25 @@ def chunk_step_flops(config, tokens_per_frame: int, chunk_frames: int, context_f
     return (num_steps + 1) * forward_flops(config, n, m, text_tokens)
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 20, dtype=None, device: str = "cpu") -> float:
-    """Best observed float32 matmul throughput (GFLOP/s) of ``size`` x ``size`` products on this machine."""
+def matmul_peak_gflops(size: int | None = None, repeats: int = 20, dtype=None, device: str = "cpu") -> float:
+    """Best observed matmul throughput (GFLOP/s) of ``size`` x ``size`` products in ``dtype`` on ``device``
+    (default size: 1024 on CPU, 8192 on a GPU, large enough to reach the tensor-core peak)."""
     import torch
 
     dtype = dtype or torch.float32
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    size = size or (1024 if str(device) == "cpu" else 8192)
+    cuda = str(device) != "cpu"
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9

@@ -1,8 +1,11 @@
-"""The analytic FLOP count of the hot path agrees with torch's own FLOP counter on the real forward."""
+"""Performance work keeps the numbers: the analytic FLOP count agrees with torch's own FLOP counter, the inference
+fast path of the model equals its autograd path, and the stream benchmark's strategies are real alternatives that
+produce the same frames as the rolling KV cache wherever their contexts are identical."""
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from selfforcing.commands.bench import STRATEGIES, new_stream_state
 from selfforcing.models import CausalWanModel
 from selfforcing.perf import chunk_step_flops, forward_flops
 
@@ -26,3 +29,62 @@ def test_forward_flops_match_torch_flop_counter():
     # attention part is the closed form above
     assert counts["aten.addmm"] == expected - attention + time_embedding
     assert chunk_step_flops(model.config, 64, 3, 6, 16, 4) == 5 * expected
+
+
+def _forward_all_modes(model, grad: bool):
+    """Outputs of every forward mode (full causal, bidirectional, teacher forcing, KV-cache stream) of one model."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 9, 8, 16, 16, generator=g)
+    clean = torch.randn(1, 9, 8, 16, 16, generator=g)
+    t = torch.rand(1, 9, generator=g) * 1000
+    ctx = torch.randn(1, 16, 384, generator=g)
+    outs = []
+    with torch.set_grad_enabled(grad):
+        outs += [model(x, t, ctx), model(x, t, ctx, causal=False), model(x, t, ctx, clean_x=clean)]
+        cache = model.new_kv_cache(1, 16, 16)
+        for s in range(0, 9, 3):
+            for step_t in (900.0, 0.0):  # a denoising step (cache write), then the cache pass (re-run)
+                out = model(x[:, s:s + 3], torch.full((1, 3), step_t), ctx, kv_cache=cache, start_frame=s)
+                outs.append(out)
+                if grad:  # the gradient path writes nothing: fill the cache as the no-grad path would
+                    with torch.no_grad():
+                        model(x[:, s:s + 3], torch.full((1, 3), step_t), ctx, kv_cache=cache, start_frame=s)
+    return [o.detach() for o in outs]
+
+
+def test_inference_fast_path_equals_the_autograd_path():
+    """Without autograd the model fuses the q/k/v projections, updates the residual stream in place and shares
+    RoPE tables and chunk plans; the outputs must stay those of the differentiable path (rolling window + sinks)."""
+    torch.manual_seed(0)
+    model = CausalWanModel.from_preset("tiny", num_layers=3, local_attn_size=6, sink_size=3).eval()
+    fast = _forward_all_modes(model, grad=False)
+    slow = _forward_all_modes(model, grad=True)
+    assert len(fast) == len(slow) == 9
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def _stream(model, strategy: str, chunks: int, window: int = 12, steps=(1000.0, 750.0, 500.0, 250.0)):
+    g = torch.Generator().manual_seed(7)
+    noise = [torch.randn(1, 3, 8, 16, 16, generator=g) for _ in range(chunks)]
+    ctx = torch.randn(1, 16, 384, generator=g)
+    state = new_stream_state(model, 1, (16, 16), window)
+    gen = torch.Generator().manual_seed(11)  # the re-noising between denoising steps
+    with torch.no_grad():
+        return [STRATEGIES[strategy](model, state, n, list(steps), ctx, 3 * i, gen) for i, n in enumerate(noise)]
+
+
+def test_recompute_strategies_equal_the_rolling_cache_while_the_window_fills():
+    """Recomputing the context (in every denoising forward, or once per chunk into a fresh cache) sees exactly what
+    the rolling KV cache holds until the first eviction, so the frames agree; after it they differ, because the
+    recomputed context frames are re-encoded seeing only the window."""
+    torch.manual_seed(0)
+    model = CausalWanModel.from_preset("tiny", num_layers=2).eval()
+    rolling = _stream(model, "rolling_kv", 6)
+    for name in ("recompute", "recompute_kv"):
+        other = _stream(model, name, 6)
+        for c in range(4):  # frames [0, 12): the first window
+            torch.testing.assert_close(other[c], rolling[c], atol=1e-5, rtol=1e-5)
+        assert (other[5] - rolling[5]).abs().max() > 1e-4  # 50x the tolerance above (random weights)
+    sliding = _stream(model, "sliding_window", 2)  # a bidirectional model over the window: a different video
+    assert sliding[0].shape == rolling[0].shape and (sliding[1] - rolling[1]).abs().max() > 1e-3

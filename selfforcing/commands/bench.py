@@ -1,14 +1,26 @@
-"""`selfforcing bench stream`: per-chunk cost against video length for three ways of extending a video.
+"""`selfforcing bench stream|chunk`: what a streamed chunk costs, against video length and against the hardware.
 
-* ``rolling_kv`` (Self Forcing, Algorithm 2): a rolling KV cache of the training length; each chunk runs the
-  few denoising steps against the cache and one cache pass. Cost per chunk is constant.
-* ``recompute`` (CausVid-style window shifting): the cache is rebuilt for every chunk by re-running the
-  clean frames of the context window, then the chunk is denoised. Cost grows with the context until the
-  window is full, and every chunk pays for the whole window again.
+``bench stream`` extends a video chunk by chunk (K = ``num_frame_per_block`` frames, a few denoising steps each)
+with a context window of the training length L, in one of these ways:
+
+* ``rolling_kv`` (Self Forcing, Algorithm 2): a rolling KV cache of L frames; each chunk runs the denoising
+  steps against the cache and one cache pass of the clean chunk. Cost per chunk is constant.
+* ``recompute`` (a causal model without a KV cache, CausVid-style recomputation): every denoising forward runs
+  the block-causal model over [the last L - K clean frames at t = 0 | the noisy chunk], so the context is
+  re-encoded at every step. While the window is still filling this computes exactly what ``rolling_kv``
+  computes (the tests check it); afterwards the context frames are re-encoded seeing only the window.
+* ``recompute_kv`` (opt-in, ``--strategies``): re-encode the window once per chunk into a fresh KV cache (the
+  "re-compute KV when shifting the window" of the paper's Fig. 3b), then run the denoising steps against it.
 * ``sliding_window`` (a bidirectional model, no cache): every denoising step runs the model over the whole
   window (context frames at t = 0 and the noisy chunk).
 
-Random weights: speed does not depend on them. Lengths are multiples of the training length.
+``bench chunk`` times one AR chunk step of ``rolling_kv`` with a full window, counts its useful matmul and
+attention FLOPs analytically (``selfforcing.perf``) and reports them as a share of the matmul peak measured in
+the same run.
+
+Random weights: speed does not depend on them. ``--device cuda --dtype bfloat16`` runs the same measurements on a
+GPU (bf16 weights and cache, SDPA flash kernels; ``--attention flex`` for masked forwards, ``--compile`` for
+torch.compile'd transformer blocks); timings there synchronize the device around every chunk.
 """
 
 from __future__ import annotations
@@ -18,171 +30,314 @@ import json
 import statistics
 import time
 
+DTYPES = ("float32", "bfloat16")
+
+
+def _common(p: argparse.ArgumentParser, preset: str, threads: int | None) -> None:
+    p.add_argument("--preset", default=preset)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per chunk")
+    p.add_argument("--threads", type=int, default=threads, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights, activations and KV cache (bfloat16 is meant for CUDA; it is slow on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (opt-in)")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "flex"),
+                   help="CUDA kernel for masked (block-causal) forwards; unmasked ones always use SDPA")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default 16 laptop presets, 512 Wan)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--json", action="store_true")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     s = sub.add_parser("stream", help="chunk latency / fps against video length: rolling KV vs recompute vs sliding window")
-    s.add_argument("--preset", default="tiny")
+    _common(s, "tiny", None)
     s.add_argument("--lengths", default="1,2,5,10", help="video lengths in multiples of the training length")
     s.add_argument("--train-frames", type=int, default=None, help="training length in latent frames "
                    "(default: 12 for the laptop presets, 21 for Wan)")
-    s.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan)")
-    s.add_argument("--strategies", default="rolling_kv,recompute,sliding_window")
-    s.add_argument("--steps", type=int, default=4, help="denoising steps per chunk")
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--out", default=None, help="also write the JSON here")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan = 480x832)")
+    s.add_argument("--strategies", default="rolling_kv,recompute,sliding_window",
+                   help=f"comma-separated, from {','.join(STRATEGIES)}")
     c = sub.add_parser("chunk", help="one AR chunk step (denoising steps + cache pass): time, FLOPs, share of the "
-                                     "measured float32 matmul peak")
-    c.add_argument("--preset", default="small")
-    c.add_argument("--latent-size", default="16,16")
-    c.add_argument("--context-frames", type=int, default=9, help="cached frames the chunk attends to")
-    c.add_argument("--text-len", type=int, default=16)
-    c.add_argument("--steps", type=int, default=4)
+                                     "measured matmul peak")
+    _common(c, "small", 2)
+    c.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan)")
+    c.add_argument("--context-frames", type=int, default=None,
+                   help="cached frames the chunk attends to (default 9 laptop presets, 18 Wan)")
     c.add_argument("--repeats", type=int, default=10)
-    c.add_argument("--threads", type=int, default=2)
-    c.add_argument("--out", default=None)
-    c.add_argument("--json", action="store_true")
 
 
-def _chunk_rolling(model, state, x, steps, ctx, start):
+# ---------------------------------------------------------------------------------------------- strategies
+def new_stream_state(model, batch_size: int, latent_size: tuple[int, int], window: int) -> dict:
+    """What a strategy keeps between chunks: the rolling cache and the clean frames of the window."""
+    h, w = latent_size
+    return {"window": window, "history": [],
+            "cache": model.new_kv_cache(batch_size, h, w, window_frames=window, sink_frames=0)}
+
+
+def _remember(state: dict, x0) -> None:
+    """Keep the last ``window - K`` clean frames (the context of the next chunk), chunk by chunk."""
+    history = state["history"]
+    history.append(x0)
+    while sum(c.shape[1] for c in history) > state["window"] - x0.shape[1]:
+        history.pop(0)
+
+
+def _chunk_rolling(model, state, x, steps, ctx, start, generator=None):
     from selfforcing.sampling import cache_chunk, denoise_chunk
 
-    x0 = denoise_chunk(model, x, steps, ctx, kv_cache=state["cache"], start_frame=start)
+    x0 = denoise_chunk(model, x, steps, ctx, kv_cache=state["cache"], start_frame=start, generator=generator)
     cache_chunk(model, x0, ctx, kv_cache=state["cache"], start_frame=start)
     return x0
 
 
-def _chunk_recompute(model, state, x, steps, ctx, start):
+def _denoise_full(model, state, x, steps, ctx, start, generator, causal: bool):
+    """The few-step sampler of one chunk where every step runs the model over [context at t = 0 | chunk at t]."""
+    import torch
+
+    from selfforcing import flow
+    from selfforcing.sampling import _randn_like
+
+    k = x.shape[1]
+    context = torch.cat(state["history"], 1) if state["history"] else None
+    first = start - (0 if context is None else context.shape[1])
+    for j, t in enumerate(steps):
+        seq = x if context is None else torch.cat([context, x], 1)
+        tt = torch.zeros(seq.shape[:2], device=x.device)
+        tt[:, -k:] = float(t)
+        v = model(seq, tt, ctx, causal=causal, start_frame=first)[:, -k:]
+        x0 = flow.flow_to_x0(v, x, tt[:, -k:])
+        if j + 1 < len(steps):
+            x = flow.add_noise(x0, _randn_like(x0, generator), torch.full(x0.shape[:2], float(steps[j + 1]),
+                                                                          device=x.device))
+    _remember(state, x0)
+    return x0
+
+
+def _chunk_recompute(model, state, x, steps, ctx, start, generator=None):
+    return _denoise_full(model, state, x, steps, ctx, start, generator, causal=True)
+
+
+def _chunk_sliding(model, state, x, steps, ctx, start, generator=None):
+    return _denoise_full(model, state, x, steps, ctx, start, generator, causal=False)
+
+
+def _chunk_recompute_kv(model, state, x, steps, ctx, start, generator=None):
     from selfforcing.sampling import cache_chunk, denoise_chunk
 
     k = x.shape[1]
-    history = state["history"]
-    keep = state["window"] - k
-    context = history[-keep:] if keep > 0 else []
-    first = start - len(context)
+    context = state["history"]
+    first = start - sum(c.shape[1] for c in context)
     cache = model.new_kv_cache(x.shape[0], x.shape[-2], x.shape[-1], window_frames=state["window"], sink_frames=0)
     if first > 0:
         cache.skip_to(first)
-    for i in range(0, len(context), k):  # rebuild the window's KV from its clean frames
-        frames = __import__("torch").cat(context[i:i + k], 1)
-        cache_chunk(model, frames, ctx, kv_cache=cache, start_frame=first + i)
-    x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start)
-    history.extend(x0[:, j:j + 1] for j in range(k))
-    del history[:-state["window"]]
+    s = first
+    for chunk in context:  # rebuild the window's KV from its clean frames, chunk by chunk (block-causal)
+        cache_chunk(model, chunk, ctx, kv_cache=cache, start_frame=s)
+        s += chunk.shape[1]
+    x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start, generator=generator)
+    _remember(state, x0)
+    assert s == start and x0.shape[1] == k
     return x0
 
 
-def _chunk_sliding(model, state, x, steps, ctx, start):
+STRATEGIES = {"rolling_kv": _chunk_rolling, "recompute": _chunk_recompute, "recompute_kv": _chunk_recompute_kv,
+              "sliding_window": _chunk_sliding}
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _dtype(name: str):
     import torch
 
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _load() -> list[float]:
+    """1/5/15-minute load averages: other processes on a shared machine inflate CPU timings."""
+    import os
+
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def build_model(preset: str, device: str = "cpu", dtype: str = "float32", compile: bool = False,
+                attention: str = "sdpa"):
+    """A randomly initialised eval-mode model on ``device`` in ``dtype`` (bf16: weights, activations and cache)."""
+    import torch
+
+    from selfforcing.models import CausalWanModel
+    from selfforcing.models import attention as attn
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    torch.manual_seed(0)
+    model = CausalWanModel.from_preset(preset)
+    # the whole model in one dtype (bf16 on CUDA: weights, activations and KV cache); nn.Module.to, not diffusers'
+    # override, which warns about its float32 modules: the forward computes norms and modulation in float32 anyway
+    model = torch.nn.Module.to(model, device=device, dtype=_dtype(dtype)).eval().requires_grad_(False)
+    attn.set_cuda_masked_attention(attention)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if compile:
+        import torch._dynamo
+
+        # one graph serves every block (parameters are inputs); shapes that change while the cache fills
+        # become dynamic after the first recompilation
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for blk in model.blocks:
+            blk.compile()
+    return model
+
+
+def _defaults(preset: str, latent_size, text_len):
+    wan = preset.startswith("wan")
+    h, w = latent_size or ((60, 104) if wan else (16, 16))
+    return wan, (h, w), text_len or (512 if wan else 16)
+
+
+def _context(model, text_len: int, device: str, dtype: str):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, text_len, model.config.text_dim, generator=g).to(device=device, dtype=_dtype(dtype))
+
+
+def _steps(num_steps: int) -> list[float]:
     from selfforcing import flow
 
-    k = x.shape[1]
-    history = state["history"]
-    context = torch.cat(history[-(state["window"] - k):], 1) if len(history) and state["window"] > k else None
-    for j, t in enumerate(steps):
-        seq = x if context is None else torch.cat([context, x], 1)
-        tt = torch.zeros(seq.shape[:2])
-        tt[:, -k:] = float(t)
-        v = model(seq, tt, ctx, causal=False)[:, -k:]
-        x0 = flow.flow_to_x0(v, x, tt[:, -k:])
-        if j + 1 < len(steps):
-            x = flow.add_noise(x0, torch.randn_like(x0), torch.full(x0.shape[:2], float(steps[j + 1])))
-    history.extend(x0[:, i:i + 1] for i in range(k))
-    del history[:-state["window"]]
-    return x0
+    return flow.denoising_step_list([1000 - 1000 * i / num_steps for i in range(num_steps)], shift=5.0).tolist()
 
 
-STRATEGIES = {"rolling_kv": _chunk_rolling, "recompute": _chunk_recompute, "sliding_window": _chunk_sliding}
-
-
+# ---------------------------------------------------------------------------------------------- benchmarks
 def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], train_frames: int | None = None,
-                     latent_size: tuple[int, int] | None = None, num_steps: int = 4, device: str = "cpu") -> dict:
+                     latent_size: tuple[int, int] | None = None, num_steps: int = 4, device: str = "cpu",
+                     dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
+                     text_len: int | None = None) -> dict:
     """Rows {strategy, length, chunk_latency_s (median), first_chunk_latency_s, fps} for every strategy and length."""
     import torch
 
-    from selfforcing import flow
-    from selfforcing.models import CausalWanModel
-
-    wan = preset.startswith("wan")
+    load_before = _load()
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
+    wan, (h, w), text_len = _defaults(preset, latent_size, text_len)
     train_frames = train_frames or (21 if wan else 12)
-    h, w = latent_size or ((60, 104) if wan else (16, 16))
-    torch.manual_seed(0)
-    model = CausalWanModel.from_preset(preset).to(device).eval()
+    model = build_model(preset, device, dtype, compile, attention)
     c = model.config
     k = c.num_frame_per_block
-    steps = flow.denoising_step_list([1000 - 1000 * i / num_steps for i in range(num_steps)], shift=5.0).tolist()
-    ctx = torch.randn(1, 16 if not wan else 512, c.text_dim, device=device)
+    if train_frames % k:
+        raise ValueError(f"--train-frames {train_frames} must be a multiple of the chunk size {k}")
+    steps = _steps(num_steps)
+    ctx = _context(model, text_len, device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def noise():
+        return torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
+
     rows = []
-    for name in strategies:
-        for m in lengths:
-            frames = m * train_frames
-            state = {"window": train_frames, "history": [],
-                     "cache": model.new_kv_cache(1, h, w, window_frames=train_frames, sink_frames=0)}
-            latencies = []
-            t_start = time.perf_counter()
-            with torch.no_grad():
+    with torch.no_grad():
+        for name in strategies:
+            fn = STRATEGIES[name]
+            warm = new_stream_state(model, 1, (h, w), train_frames)  # one-off allocations, kernels, compilation
+            for start in range(0, train_frames + k, k):
+                fn(model, warm, noise(), steps, ctx, start, g)
+            _sync(device)
+            for m in lengths:
+                frames = m * train_frames
+                state = new_stream_state(model, 1, (h, w), train_frames)
+                latencies = []
                 for start in range(0, frames, k):
-                    x = torch.randn(1, k, c.in_channels, h, w, device=device)
+                    x = noise()
+                    _sync(device)
                     t0 = time.perf_counter()
-                    STRATEGIES[name](model, state, x, steps, ctx, start)
-                    if device != "cpu":
-                        torch.cuda.synchronize()
+                    fn(model, state, x, steps, ctx, start, g)
+                    _sync(device)
                     latencies.append(time.perf_counter() - t0)
-            total = time.perf_counter() - t_start
-            rows.append({"strategy": name, "length": m, "latent_frames": frames,
-                         "chunk_latency_s": statistics.median(latencies),
-                         "first_chunk_latency_s": latencies[0], "fps": frames / total,
-                         "chunks": len(latencies)})
-    return {"benchmark": "stream", "preset": preset, "train_frames": train_frames, "latent_size": [h, w],
-            "chunk_frames": k, "denoising_steps": num_steps, "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
-            "note": "chunk_latency_s: median over all chunks of the video; fps: latent frames per second"}
+                total = sum(latencies)
+                rows.append({"strategy": name, "length": m, "latent_frames": frames,
+                             "chunk_latency_s": statistics.median(latencies),
+                             "first_chunk_latency_s": latencies[0], "fps": frames / total,
+                             "chunks": len(latencies)})
+    by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
+    ratios = {}
+    if lengths and "rolling_kv" in strategies:
+        lo, hi = min(lengths), max(lengths)
+        for name in strategies:
+            ratios[f"{name}_x{hi}_over_rolling_kv_x{hi}"] = by[(name, hi)] / by[("rolling_kv", hi)]
+            ratios[f"{name}_x{hi}_over_x{lo}"] = by[(name, hi)] / by[(name, lo)]
+    return {"benchmark": "stream", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
+            "train_frames": train_frames, "latent_size": [h, w], "tokens_per_frame": model.tokens_per_frame(h, w),
+            "text_len": text_len, "chunk_frames": k, "denoising_steps": num_steps, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "ratios": ratios,
+            "load_average_before": load_before, "load_average_after": _load(),
+            "note": "chunk_latency_s: median over all chunks of the video (after one warm-up window); "
+                    "fps: latent frames per second of chunk compute"}
 
 
-def chunk_benchmark(preset: str, latent_size: tuple[int, int], context_frames: int, text_len: int, num_steps: int,
-                    repeats: int) -> dict:
+def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, context_frames: int | None = None,
+                    text_len: int | None = None, num_steps: int = 4, repeats: int = 10, device: str = "cpu",
+                    dtype: str = "float32", compile: bool = False, attention: str = "sdpa") -> dict:
     """Median time of one chunk step with ``context_frames`` cached, its analytic FLOPs, and the share of the
-    float32 matmul peak measured in the same run."""
+    matmul peak (same device and dtype) measured in the same run."""
     import torch
 
-    from selfforcing import flow
-    from selfforcing.models import CausalWanModel
     from selfforcing.perf import chunk_step_flops, matmul_peak_gflops
     from selfforcing.sampling import cache_chunk, denoise_chunk
 
-    torch.manual_seed(0)
-    model = CausalWanModel.from_preset(preset).eval()
+    load_before = _load()
+    wan, (h, w), text_len = _defaults(preset, latent_size, text_len)
+    context_frames = (18 if wan else 9) if context_frames is None else context_frames
+    model = build_model(preset, device, dtype, compile, attention)
     c = model.config
-    k, (h, w) = c.num_frame_per_block, latent_size
-    steps = flow.denoising_step_list([1000 - 1000 * i / num_steps for i in range(num_steps)], shift=5.0).tolist()
-    ctx = torch.randn(1, text_len, c.text_dim)
+    k = c.num_frame_per_block
+    steps = _steps(num_steps)
+    ctx = _context(model, text_len, device, dtype)
     window = context_frames + k
     cache = model.new_kv_cache(1, h, w, window_frames=window, sink_frames=0)
+    g = torch.Generator(device=device).manual_seed(0)
     times = []
+    peak_before = matmul_peak_gflops(dtype=_dtype(dtype), device=device)
     with torch.no_grad():
         start = 0
         for i in range(repeats + window // k + 1):
-            x = torch.randn(1, k, c.in_channels, h, w)
+            x = torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
+            _sync(device)
             t0 = time.perf_counter()
-            x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start)
+            x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start, generator=g)
             cache_chunk(model, x0, ctx, kv_cache=cache, start_frame=start)
+            _sync(device)
             dt = time.perf_counter() - t0
-            if start >= context_frames:  # a full window of context
+            if start >= context_frames + k:  # a full window of context (and one such chunk as warm-up)
                 times.append(dt)
             start += k
-    peak = matmul_peak_gflops()
+    peak = max(peak_before, matmul_peak_gflops(dtype=_dtype(dtype), device=device))  # the better of two readings
     tpf = model.tokens_per_frame(h, w)
     flops = chunk_step_flops(c, tpf, k, context_frames, text_len, num_steps)
     median = statistics.median(times)
     achieved = flops / median / 1e9
-    return {"benchmark": "chunk_step", "preset": preset, "dim": model.dim, "layers": c.num_layers,
-            "tokens_per_frame": tpf, "chunk_frames": k, "context_frames": context_frames, "steps": num_steps,
-            "threads": torch.get_num_threads(), "seconds": median, "min_seconds": min(times),
+    return {"benchmark": "chunk_step", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
+            "dim": model.dim, "layers": c.num_layers, "tokens_per_frame": tpf, "chunk_frames": k,
+            "context_frames": context_frames, "text_len": text_len, "steps": num_steps,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "seconds": median, "min_seconds": min(times), "repeats": len(times),
             "gflop": flops / 1e9, "achieved_gflops": achieved, "matmul_peak_gflops": peak,
-            "fraction_of_peak": achieved / peak}
+            "fraction_of_peak": achieved / peak, "load_average_before": load_before, "load_average_after": _load()}
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        from selfforcing.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,25 +345,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    common = dict(num_steps=args.steps, device=args.device, dtype=args.dtype, compile=args.compile,
+                  attention=args.attention, text_len=args.text_len)
+    size = tuple(int(v) for v in args.latent_size.split(",")) if args.latent_size else None
     if args.bench_command == "chunk":
-        size = tuple(int(v) for v in args.latent_size.split(","))
-        result = chunk_benchmark(args.preset, size, args.context_frames, args.text_len, args.steps, args.repeats)
-        if args.out:
-            from selfforcing.fileio import atomic_write_text
-
-            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        result = chunk_benchmark(args.preset, size, args.context_frames, repeats=args.repeats, **common)
+        _write(args.out, result)
         print(json.dumps(result) if args.json else
               f"{args.preset}: {result['seconds'] * 1e3:.1f} ms per chunk step, {result['gflop']:.2f} GFLOP, "
               f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.0f}% of the "
-              f"{result['matmul_peak_gflops']:.1f} GFLOP/s float32 matmul peak")
+              f"{result['matmul_peak_gflops']:.1f} GFLOP/s {args.dtype} matmul peak ({args.device})")
         return 0
-    size = tuple(int(v) for v in args.latent_size.split(",")) if args.latent_size else None
     result = stream_benchmark(args.preset, [int(v) for v in args.lengths.split(",")], args.strategies.split(","),
-                              args.train_frames, size, args.steps, args.device)
-    if args.out:
-        from selfforcing.fileio import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+                              args.train_frames, size, **common)
+    _write(args.out, result)
     if args.json:
         print(json.dumps(result))
     else:

@@ -101,11 +101,47 @@ def expand_frame_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.
     return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+_CUDA_MASKED = "sdpa"  # kernel for masked attention on CUDA: "sdpa" or "flex" (see set_cuda_masked_attention)
+_FLEX: dict = {}  # the compiled flex_attention and the block mask of the last token mask seen
+
+
+def set_cuda_masked_attention(kind: str) -> None:
+    """Choose the kernel for *masked* attention on CUDA: ``"sdpa"`` (boolean mask, memory-efficient kernel) or
+    ``"flex"`` (torch's compiled flex attention with a block-sparse mask: fully masked 128x128 tiles are skipped).
+    Unmasked attention (the KV-cache path, bidirectional forwards) always uses SDPA, which picks flash kernels
+    for bf16 on CUDA. CPU is never affected: flex attention has no CPU backward."""
+    global _CUDA_MASKED
+    if kind not in ("sdpa", "flex"):
+        raise ValueError(f"unknown masked-attention kernel {kind!r}; choose sdpa or flex")
+    _CUDA_MASKED = kind
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """flex attention on [B, H, N, Dh] tensors with a boolean token mask [Nq, Nk] (CUDA only)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    cached = _FLEX.get("mask")
+    if cached is None or cached[0] is not mask:  # one block mask per forward: every layer shares the token mask
+        dense = mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return dense[q_idx, kv_idx]
+
+        block = create_block_mask(mask_mod, None, None, mask.shape[0], mask.shape[1], device=q.device)
+        _FLEX["mask"] = cached = (mask, block)
+    return _FLEX["fn"](q, k, v, block_mask=cached[1])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention on [B, N, H, Dh] tensors (mask: Bool [Nq, Nk], True = attend); [B, Nq, H, Dh].
 
     softmax(q k^T / sqrt(Dh)) v through ``scaled_dot_product_attention`` (SDPA with a boolean mask
-    works forward and backward on CPU, unlike flex attention).
+    works forward and backward on CPU, unlike flex attention). On CUDA a mask may go to flex attention instead
+    (:func:`set_cuda_masked_attention`).
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if mask is not None and q.is_cuda and _CUDA_MASKED == "flex":
+        return _flex_attention(q, k, v, mask).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)

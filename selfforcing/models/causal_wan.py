@@ -96,7 +96,9 @@ class _GELUProj(nn.Module):
         self.proj = nn.Linear(d_in, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        if torch.is_grad_enabled():
+            return F.gelu(self.proj(x), approximate="tanh")
+        return torch._C._nn.gelu_(self.proj(x), approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -117,6 +119,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
+def apply_rope_cis(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with the table cs = stack([cos, sin], -1) [N, Dh/2, 2] (:meth:`WanRotaryEmbedding.table`).
+
+    In eager mode one complex multiply, (a + ib)(c + is) = (ac - bs) + i(as + bc): the same products and sums as
+    :func:`apply_rope`, in one kernel. Under torch.compile the real form, which inductor fuses (it has no complex
+    code generation)."""
+    if torch.compiler.is_compiling():
+        return apply_rope(x, cs[..., 0], cs[..., 1])
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.view_as_complex(cs)[None, :, None, :]).flatten(-2).type_as(x)
+
+
 class WanRotaryEmbedding(nn.Module):
     """3-D RoPE of Wan: the head dim is split into time / height / width parts, theta = 10000.
 
@@ -130,6 +144,7 @@ class WanRotaryEmbedding(nn.Module):
         self.t_dim = head_dim - 2 * self.h_dim
         self.theta = theta
         self._spatial: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}  # (start, frames, repeats, h, w, device) -> cos/sin table, a small LRU
 
     def _inv_freq(self, dim: int, device) -> torch.Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
@@ -154,6 +169,23 @@ class WanRotaryEmbedding(nn.Module):
         ang = torch.cat([at[:, None, :].expand(n_f, n_s, -1), hw[None].expand(n_f, n_s, -1)], dim=-1)
         ang = ang.reshape(n_f * n_s, -1)
         return ang.cos().float(), ang.sin().float()
+
+    def table(self, start: int, num_frames: int, height: int, width: int, device, repeats: int = 1) -> torch.Tensor:
+        """stack([cos, sin], -1) for the frames [start, start + num_frames), the range repeated ``repeats`` times
+        (teacher forcing places two copies); float32 [repeats * num_frames * height * width, head_dim / 2, 2].
+
+        Cached: the denoising steps and the cache pass of a chunk share one table, and so do all layers."""
+        key = (start, num_frames, repeats, height, width, str(device))
+        table = self._tables.pop(key, None)
+        if table is None:
+            frames = torch.arange(start, start + num_frames, device=device)
+            if repeats > 1:
+                frames = frames.repeat(repeats)
+            table = torch.stack(self.forward(frames, height, width), -1)
+            if len(self._tables) >= 16:
+                self._tables.pop(next(iter(self._tables)))
+        self._tables[key] = table  # most recently used last
+        return table
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -200,14 +232,22 @@ class WanAttention(nn.Module):
         v = self.to_v(ctx).unflatten(2, (self.heads, -1))
         return k, v
 
-    def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], how) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated, normalised q, k and v of the tokens [B, N, D]; three [B, N, H, Dh]. (On CPU three matmuls
+        against the separate weights are as fast as one against concatenated ones, and need no extra copy.)"""
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
         k, v = self.project_kv(x)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return apply_rope_cis(q, rope), apply_rope_cis(k, rope), v
+
+    def self_attention(self, x: torch.Tensor, rope: torch.Tensor, how) -> torch.Tensor:
+        """rope: the cos/sin table of the tokens (:meth:`WanRotaryEmbedding.table`)."""
+        q, k, v = self.project_qkv(x, rope)
         if isinstance(how, FullAttention):
             out = attention(q, k, v, how.mask)
         elif isinstance(how, CachedAttention):
             k_all, v_all = how.cache.write_and_view(how.layer, how.plan, k, v)
+            if k_all.dtype != q.dtype and torch.is_autocast_enabled(q.device.type):
+                q = q.to(k_all.dtype)  # mixed precision: attend in the cache's precision, never copy the cache
             out = attention(q, k_all.to(q.dtype), v_all.to(q.dtype))
         else:
             out = attention(q, torch.cat([how.k.to(k.dtype), k], 1), torch.cat([how.v.to(v.dtype), v], 1))
@@ -226,6 +266,14 @@ class WanAttention(nn.Module):
         return self.to_out[0](attention(q, k.to(q.dtype), v.to(q.dtype)).flatten(2))
 
 
+def _modulated_norm(x: torch.Tensor, norm, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift in float32 (in place on the fresh normalised tensor without autograd)."""
+    h = _fp32_layer_norm(x, norm)
+    if torch.is_grad_enabled():
+        return h * (1 + scale) + shift
+    return h.mul_(1 + scale).add_(shift)
+
+
 class CausalWanBlock(nn.Module):
     """One Wan transformer block with per-frame adaLN modulation (6 vectors per frame)."""
 
@@ -240,22 +288,27 @@ class CausalWanBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e, rope, how, ctx, cross_slot=None):
-        """x [B, F*T, D]; e [B, F, 6, D] (float32 modulation); rope cos/sin [F*T, Dh/2]; ctx [B, L, D]."""
+        """x [B, F*T, D]; e [B, F, 6, D] (float32 modulation); rope: cos/sin [F*T, Dh/2, 2]; ctx [B, L, D]."""
         b, n, d = x.shape
         nf = e.shape[1]
         mod = (self.scale_shift_table[None] + e.float()).unsqueeze(3)  # [B, F, 6, 1, D]
         shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(2)  # each [B, F, 1, D]
         xf = x.view(b, nf, n // nf, d)
+        # without autograd and in float32 the residual stream is updated in place (a fresh tensor after the
+        # first update, so the block's input is never modified); the values are the same either way
+        inplace = not torch.is_grad_enabled() and x.dtype == torch.float32
 
-        h = (_fp32_layer_norm(xf, self.norm1) * (1 + scale) + shift).type_as(x)
+        h = _modulated_norm(xf, self.norm1, scale, shift).type_as(x)
         a = self.attn1.self_attention(h.view(b, n, d), rope, how).view(b, nf, n // nf, d)
-        xf = (xf.float() + a * gate).type_as(x)
+        xf = xf + a.mul_(gate) if inplace else (xf.float() + a * gate).type_as(x)
 
         h = _fp32_layer_norm(xf, self.norm2).type_as(x).view(b, n, d)
-        xf = xf + self.attn2.cross_attention(h, ctx, cross_slot).view(b, nf, n // nf, d)
+        c = self.attn2.cross_attention(h, ctx, cross_slot).view(b, nf, n // nf, d)
+        xf = xf.add_(c) if inplace else xf + c
 
-        h = (_fp32_layer_norm(xf, self.norm3) * (1 + c_scale) + c_shift).type_as(x)
-        xf = (xf.float() + self.ffn(h).float() * c_gate).type_as(x)
+        h = _modulated_norm(xf, self.norm3, c_scale, c_shift).type_as(x)
+        f = self.ffn(h)
+        xf = xf.add_(f.mul_(c_gate)) if inplace else (xf.float() + f.float() * c_gate).type_as(x)
         return xf.view(b, n, d)
 
 
@@ -526,7 +579,6 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         h, w = hh // ph, ww // pw
         tpf = h * w
         tokens = self._patchify(x)
-        frames = torch.arange(start_frame, start_frame + nf, device=device)
         tracking = self._tracks_grad(x)
 
         # ---- how the self-attention of every layer sees its keys
@@ -546,7 +598,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
                 clean_timestep, b, nf, "clean_timestep")
             tokens = torch.cat([self._patchify(clean_x), tokens], dim=1)
             t = torch.cat([ct, t], dim=1)
-            frames = torch.cat([frames, frames])  # both halves get identical positions
+            # both halves get identical positions (the RoPE table repeats the frames twice)
             fmask = teacher_forcing_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
             hows = [FullAttention(expand_frame_mask(fmask, tpf))] * cfg.num_layers
         elif causal:
@@ -571,7 +623,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             cross = [kv_cache.cross_slot(i) for i in range(cfg.num_layers)]
         else:
             ctx = self.encode_context(context)
-        rope = self.rope(frames, h, w)
+        rope = self.rope.table(start_frame, nf, h, w, device, repeats=2 if clean_x is not None else 1)
 
         # ---- transformer blocks
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing

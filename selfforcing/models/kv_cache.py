@@ -105,6 +105,7 @@ class KVCache:
         self.valid_from = 0  # frames in [sink_frames, valid_from) were skipped (see skip_to) and are never read
         self.last_start: int | None = None  # start of the most recently written chunk
         self.last_num_frames = 0
+        self._last_plan: ChunkPlan | None = None
         self.reset_cross()
         return self
 
@@ -177,6 +178,8 @@ class KVCache:
                 f"expected start_frame={self.end_frame} (next chunk)"
                 + (f" or {self.last_start} (re-run of the last chunk)" if self.last_start is not None else "")
             )
+        if rerun and self._last_plan is not None:
+            return self._last_plan  # the denoising steps and the cache pass of a chunk share its plan
         end = start + num_frames
         if not self.rolling and end > self.capacity:
             raise ValueError(
@@ -213,6 +216,7 @@ class KVCache:
         if not self.rolling and frame > self.capacity:
             raise ValueError(f"cannot skip to frame {frame}: the cache holds {self.capacity} frames")
         self.end_frame, self.last_start, self.last_num_frames = frame, None, 0
+        self._last_plan = None
         self.valid_from = max(self.valid_from, frame)
 
     def commit(self, plan: ChunkPlan) -> None:
@@ -220,6 +224,7 @@ class KVCache:
         self.end_frame = max(self.end_frame, plan.start + plan.num_frames)
         self.last_start = plan.start
         self.last_num_frames = plan.num_frames
+        self._last_plan = plan
 
     # ------------------------------------------------------------------ per-layer access
     def write_and_view(

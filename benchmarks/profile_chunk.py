@@ -1,0 +1,68 @@
+"""Where the time of one AR chunk step goes: torch.profiler's top operators (self CPU time) over a few chunk steps of
+``selfforcing bench chunk``'s set-up (default: the small preset, a full window of 9 cached frames, 4 denoising steps
+plus the cache pass, float32, 2 threads).
+
+    .venv/bin/python benchmarks/profile_chunk.py [--preset small] [--chunks 5] [--out benchmarks/results/profile_chunk_small.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from selfforcing.commands.bench import _steps, build_model
+from selfforcing.sampling import cache_chunk, denoise_chunk
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--chunks", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", default="benchmarks/results/profile_chunk_small.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build_model(args.preset)
+    c = model.config
+    k, window = c.num_frame_per_block, 12
+    steps = _steps(4)
+    ctx = torch.randn(1, 16, c.text_dim)
+    cache = model.new_kv_cache(1, 16, 16, window_frames=window, sink_frames=0)
+    start = 0
+
+    def chunk():
+        nonlocal start
+        x0 = denoise_chunk(model, torch.randn(1, k, c.in_channels, 16, 16), steps, ctx, kv_cache=cache,
+                           start_frame=start)
+        cache_chunk(model, x0, ctx, kv_cache=cache, start_frame=start)
+        start += k
+
+    with torch.no_grad():
+        for _ in range(window // k + 1):  # fill the window
+            chunk()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.chunks):
+                chunk()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [{"op": e.key, "self_cpu_ms_per_chunk": e.self_cpu_time_total / 1e3 / args.chunks,
+             "share": e.self_cpu_time_total / total, "calls_per_chunk": e.count / args.chunks}
+            for e in events[:args.top]]
+    result = {"benchmark": "profile_chunk", "preset": args.preset, "threads": args.threads, "chunks": args.chunks,
+              "self_cpu_ms_per_chunk": total / 1e3 / args.chunks, "top_ops": rows,
+              "load_average": list(os.getloadavg())}
+    for r in rows:
+        print(f"{r['op'][:48]:48s} {r['self_cpu_ms_per_chunk']:7.2f} ms {100 * r['share']:5.1f}%  "
+              f"{r['calls_per_chunk']:6.0f} calls")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
