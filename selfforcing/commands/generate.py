@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         frames = frames[: args.num_frames]
         write_mp4(out, frames, fps=spec.fps)
         if args.sheet and i == 0:
-            write_contact_sheet(args.sheet, frames[:: max(1, len(frames) // 32)][:32])
+            every = max(1, -(-len(frames) // 32))  # at most 32 tiles, labelled with their frame index
+            write_contact_sheet(args.sheet, frames[::every], labels=[str(i) for i in range(0, len(frames), every)])
         report = {"path": out, "prompt": prompt, "frames": int(frames.shape[0]), "seconds": round(seconds, 3),
                   "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
                   "chunks": len(chunks), "sampler": args.sampler}
