@@ -246,10 +246,13 @@ def sample_causal_many_step(
     context_noise: float = 0.0,
     window_frames: int | None = None,
     sink_frames: int | None = None,
+    cached_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Many-step AR sampling for causal models trained by teacher or diffusion forcing: chunk by chunk, Euler
     over ``num_steps`` with CFG, the conditional and unconditional branches each with their own KV cache
     (their contexts differ, so their cached K/V differ); then the clean chunk is cached in both.
+    ``cached_latents`` [B, F, C, H, W]: cache these (e.g. ground-truth latents: a teacher-forced context) instead
+    of the generated chunks, so each chunk is the model's prediction from that context.
     noise [B, F, C, H, W] -> video [B, F, C, H, W]."""
     b, nf, _, h, w = noise.shape
     if sum(block_sizes) != nf:
@@ -272,7 +275,8 @@ def sample_causal_many_step(
                 v = v_u + guidance_scale * (v - v_u)
             x = x + float(sig[i + 1] - sig[i]) * v
         out.append(x)
+        clean = x if cached_latents is None else cached_latents[:, start:start + f]
         for cache, ctx in zip(caches, (context, null_context)):
-            cache_chunk(model, x, ctx, kv_cache=cache, start_frame=start, context_noise=context_noise)
+            cache_chunk(model, clean, ctx, kv_cache=cache, start_frame=start, context_noise=context_noise)
         start += f
     return torch.cat(out, 1)

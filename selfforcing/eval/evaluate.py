@@ -344,38 +344,15 @@ def few_step_rollout(model, noise, context, steps, *, generator, kv_window=None,
 @torch.no_grad()
 def many_step_rollout(model, noise, context, null_context, *, num_steps, shift, guidance_scale, kv_window=None,
                       sink_frames=0, gt_latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Many-step AR sampling with CFG. Without ``gt_latents``: the library's :func:`sample_causal_many_step`;
-    with them: the same Euler loop per chunk, but the GT chunk is cached (in both the conditional and the
-    unconditional cache) instead of the model's own."""
-    from .. import flow
-    from ..sampling import cache_chunk, ode_sigmas, sample_causal_many_step
+    """Many-step AR sampling with CFG (:func:`~selfforcing.sampling.sample_causal_many_step`); with ``gt_latents``
+    the GT chunks are cached (in the conditional and the unconditional cache) instead of the model's own."""
+    from ..sampling import sample_causal_many_step
 
-    b, nf, _, h, w = noise.shape
-    blocks = model.block_sizes(nf)
     sink = sink_frames if kv_window and kv_window > 0 else 0
-    if gt_latents is None:
-        return sample_causal_many_step(model, noise, context, block_sizes=blocks, null_context=null_context,
-                                       num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
-                                       window_frames=kv_window, sink_frames=sink)
-    use_cfg = null_context is not None and guidance_scale != 1.0
-    caches = [model.new_kv_cache(b, h, w, max_frames=nf, window_frames=kv_window, sink_frames=sink)
-              for _ in range(2 if use_cfg else 1)]
-    sig = ode_sigmas(num_steps, shift)
-    out, start = [], 0
-    for f in blocks:
-        x = noise[:, start:start + f]
-        for i in range(num_steps):
-            t = torch.full((b, f), float(sig[i] * flow.NUM_TRAIN_TIMESTEPS), device=x.device)
-            v = model(x, t, context, kv_cache=caches[0], start_frame=start)
-            if use_cfg:
-                v_u = model(x, t, null_context, kv_cache=caches[1], start_frame=start)
-                v = v_u + guidance_scale * (v - v_u)
-            x = x + float(sig[i + 1] - sig[i]) * v
-        out.append(x)
-        for cache, ctx in zip(caches, (context, null_context)):
-            cache_chunk(model, gt_latents[:, start:start + f], ctx, kv_cache=cache, start_frame=start)
-        start += f
-    return torch.cat(out, 1)
+    return sample_causal_many_step(model, noise, context, block_sizes=model.block_sizes(noise.shape[1]),
+                                   null_context=null_context, num_steps=num_steps, shift=shift,
+                                   guidance_scale=guidance_scale, window_frames=kv_window, sink_frames=sink,
+                                   cached_latents=gt_latents)
 
 
 @torch.no_grad()
