@@ -64,7 +64,7 @@ class PipelineSpec:
             raise ValueError(f"denoising_steps must be non-empty and in (0, 1000], got {self.denoising_steps}")
 
     def warped_steps(self):
-        """The timesteps the few-step sampler visits, float32 [K] (warped with ``shift`` when asked)."""
+        """The timesteps the few-step sampler visits, float64 [K] (warped with ``shift`` when asked)."""
         from . import flow
 
         return flow.denoising_step_list(list(self.denoising_steps), shift=self.shift, warp=self.warp_denoising_step)
@@ -102,9 +102,21 @@ class PipelineSpec:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from err
 
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | os.PathLike) -> PipelineSpec:
+        """The spec of a checkpoint (a folder, or a file beside which it lies); the defaults if it has none."""
+        return cls.load(os.path.dirname(spec_file(checkpoint)))
+
     def replace(self, **changes) -> PipelineSpec:
         """A copy with the non-None ``changes`` applied (command-line overrides)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def spec_file(checkpoint: str | os.PathLike) -> str:
+    """Where a checkpoint's ``pipeline.json`` lives: in the folder itself, or beside a checkpoint file."""
+    checkpoint = os.fspath(checkpoint)
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or "."
+    return os.path.join(folder, SPEC_FILE)
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike | None) -> str:
@@ -138,8 +150,7 @@ def load_pipeline(checkpoint: str | os.PathLike | None = None, *, preset: str = 
     from .text import build_text_encoder
 
     path = resolve_checkpoint(checkpoint)
-    spec = PipelineSpec.load(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-    spec = spec.replace(**spec_overrides)
+    spec = PipelineSpec.for_checkpoint(path).replace(**spec_overrides)
     model = CausalWanModel.from_checkpoint(path, preset=preset, use_ema=use_ema).eval().to(device)
     autoencoder = get_autoencoder(spec.autoencoder, device=device)
     if spec.text_len is None:  # a folder without a spec: the lengths the laptop recipes and Wan use

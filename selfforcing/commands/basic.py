@@ -47,7 +47,7 @@ def presets_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
-                   help="generator (default: the shipped Moving-Digits Self Forcing model)")
+                   help="generator (default: the shipped Moving-Digits model)")
     p.add_argument("--prompt", default=None, help="default: the model's default prompt")
     p.add_argument("--num-frames", type=int, default=96, help="pixel frames (default 96: 8x the training clip)")
     p.add_argument("--seed", type=int, default=0)

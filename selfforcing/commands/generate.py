@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="a prompt (repeat for several videos; default: the checkpoint's default prompt)")
     src.add_argument("--prompts", help="a prompt file (one prompt a line)")
     p.add_argument("--checkpoint", default=None,
-                   help="generator: a shipped model's name (default: moving-digits, the Self Forcing model trained on "
+                   help="generator: a shipped model's name (default: moving-digits, the tiny causal model trained on "
                         "Moving-Digits), a save_pretrained folder, a training checkpoint, or an original Wan / CausVid / "
                         "Self Forcing .pt (with --preset). A folder's pipeline.json gives the defaults of the sampler "
                         "options below")
@@ -81,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
     model, ae, text, spec = load_pipeline(args.checkpoint, preset=args.preset, use_ema=args.use_ema,
                                           device=args.device, **overrides)
     prompts = prompts or [spec.default_prompt]
-    args.sampler, args.num_steps, args.shift = spec.sampler, spec.num_steps, spec.shift
-    args.guidance_scale, args.negative_prompt = spec.guidance_scale, spec.negative_prompt
     h, w = spec.latent_size
     latent_frames = ae.latent_frames(args.num_frames)
     prefix = None
@@ -94,12 +92,12 @@ def run(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(prompts):
         out = args.out if len(prompts) == 1 else f"{os.path.splitext(args.out)[0]}_{i}.mp4"
         t0 = time.perf_counter()
-        if args.sampler == "few-step":
+        if spec.sampler == "few-step":
             chunks = list(gen.stream(prompt, latent_frames, seed=args.seed + i, switches=switches, prefix_video=prefix))
             frames = torch.cat([c.frames for c in chunks])
             first_latency = chunks[0].seconds
         else:
-            frames = _many_step(args, model, ae, text, prompt, latent_frames, (h, w), args.seed + i)
+            frames = _many_step(spec, args, model, ae, text, prompt, latent_frames, args.seed + i)
             first_latency = time.perf_counter() - t0  # not streamed: the whole clip arrives at once
             chunks = [None]
         seconds = time.perf_counter() - t0
@@ -110,29 +108,29 @@ def run(args: argparse.Namespace) -> int:
             write_contact_sheet(args.sheet, frames[::every], labels=[str(i) for i in range(0, len(frames), every)])
         report = {"path": out, "prompt": prompt, "frames": int(frames.shape[0]), "seconds": round(seconds, 3),
                   "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
-                  "chunks": len(chunks), "sampler": args.sampler}
+                  "chunks": len(chunks), "sampler": spec.sampler}
         print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
               f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)")
     return 0
 
 
-def _many_step(args, model, ae, text, prompt: str, latent_frames: int, latent_size, seed: int):
-    """Pixel frames [F, 3, H, W] from the many-step samplers (CFG with the negative prompt)."""
+def _many_step(spec, args, model, ae, text, prompt: str, latent_frames: int, seed: int):
+    """Pixel frames [F, 3, H, W] from the spec's many-step sampler (CFG with the negative prompt)."""
     import torch
 
     from selfforcing.sampling import sample_bidirectional, sample_causal_many_step
 
     ctx = text.encode([prompt]).states
-    null = text.encode([args.negative_prompt]).states
-    noise = torch.randn((1, latent_frames, model.config.in_channels, *latent_size),
+    null = text.encode([spec.negative_prompt]).states
+    noise = torch.randn((1, latent_frames, model.config.in_channels, *spec.latent_size),
                         generator=torch.Generator().manual_seed(seed)).to(ctx.device)
     with torch.no_grad():
-        if args.sampler == "bidirectional":
-            latents, _ = sample_bidirectional(model, noise, ctx, null_context=null, num_steps=args.num_steps,
-                                              shift=args.shift, guidance_scale=args.guidance_scale)
+        if spec.sampler == "bidirectional":
+            latents, _ = sample_bidirectional(model, noise, ctx, null_context=null, num_steps=spec.num_steps,
+                                              shift=spec.shift, guidance_scale=spec.guidance_scale)
         else:
             latents = sample_causal_many_step(model, noise, ctx, block_sizes=model.block_sizes(latent_frames),
-                                              null_context=null, num_steps=args.num_steps, shift=args.shift,
-                                              guidance_scale=args.guidance_scale, window_frames=args.window_frames,
+                                              null_context=null, num_steps=spec.num_steps, shift=spec.shift,
+                                              guidance_scale=spec.guidance_scale, window_frames=args.window_frames,
                                               sink_frames=args.sink_frames)
         return ae.decode(latents)[0]

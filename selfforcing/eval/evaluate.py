@@ -534,11 +534,10 @@ class Evaluator:
             return float(m.shift)
         if self.s.shift is not None:
             return float(self.s.shift)
-        from ..pipeline import SPEC_FILE, PipelineSpec
+        from ..pipeline import PipelineSpec, spec_file
 
-        folder = m.checkpoint if os.path.isdir(m.checkpoint) else os.path.dirname(m.checkpoint)
-        if os.path.isfile(os.path.join(folder, SPEC_FILE)):  # the trained folder says how it was trained
-            return float(PipelineSpec.load(folder).shift)
+        if os.path.isfile(spec_file(m.checkpoint)):  # the trained folder says how it was trained
+            return float(PipelineSpec.for_checkpoint(m.checkpoint).shift)
         return float(run_config(m.checkpoint).get("timestep_shift", 5.0))
 
     def _wants_gt(self, m: MethodSpec) -> bool:
