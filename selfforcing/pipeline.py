@@ -51,6 +51,9 @@ class PipelineSpec:
     training_frames: int | None = None  # pixel frames of a training clip (the "1x" length)
     fps: float = 8.0
     default_prompt: str = "the digit 3 moves right"
+    # the training clips' settings (Moving-Digits: num_digits, images_per_digit, size); `selfforcing eval` draws
+    # its real reference clips with them
+    dataset: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # provenance (recipe, steps, ...), never read by the sampler
 
     def __post_init__(self) -> None:

@@ -221,3 +221,32 @@ def test_the_shift_comes_from_the_trained_folder(tmp_path):
     assert evaluator._shift(evaluator.methods[0]) == 2.5
     evaluator.methods[0].shift = 4.0
     assert evaluator._shift(evaluator.methods[0]) == 4.0
+
+
+def test_real_clips_follow_the_training_data_in_pipeline_json(tmp_path):
+    """The real reference clips are drawn like the checkpoint's training clips (digits per clip, digit pool), as
+    its pipeline.json records them; flags override; without a spec the dataset defaults hold."""
+    import argparse
+
+    from selfforcing.commands.eval import _real_clip_settings
+    from selfforcing.data.moving_digits import split_indices
+    from selfforcing.pipeline import PipelineSpec
+
+    _tiny(0).save_pretrained(tmp_path / "m")
+    PipelineSpec(dataset={"kind": "moving-digits", "num_digits": [1, 1], "images_per_digit": 1, "size": 64}).save(
+        tmp_path / "m")
+    _tiny(0).save_pretrained(tmp_path / "plain")
+    flags = argparse.Namespace(num_digits=None, images_per_digit=None)
+    assert _real_clip_settings(flags, str(tmp_path / "m")) == ((1, 1), 1)
+    assert _real_clip_settings(flags, str(tmp_path / "plain")) == ((1, 2), None)
+    assert _real_clip_settings(argparse.Namespace(num_digits="2,3", images_per_digit=4), str(tmp_path / "m")) == (
+        (2, 3), 4)
+    with pytest.raises(ValueError, match="--num-digits"):
+        _real_clip_settings(argparse.Namespace(num_digits="x", images_per_digit=None), str(tmp_path / "m"))
+
+    settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), num_digits=(1, 1), images_per_digit=1)
+    evaluator = ev.Evaluator([ev.parse_checkpoint_arg(f"m={tmp_path / 'm'}")], settings)
+    firsts = {int(v[0]) for v in split_indices("train").values()}
+    for i in range(6):
+        clip = evaluator._clip(i, 2)
+        assert len(clip["labels"]) == 1 and int(clip["image_indices"][0]) in firsts

@@ -14,6 +14,7 @@ from selfforcing.data.moving_digits import (
     MovingDigits,
     caption_for,
     collate_clips,
+    digit_pool,
     direction_of,
     held_out_captions,
     is_held_out,
@@ -173,6 +174,39 @@ def test_splits_are_disjoint_in_images_and_captions():
     assert not test_captions & train_captions
     held = [(d, k) for d in range(10) for k in range(8) if is_held_out(d, k)]
     assert len(held) == 10 and {d for d, _ in held} == set(range(10)) and {k for _, k in held} == set(range(8))
+
+
+def test_images_per_digit_draws_each_class_from_its_first_train_images_in_both_splits():
+    train = split_indices("train")
+    images, labels = load_mnist_digits()
+    for k in (1, 3):
+        pool = digit_pool("test", k)
+        assert pool.keys() == train.keys() and all(pool[d].tolist() == train[d][:k].tolist() for d in pool)
+        seen = {d: set() for d in range(10)}
+        for split in ("train", "test"):
+            for i in range(200):
+                clip = render_clip(split, i, num_digits=(1, 2), num_frames=2, images_per_digit=k)
+                for d, idx in zip(clip["labels"].tolist(), clip["image_indices"].tolist()):
+                    assert labels[idx] == d and idx in set(train[d][:k].tolist())
+                    seen[d].add(idx)
+                # the pixels are that image: frame 0 holds it at the recorded position (max-combined)
+                x, y = (int(round(v)) for v in clip["positions"][0, 0].tolist())
+                region = uint8_of(clip["video"])[0, 0, y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
+                assert (region >= images[clip["image_indices"][0]]).all()
+        assert all(len(v) == k for v in seen.values())  # every pooled image is used, none other
+    # captions stay held out: a test clip's first pair is still a held-out one
+    clip = render_clip("test", 7, num_digits=(1, 1), images_per_digit=1, num_frames=1)
+    (d, name), = parse_caption(clip["caption"])
+    assert is_held_out(d, DIRECTION_NAMES.index(name))
+    # the default (None) is the split's own pool, unchanged
+    assert render_clip("test", 3)["image_indices"].tolist() == render_clip("test", 3, images_per_digit=None)[
+        "image_indices"].tolist()
+    ds = MovingDigits("train", num_frames=2, length=3, images_per_digit=2)
+    assert all(int(i) in set(np.concatenate([v[:2] for v in train.values()]).tolist())
+               for j in range(3) for i in ds[j]["image_indices"])
+    for bad in (0, 401, 1.5, True):
+        with pytest.raises(ValueError, match="images_per_digit"):
+            render_clip("train", 0, images_per_digit=bad)
 
 
 def test_held_out_prompts_are_fixed_distinct_and_never_train_captions():

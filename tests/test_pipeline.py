@@ -49,13 +49,15 @@ def test_trained_generator_carries_its_recipe(tmp_path, method, sampler):
     cfg = build_config(TrainConfig, dict(
         method=method, max_steps=1, batch_size=2, out_dir=str(tmp_path / "run"), checkpoint_every=0,
         tensorboard=False, timestep_shift=2.5, generator={"preset": "tiny", "overrides": {"num_layers": 1}},
-        data={"kind": "random", "latent_shape": [6, 8, 4, 6], "text_len": 4},
+        data={"kind": "random", "latent_shape": [6, 8, 4, 6], "text_len": 4, "num_digits": [1, 1],
+              "images_per_digit": 2},
         rollout={"denoising_steps": [1000, 600, 300]}, dm={"critic_updates_per_generator_update": 1}))
     train(cfg, progress=False)
     spec = PipelineSpec.load(tmp_path / "run" / "final")
     assert (spec.method, spec.sampler, spec.shift, spec.latent_size) == (method, sampler, 2.5, (4, 6))
     assert spec.denoising_steps == (1000.0, 600.0, 300.0) and spec.text_len == 4
     assert spec.extra["trained_steps"] == 1
+    assert spec.dataset == {"kind": "random", "num_digits": [1, 1], "images_per_digit": 2, "size": 64}
 
 
 def _tiny_folder(path, spec: PipelineSpec | None):

@@ -62,6 +62,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_int_at_least(29), default=64, help="canvas side in pixels (> 28)")
     p.add_argument("--num-digits", type=_range_of(int), default="1,2", help="digits per clip, LO,HI within 1..3")
     p.add_argument("--speed", type=_range_of(float), default="1,3", help="speed range, pixels per frame (LO,HI)")
+    p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
+                   help="draw each digit class from its first K MNIST images (the laptop recipes use 1; default: all)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--index", type=_int_at_least(0), default=0, help="clip index within the split")
     p.add_argument("--out", required=True, help="mp4 file to write")
@@ -78,7 +80,8 @@ def _sample_run(args: argparse.Namespace) -> int:
 
     try:
         clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size,
-                           num_digits=args.num_digits, speed=args.speed, seed=args.seed)
+                           num_digits=args.num_digits, speed=args.speed, seed=args.seed,
+                           images_per_digit=args.images_per_digit)
     except ValueError as err:
         raise SystemExit(f"selfforcing data sample: {err}") from None
     write_mp4(args.out, clip["video"], fps=args.fps)
@@ -129,6 +132,8 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-frames", type=int, default=12, help="pixel frames per clip")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--num-digits", default="1,2")
+    p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
+                   help="draw each digit class from its first K MNIST images (default: all)")
     p.add_argument("--stride", type=int, default=1, help="frame stride (video folders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autoencoder", default="moving-digits")
@@ -155,7 +160,7 @@ def _encode_run(args: argparse.Namespace) -> int:
 
         def load(key):
             return render_clip(args.split, int(key.rsplit("/", 1)[1]), num_frames=args.num_frames, size=args.size,
-                               num_digits=(lo, hi), seed=args.seed)
+                               num_digits=(lo, hi), seed=args.seed, images_per_digit=args.images_per_digit)
     else:
         from selfforcing.data.video_folder import VideoFolderDataset
 
@@ -188,6 +193,8 @@ def _ode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-ema", action="store_true")
     p.add_argument("--prompts", default=None, help="prompt file (default: Moving-Digits training captions)")
     p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--num-digits", type=_range_of(int), default="1,2",
+                   help="digits per training caption when prompts come from Moving-Digits (LO,HI within 1..3)")
     p.add_argument("--latent-shape", default="12,8,16,16", help="F,C,H,W of the generated latents")
     p.add_argument("--steps", type=int, default=48, help="Euler steps (a multiple of the few-step list length)")
     p.add_argument("--shift", type=float, default=5.0)
@@ -220,7 +227,7 @@ def _ode_run(args: argparse.Namespace) -> int:
     else:
         from selfforcing.data.moving_digits import render_clip
 
-        prompts = [render_clip("train", i, num_frames=1, num_digits=(1, 2), seed=args.seed)["caption"]
+        prompts = [render_clip("train", i, num_frames=1, num_digits=args.num_digits, seed=args.seed)["caption"]
                    for i in range(args.num_prompts)]
     shape = tuple(int(v) for v in args.latent_shape.split(","))
     few = flow.denoising_step_list([float(v) for v in args.denoising_steps.split(",")], shift=args.shift)

@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bidirectional-stride", type=int, default=None,
                    help="new latent frames per sliding window of the bidirectional sampler (default: half the "
                         "training length)")
+    p.add_argument("--num-digits", default=None, metavar="LO,HI",
+                   help="digits per real test clip (default: the first checkpoint's pipeline.json dataset, else 1,2)")
+    p.add_argument("--images-per-digit", type=int, default=None, metavar="K",
+                   help="real clips draw each class from its first K MNIST images (default: the first checkpoint's "
+                        "pipeline.json dataset, else all)")
     p.add_argument("--num-real", type=int, default=64, help="real test clips in the reference set (default 64)")
     p.add_argument("--no-gt-cache", action="store_true", help="skip the GT KV cache runs (train-test gap)")
     p.add_argument("--no-real", action="store_true", help="skip the real-clip baseline row")
@@ -51,6 +56,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default: 24 for minilm, 512 for UMT5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _real_clip_settings(args: argparse.Namespace, checkpoint: str) -> tuple[tuple[int, int], int | None]:
+    """(num_digits, images_per_digit) of the real reference clips: the flags, else the training clips recorded
+    in the first checkpoint's pipeline.json, else the dataset's defaults (1..2 digits, every image)."""
+    from selfforcing.pipeline import PipelineSpec
+
+    data = PipelineSpec.for_checkpoint(checkpoint).dataset if os.path.exists(checkpoint) else {}
+    if args.num_digits is not None:
+        try:
+            lo, hi = (int(v) for v in args.num_digits.split(","))
+        except ValueError:
+            raise ValueError(f"--num-digits must be LO,HI (two integers), got {args.num_digits!r}") from None
+    else:
+        lo, hi = data.get("num_digits", (1, 2))
+    images = args.images_per_digit if args.images_per_digit is not None else data.get("images_per_digit")
+    return (int(lo), int(hi)), images
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"--prompts: neither a number nor an existing prompt file: {args.prompts}")
             prompts = read_prompt_file(args.prompts)
         steps = [float(v) for v in args.steps.split(",")]
+        num_digits, images_per_digit = _real_clip_settings(args, methods[0].checkpoint)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"selfforcing eval: {e}") from None
     device = args.device
@@ -92,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         num_steps=args.num_steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
         bidirectional_stride=args.bidirectional_stride, num_real=args.num_real, gt_cache=not args.no_gt_cache,
         real_baseline=not args.no_real, bootstrap=args.bootstrap, autoencoder=args.autoencoder,
-        text_encoder=args.text_encoder, text_len=args.text_len, device=device)
+        text_encoder=args.text_encoder, text_len=args.text_len, num_digits=num_digits,
+        images_per_digit=images_per_digit, device=device)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         results = evaluate(methods, settings, log=log)

@@ -6,7 +6,8 @@ to three digits, each with a constant velocity whose direction is one of eight c
 which reflects off the walls. Rendering is a pure function of (split, index, seed) and the clip settings.
 
 Held out for the test split:
-* digit images: per class, the last 20% of that class's images (train uses the first 80%);
+* digit images: per class, the last 20% of that class's images (train uses the first 80%), unless a clip
+  asks for a small fixed pool (``images_per_digit``, :func:`digit_pool`), shared by both splits;
 * captions: the 10 (digit, direction) pairs with (digit + direction index) % 8 == 0 (:func:`is_held_out`).
   A train clip never contains such a pair; the first digit of every test clip is such a pair (later digits
   are free), so no test caption is ever a train caption.
@@ -117,6 +118,26 @@ def split_indices(split: str) -> dict[int, np.ndarray]:
         cut = int(len(idx) * TRAIN_FRACTION)
         out[d] = idx[:cut] if split == "train" else idx[cut:]
     return out
+
+
+def digit_pool(split: str, images_per_digit: int | None = None) -> dict[int, np.ndarray]:
+    """The images a clip of ``split`` draws its digits from, per class: :func:`split_indices` (split)
+    when ``images_per_digit`` is None, else the first ``images_per_digit`` *train* images of each class for
+    both splits.
+
+    The small pool is the laptop recipes' setting: a 2-core machine can train a model that draws ten fixed
+    glyphs well, not one that covers 400 handwritings per class. The test split then shares its images
+    with train, but its captions stay held out (module doc), so prompt generalisation is still measured.
+    """
+    _check_split(split)
+    if images_per_digit is None:
+        return split_indices(split)
+    train = split_indices("train")
+    most = min(len(v) for v in train.values())
+    if isinstance(images_per_digit, bool) or not isinstance(images_per_digit, (int, np.integer)) \
+            or not 1 <= images_per_digit <= most:
+        raise ValueError(f"images_per_digit must be an integer in [1, {most}] or None (all), got {images_per_digit!r}")
+    return {d: v[:images_per_digit] for d, v in train.items()}
 
 
 def direction_of(velocity) -> str:
@@ -239,11 +260,14 @@ def render_clip(
     num_digits: tuple[int, int] = (1, 2),
     speed: tuple[float, float] = (1.0, 3.0),
     seed: int = 0,
+    images_per_digit: int | None = None,
 ) -> dict:
     """Render one clip, deterministically for (split, index, seed) and the settings.
 
     Random draws (numpy, seeded by (seed, split, index)): n ~ U{num_digits}; per digit a (digit, direction)
-    pair allowed in the split (see module doc), an image of that class from the split, a top-left position
+    pair allowed in the split (see module doc), an image of that class from the split (from
+    :func:`digit_pool`: with ``images_per_digit = k`` only the first k train images of the class, in both
+    splits), a top-left position
     p_0 ~ U[0, L]^2 with L = size - 28, and a speed s ~ U[speed]; v = s * unit(direction).
     Motion: p_{f+1} = p_f + v, then per axis a coordinate outside [0, L] is reflected at the wall it crossed
     (p -> -p or p -> 2L - p, repeated while outside) and that velocity component flips sign.
@@ -269,7 +293,7 @@ def render_clip(
     if speed_lo <= 0 or not np.isfinite(speed_hi):
         raise ValueError(f"speed must be a finite range of positive pixels per frame, got {speed!r}")
     images, _ = load_mnist_digits()
-    pools = split_indices(split)
+    pools = digit_pool(split, images_per_digit)
     rng = _clip_rng(split, int(index), int(seed))
     n = int(rng.integers(lo, hi + 1))
     labels, dirs, img_idx = [], [], []
@@ -351,14 +375,16 @@ class MovingDigits(Dataset):
         length: int = 10000,
         seed: int = 0,
         speed: tuple[float, float] = (1.0, 3.0),
+        images_per_digit: int | None = None,
     ) -> None:
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
             raise ValueError(f"length must be an integer >= 0, got {length!r}")
         self.split, self.num_frames, self.size = split, num_frames, size
         self.num_digits, self.length, self.seed, self.speed = tuple(num_digits), int(length), seed, tuple(speed)
+        self.images_per_digit = images_per_digit
         # render one clip now so bad settings fail here with a clear message, not inside a DataLoader worker
         render_clip(split, 0, num_frames=num_frames, size=size, num_digits=self.num_digits, speed=self.speed,
-                    seed=seed)
+                    seed=seed, images_per_digit=images_per_digit)
 
     def __len__(self) -> int:
         return self.length
@@ -369,7 +395,8 @@ class MovingDigits(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} clips")
         return render_clip(self.split, int(index), num_frames=self.num_frames, size=self.size,
-                           num_digits=self.num_digits, speed=self.speed, seed=self.seed)
+                           num_digits=self.num_digits, speed=self.speed, seed=self.seed,
+                           images_per_digit=self.images_per_digit)
 
     @staticmethod
     def test_prompts(n: int | None = None) -> list[str]:

@@ -192,6 +192,7 @@ class EvalSettings:
     text_len: int | None = None
     size: int = 64
     num_digits: tuple[int, int] = (1, 2)
+    images_per_digit: int | None = None  # the real clips' digit pool (see moving_digits.digit_pool)
     device: str = "cpu"
 
     def check(self) -> None:
@@ -217,6 +218,12 @@ def _json_default(o):
     if isinstance(o, tuple):
         return list(o)
     raise TypeError(type(o).__name__)
+
+
+def _pool_key(images_per_digit: int | None) -> dict:
+    """The digit-pool entry of a cache key: absent for the full pool, so caches written before the setting
+    existed stay valid."""
+    return {} if images_per_digit is None else {"images_per_digit": int(images_per_digit)}
 
 
 def _digest(obj) -> str:
@@ -454,7 +461,8 @@ class Evaluator:
         key = (index, num_frames)
         if key not in self._clip_cache:
             self._clip_cache[key] = render_clip("test", index, num_frames=num_frames, size=self.s.size,
-                                                num_digits=tuple(self.s.num_digits), seed=self.s.seed)
+                                                num_digits=tuple(self.s.num_digits), seed=self.s.seed,
+                                                images_per_digit=self.s.images_per_digit)
         return self._clip_cache[key]
 
     def prompt_of(self, i: int) -> tuple[str, int | None]:
@@ -493,7 +501,8 @@ class Evaluator:
             return self._real[length]
         nf = self.pixel_frames(length)
         key = _digest({"v": _CACHE_VERSION, "n": self.s.num_real, "frames": nf, "size": self.s.size,
-                       "digits": list(self.s.num_digits), "seed": self.s.seed})
+                       "digits": list(self.s.num_digits), "seed": self.s.seed,
+                       **_pool_key(self.s.images_per_digit)})
         path = os.path.join(self.s.out_dir, "cache", REAL, f"reference_L{length}_{key}.pt")
         if os.path.isfile(path):
             ref = torch.load(path, weights_only=True)
@@ -517,6 +526,7 @@ class Evaluator:
                 "cfg": s.guidance_scale if m.guidance_scale is None else m.guidance_scale,
                 "neg": s.negative_prompt, "stride": self._stride(), "ae": s.autoencoder, "text": s.text_encoder,
                 "text_len": s.text_len, "window": self.window, "size": s.size, "digits": list(s.num_digits),
+                **_pool_key(s.images_per_digit),
                 "prompts": s.prompts, "num_prompts": s.num_prompts if s.prompts is None else None,
                 "data_seed": s.seed}
 
@@ -606,7 +616,8 @@ class Evaluator:
         name = REAL if m is None else m.name
         if m is None:
             key = _digest({"v": _CACHE_VERSION, "real": True, "frames": self.pixel_frames(length), "size": s.size,
-                           "digits": list(s.num_digits), "window": self.window, "data_seed": s.seed})
+                           "digits": list(s.num_digits), "window": self.window, "data_seed": s.seed,
+                           **_pool_key(s.images_per_digit)})
         else:
             key = _digest(self._method_key(m, length))
         want_gt = m is not None and self._wants_gt(m)

@@ -45,6 +45,7 @@ class DataConfig:
     num_frames: int = 12  # pixel frames per clip (the autoencoder maps them to latent frames)
     size: int = 64
     num_digits: tuple[int, int] = (1, 2)
+    images_per_digit: int | None = None  # moving-digits: draw each class from its first k images (None: all)
     autoencoder: str = "moving-digits"
     text_encoder: str = "minilm"
     text_len: int = 32

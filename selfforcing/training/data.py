@@ -112,7 +112,8 @@ class MovingDigitsLatents:
 
         d = self.cfg.data
         return [render_clip("train", _pick(sample_seed(self.cfg.seed, step, purpose, i), 2**31),
-                            num_frames=d.num_frames, size=d.size, num_digits=tuple(d.num_digits), seed=self.cfg.seed)
+                            num_frames=d.num_frames, size=d.size, num_digits=tuple(d.num_digits), seed=self.cfg.seed,
+                            images_per_digit=d.images_per_digit)
                 for i in global_indices(self.cfg.batch_size, micro)]
 
     @torch.no_grad()

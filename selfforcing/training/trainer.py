@@ -276,6 +276,8 @@ def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
         denoising_steps=tuple(cfg.rollout.denoising_steps), warp_denoising_step=cfg.rollout.warp_denoising_step,
         shift=cfg.timestep_shift, num_steps=24, guidance_scale=cfg.dm.guidance_scale,
         negative_prompt=cfg.data.negative_prompt, training_frames=cfg.data.num_frames,
+        dataset={"kind": cfg.data.kind, "num_digits": list(cfg.data.num_digits),
+                 "images_per_digit": cfg.data.images_per_digit, "size": cfg.data.size},
         extra={"recipe_method": cfg.method, "dm_loss": cfg.dm.loss, "trained_steps": step, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "out_dir": cfg.out_dir})
 
