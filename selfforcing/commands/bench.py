@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan = 480x832)")
     s.add_argument("--strategies", default="rolling_kv,recompute,sliding_window",
                    help=f"comma-separated, from {','.join(STRATEGIES)}")
+    s.add_argument("--repeats", type=int, default=3,
+                   help="streams per (strategy, length), interleaved over the lengths; medians pool their chunks")
     c = sub.add_parser("chunk", help="one AR chunk step (denoising steps + cache pass): time, FLOPs, share of the "
                                      "measured matmul peak")
     _common(c, "small", 2)
@@ -219,10 +221,18 @@ def _steps(num_steps: int) -> list[float]:
 def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], train_frames: int | None = None,
                      latent_size: tuple[int, int] | None = None, num_steps: int = 4, device: str = "cpu",
                      dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
-                     text_len: int | None = None) -> dict:
-    """Rows {strategy, length, chunk_latency_s (median), first_chunk_latency_s, fps} for every strategy and length."""
+                     text_len: int | None = None, repeats: int = 3) -> dict:
+    """Rows {strategy, length, chunk_latency_s, first_chunk_latency_s, fps} for every strategy and length.
+
+    Each (strategy, length) streams ``repeats`` times; the repeats of one strategy run round-robin over the
+    lengths (x1, x10, x1, x10, ...), so that a slow spell of a shared machine falls on every length alike.
+    chunk_latency_s is the median over every chunk of every repeat (also p10 / p90), first_chunk_latency_s the
+    median over repeats of the first chunk, fps the latent frames of a video over its median total time.
+    """
     import torch
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     load_before = _load()
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -249,22 +259,28 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             for start in range(0, train_frames + k, k):
                 fn(model, warm, noise(), steps, ctx, start, g)
             _sync(device)
+            streams: dict[int, list[list[float]]] = {m: [] for m in lengths}
+            for _ in range(repeats):
+                for m in lengths:
+                    state = new_stream_state(model, 1, (h, w), train_frames)
+                    latencies = []
+                    for start in range(0, m * train_frames, k):
+                        x = noise()
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        fn(model, state, x, steps, ctx, start, g)
+                        _sync(device)
+                        latencies.append(time.perf_counter() - t0)
+                    streams[m].append(latencies)
             for m in lengths:
-                frames = m * train_frames
-                state = new_stream_state(model, 1, (h, w), train_frames)
-                latencies = []
-                for start in range(0, frames, k):
-                    x = noise()
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    fn(model, state, x, steps, ctx, start, g)
-                    _sync(device)
-                    latencies.append(time.perf_counter() - t0)
-                total = sum(latencies)
-                rows.append({"strategy": name, "length": m, "latent_frames": frames,
-                             "chunk_latency_s": statistics.median(latencies),
-                             "first_chunk_latency_s": latencies[0], "fps": frames / total,
-                             "chunks": len(latencies)})
+                pooled = sorted(t for lat in streams[m] for t in lat)
+                rows.append({"strategy": name, "length": m, "latent_frames": m * train_frames,
+                             "chunk_latency_s": statistics.median(pooled),
+                             "chunk_latency_p10_s": pooled[int(0.1 * (len(pooled) - 1))],
+                             "chunk_latency_p90_s": pooled[int(0.9 * (len(pooled) - 1))],
+                             "first_chunk_latency_s": statistics.median(lat[0] for lat in streams[m]),
+                             "fps": m * train_frames / statistics.median(sum(lat) for lat in streams[m]),
+                             "chunks": len(pooled), "repeats": repeats})
     by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
     ratios = {}
     if lengths and "rolling_kv" in strategies:
@@ -278,7 +294,8 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "ratios": ratios,
             "load_average_before": load_before, "load_average_after": _load(),
-            "note": "chunk_latency_s: median over all chunks of the video (after one warm-up window); "
+            "repeats": repeats,
+            "note": "chunk_latency_s: median over all chunks of every repeat of the video (after one warm-up window); "
                     "fps: latent frames per second of chunk compute"}
 
 
@@ -357,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result['matmul_peak_gflops']:.1f} GFLOP/s {args.dtype} matmul peak ({args.device})")
         return 0
     result = stream_benchmark(args.preset, [int(v) for v in args.lengths.split(",")], args.strategies.split(","),
-                              args.train_frames, size, **common)
+                              args.train_frames, size, repeats=args.repeats, **common)
     _write(args.out, result)
     if args.json:
         print(json.dumps(result))
