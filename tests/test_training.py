@@ -145,3 +145,21 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
     for (k, p), q in zip(a.method.generator.state_dict().items(), b.method.generator.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=k)
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5)
+
+
+def test_resume_into_a_differently_built_network_is_a_clear_error(tmp_path):
+    """A checkpoint records each network's architecture: resuming it with other heads (same weight shapes, so the
+    weights would load silently) names the difference instead; the checkpoint stays on disk untouched."""
+    cfg = _cfg(tmp_path, max_steps=2, checkpoint_every=2, method="teacher")
+    train(cfg, progress=False, resume=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002.pt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["architectures"]["generator"]
+    assert saved["num_layers"] == 2 and saved["num_attention_heads"] == 2
+    before = ckpt.read_bytes()
+    other = _cfg(tmp_path, max_steps=4, checkpoint_every=2, method="teacher",
+                 generator={"preset": "tiny", "overrides": {"num_layers": 2, "num_attention_heads": 4,
+                                                            "attention_head_dim": 32}})
+    with pytest.raises(ValueError, match=r"num_attention_heads: checkpoint 2 vs now 4"):
+        train(other, progress=False, resume=True)
+    assert ckpt.read_bytes() == before
+    train(_cfg(tmp_path, max_steps=4, checkpoint_every=2, method="teacher"), progress=False, resume=True)  # same: fine

@@ -50,8 +50,12 @@ def _sharded_state(models: dict, optimizers: dict, ema) -> dict:
 
 def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, ema, extra: dict,
                     sharded: bool = False, keep: int = 2) -> str:
-    """Write checkpoint ``step`` (collective: every rank calls it). Returns its path."""
+    """Write checkpoint ``step`` (collective: every rank calls it). Returns its path.
+
+    Besides weights, optimiser and EMA states it records each network's architecture (its config), so a resume
+    into a differently built network fails clearly instead of loading same-shaped weights into it."""
     os.makedirs(ckpt_dir, exist_ok=True)
+    extra = {**extra, "architectures": architectures_of(models)}
     name = f"step_{step:06d}"
     if sharded:
         import torch.distributed.checkpoint as dcp
@@ -112,9 +116,42 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return path
 
 
+def architectures_of(models: dict) -> dict:
+    """{name: architecture config} of the networks (plain values; diffusers' private ``_`` keys left out)."""
+    out = {}
+    for name, m in models.items():
+        config = getattr(m, "config", None)
+        if config is not None:
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()
+                         if not k.startswith("_")}
+    return out
+
+
+def check_architectures(path: str, saved: dict | None, models: dict) -> None:
+    """Raise ValueError naming the fields where a checkpoint's recorded architectures differ from ``models``'.
+    Checkpoints written before architectures were recorded (``saved`` None) are not checked."""
+    if not saved:
+        return
+    now = architectures_of(models)
+    for name, arch in saved.items():
+        if name not in now:
+            continue
+        diff = {k: (arch.get(k), now[name].get(k)) for k in set(arch) | set(now[name])
+                if arch.get(k) != now[name].get(k)}
+        if diff:
+            fields = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"{path}: the {name} in this checkpoint was built differently ({fields}); resume "
+                             f"with the recipe (preset and overrides) it was trained with, or start a new out_dir")
+
+
 def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
-    """Restore models, optimisers and EMA from ``path`` (full file or sharded dir); returns its meta (step...)."""
+    """Restore models, optimisers and EMA from ``path`` (full file or sharded dir); returns its meta (step...).
+    A network built differently from the one saved (its recorded architecture) is a ValueError."""
     if os.path.isdir(path):
+        meta_path = os.path.join(path, "meta.pt")
+        if os.path.isfile(meta_path):
+            check_architectures(path, torch.load(meta_path, map_location="cpu", weights_only=False).get(
+                "architectures"), models)
         import torch.distributed.checkpoint as dcp
 
         state = _sharded_state(models, optimizers, ema)
@@ -130,6 +167,7 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"cannot read training checkpoint {path}: {err}") from err
+    check_architectures(path, state.get("architectures"), models)
     for k, m in models.items():
         set_model_state_dict(m, state["models"][k], options=StateDictOptions(full_state_dict=True))
     for k, o in optimizers.items():
