@@ -89,3 +89,30 @@ def test_recompute_strategies_equal_the_rolling_cache_while_the_window_fills():
         assert (other[5] - rolling[5]).abs().max() > 1e-4  # 50x the tolerance above (random weights)
     sliding = _stream(model, "sliding_window", 2)  # a bidirectional model over the window: a different video
     assert sliding[0].shape == rolling[0].shape and (sliding[1] - rolling[1]).abs().max() > 1e-3
+
+
+def test_cpu_inference_kernels_equal_torch_reference():
+    """The CPU inference shortcuts compute the same functions as torch's kernels: the sigmoid-form tanh-GELU, the
+    matmul attention for short key sequences (text), the feature-major FFN."""
+    import torch.nn.functional as F
+
+    from selfforcing.models.attention import _SHORT_KEYS, attention
+    from selfforcing.models.causal_wan import FeedForward, gelu_tanh_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * 6
+    torch.testing.assert_close(gelu_tanh_(x.clone()), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
+    assert gelu_tanh_(torch.tensor([-1e4, 0.0, 1e4])).tolist() == [0.0, 0.0, 1e4]  # no overflow at the tails
+    q = torch.randn(2, 40, 4, 16, generator=g)
+    for keys in (1, 16, _SHORT_KEYS, _SHORT_KEYS + 1):
+        k, v = torch.randn(2, keys, 4, 16, generator=g), torch.randn(2, keys, 4, 16, generator=g)
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(attention(q, k, v), ref, atol=1e-6, rtol=1e-5)
+    ffn = FeedForward(32, 96)
+    h = torch.randn(2, 3, 7, 32, generator=g)
+    with torch.no_grad():
+        fast = ffn(h)
+    slow = ffn.net[2](F.gelu(ffn.net[0].proj(h), approximate="tanh"))
+    assert fast.shape == h.shape
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)

@@ -134,6 +134,17 @@ def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return _FLEX["fn"](q, k, v, block_mask=cached[1])
 
 
+# Up to this many keys (the text of cross-attention), CPU inference attends with two batched matmuls and a softmax:
+# SDPA's flash kernel for CPU tiles the keys and costs about 1.6x as much when there are only a few dozen of them.
+_SHORT_KEYS = 64
+
+
+def _short_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for [B, N, H, Dh] q and [B, L, H, Dh] k, v with small L; [B, N, H, Dh]."""
+    scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(q.shape[-1] ** -0.5)  # [B, H, N, L]
+    return torch.matmul(torch.softmax(scores, -1), v.transpose(1, 2)).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention on [B, N, H, Dh] tensors (mask: Bool [Nq, Nk], True = attend); [B, Nq, H, Dh].
 
@@ -141,6 +152,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     works forward and backward on CPU, unlike flex attention). On CUDA a mask may go to flex attention instead
     (:func:`set_cuda_masked_attention`).
     """
+    if (mask is None and k.shape[1] <= _SHORT_KEYS and q.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return _short_key_attention(q, k, v)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mask is not None and q.is_cuda and _CUDA_MASKED == "flex":
         return _flex_attention(q, k, v, mask).transpose(1, 2)

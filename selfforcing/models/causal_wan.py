@@ -90,6 +90,17 @@ class ConditionEmbedder(nn.Module):
         return temb, self.time_proj(self.act_fn(temb))
 
 
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, in place and without autograd: 0.5 x (1 + tanh(z)) = x sigmoid(2 z) with
+    z = sqrt(2 / pi) (x + 0.044715 x^3). On CPU this sigmoid form runs about 1.5x faster than torch's tanh-GELU
+    kernel and agrees with it to float rounding (tests/test_perf.py); elsewhere torch's kernel is used."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return torch._C._nn.gelu_(x, approximate="tanh")
+    z = x * x
+    z.mul_(0.044715).add_(1.0).mul_(x).mul_(2.0 * math.sqrt(2.0 / math.pi))
+    return x.mul_(z.sigmoid_())
+
+
 class _GELUProj(nn.Module):
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -98,7 +109,7 @@ class _GELUProj(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return F.gelu(self.proj(x), approximate="tanh")
-        return torch._C._nn.gelu_(self.proj(x), approximate="tanh")
+        return gelu_tanh_(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -123,7 +134,7 @@ class FeedForward(nn.Module):
         up, down = self.net[0].proj, self.net[2]
         xt = x.reshape(-1, x.shape[-1]).t()  # [D, N] view
         h = torch.addmm(up.bias[:, None], up.weight, xt)  # [ffn_dim, N]
-        h = torch._C._nn.gelu_(h, approximate="tanh")
+        h = gelu_tanh_(h)
         yt = torch.addmm(down.bias[:, None], down.weight, h)  # [D, N]
         return yt.t().view(*x.shape[:-1], yt.shape[0])
 
