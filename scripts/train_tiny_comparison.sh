@@ -8,29 +8,39 @@
 # Usage: scripts/train_tiny_comparison.sh [key=value overrides for every training stage]
 #   JOBS=N       training runs at once in stage 3 (default 1 on CPU; 6 is right for one GPU)
 #   SAMPLES=N    videos per method and length in the evaluation (default 16)
-# On one H100 the training stages took 18 minutes with JOBS=6; on 2 CPU cores see README ("Training cost").
+#   BUDGET=cpu   the 2-core budget: the recipes' teacher, 128 ODE pairs of 24 steps, ODE init 500 steps, teacher
+#                and diffusion forcing 200 steps, CausVid / Self Forcing 100 steps each (EMA from step 50), 4 eval
+#                samples; about 2.5 h on 2 cores from the measured per-step times (README "Evaluation")
+# On one H100 the training stages took 18 minutes with JOBS=6 (BUDGET=full, the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SF="${SELFFORCING:-.venv/bin/selfforcing}"
 JOBS="${JOBS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 R=runs/tiny
+case "${BUDGET:-full}" in
+    full) ODE=(--num-prompts 512 --steps 48); INIT=(); BASELINE=(); DISTILL=(); SAMPLES="${SAMPLES:-16}" ;;
+    cpu)  ODE=(--num-prompts 128 --steps 24); INIT=(max_steps=500); BASELINE=(max_steps=200)
+          DISTILL=(max_steps=100 ema_start_step=50); SAMPLES="${SAMPLES:-4}" ;;
+    *) echo "BUDGET must be full or cpu" >&2; exit 2 ;;
+esac
 
 "$SF" train --config configs/tiny/teacher.yaml --no-progress "$@"
-"$SF" data ode-pairs --teacher $R/teacher/final --num-prompts 512 --latent-shape 12,8,16,16 --steps 48 --shift 3 \
+"$SF" data ode-pairs --teacher $R/teacher/final "${ODE[@]}" --latent-shape 12,8,16,16 --shift 3 \
     --guidance-scale 3 --text-len 24 --batch-size 32 --out $R/ode_pairs
-"$SF" train --config configs/tiny/ode_init.yaml --no-progress "$@"
+"$SF" train --config configs/tiny/ode_init.yaml --no-progress "${INIT[@]}" "$@"
 
-run_stage() {  # recipe: log to runs/tiny/<recipe>.log, resume if interrupted
+run_stage() {  # recipe [overrides]: log to runs/tiny/<recipe>.log, resume if interrupted
     "$SF" train --config "configs/tiny/$1.yaml" --no-progress "${@:2}" > "$R/$1.log" 2>&1 \
         && echo "done: $1" || { echo "FAILED: $1 (see $R/$1.log)"; return 1; }
 }
 export -f run_stage
 export SF R
-printf '%s\n' teacher_forcing diffusion_forcing causvid self_forcing_dmd self_forcing_sid self_forcing_gan \
-    | xargs -P "$JOBS" -I{} bash -c 'run_stage {} "$@"' _ "$@"
+printf '%s\n' teacher_forcing diffusion_forcing | xargs -P "$JOBS" -I{} bash -c 'run_stage {} "$@"' _ "${BASELINE[@]}" "$@"
+printf '%s\n' causvid self_forcing_dmd self_forcing_sid self_forcing_gan \
+    | xargs -P "$JOBS" -I{} bash -c 'run_stage {} "$@"' _ "${DISTILL[@]}" "$@"
 
-"$SF" eval --out $R/eval --lengths 1,5,10 --prompts 16 --num-samples "${SAMPLES:-16}" --num-steps 16 \
+"$SF" eval --out $R/eval --lengths 1,5,10 --prompts 16 --num-samples "$SAMPLES" --num-steps 16 \
     --checkpoint teacher=$R/teacher/final:bidirectional \
     --checkpoint teacher_forcing=$R/teacher_forcing/final:many-step \
     --checkpoint diffusion_forcing=$R/diffusion_forcing/final:many-step \
