@@ -138,6 +138,23 @@ def test_logs_tensorboard_and_metrics(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "final" / "config.json")  # exported generator
 
 
+def test_log_lines_average_every_step_since_the_last_one(tmp_path):
+    """With the generator updated every 2nd step and a line every 3rd, every line still carries the generator's
+    loss, and each metric is the mean of the steps since the previous line (checked against the step history)."""
+    import json
+
+    cfg = _cfg(tmp_path, method="self_forcing", max_steps=6, log_every=3, tensorboard=False,
+               dm={"critic_updates_per_generator_update": 2})
+    state = train(cfg, progress=False, resume=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3, 6]
+    for row, lo in zip(rows, (1, 4)):
+        steps = [h for h in state.history if lo <= h["step"] < lo + 3]
+        for key in ("generator_loss", "critic_loss", "seconds_per_step"):
+            values = [h[key] for h in steps if key in h]
+            assert values and row[key] == pytest.approx(sum(values) / len(values))
+
+
 def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
     """batch 1 x 2 accumulated micro-batches == batch 2: the same samples, the same update."""
     a = train(_cfg(tmp_path / "a", method="teacher", batch_size=2, grad_accum=1), progress=False, resume=False)

@@ -232,6 +232,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
 
         bar = tqdm(total=total, initial=state.step, desc=cfg.method, dynamic_ncols=True)
     t_last = time.perf_counter()
+    window: dict[str, list[float]] = {}  # metric -> [sum, count] since the last log line
     while state.step < total:
         logs = train_step(cfg, state, batches, device)
         step = state.step
@@ -240,8 +241,15 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         logs["seconds_per_step"] = now - t_last
         t_last = now
         state.history.append({"step": step, **logs})
+        for k, v in logs.items():
+            acc = window.setdefault(k, [0.0, 0])
+            acc[0] += v
+            acc[1] += 1
         if step % cfg.log_every == 0 or step == total:
-            logger.log(step, logs)
+            # each metric's mean over the steps since the last line that produced it: the generator of a
+            # distribution-matching method updates every few steps, so a line never misses its loss
+            logger.log(step, {k: total_ / n for k, (total_, n) in window.items()})
+            window.clear()
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
