@@ -10,7 +10,7 @@
 #   SAMPLES=N    videos per method and length in the evaluation (default 16)
 #   BUDGET=cpu   the 2-core budget: the recipes' teacher, 128 ODE pairs of 24 steps, ODE init 500 steps, teacher
 #                and diffusion forcing 200 steps, CausVid / Self Forcing 100 steps each (EMA from step 50), 4 eval
-#                samples; about 2.5 h on 2 cores from the measured per-step times (README "Evaluation")
+#                samples; about 2 h on 2 cores from the measured per-step times (README "Evaluation")
 # On one H100 the training stages took 18 minutes with JOBS=6 (BUDGET=full, the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
