@@ -239,10 +239,11 @@ def test_real_clips_follow_the_training_data_in_pipeline_json(tmp_path):
     flags = argparse.Namespace(num_digits=None, images_per_digit=None)
     assert _real_clip_settings(flags, str(tmp_path / "m")) == ((1, 1), 1)
     assert _real_clip_settings(flags, str(tmp_path / "plain")) == ((1, 2), None)
-    assert _real_clip_settings(argparse.Namespace(num_digits="2,3", images_per_digit=4), str(tmp_path / "m")) == (
+    assert _real_clip_settings(argparse.Namespace(num_digits=(2, 3), images_per_digit=4), str(tmp_path / "m")) == (
         (2, 3), 4)
-    with pytest.raises(ValueError, match="--num-digits"):
-        _real_clip_settings(argparse.Namespace(num_digits="x", images_per_digit=None), str(tmp_path / "m"))
+    with pytest.raises(SystemExit):
+        main(["eval", "--out", str(tmp_path / "o"), "--checkpoint", f"m={tmp_path / 'm'}", "--num-digits", "x"])
+    assert not os.path.exists(tmp_path / "o")
 
     settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), num_digits=(1, 1), images_per_digit=1)
     evaluator = ev.Evaluator([ev.parse_checkpoint_arg(f"m={tmp_path / 'm'}")], settings)

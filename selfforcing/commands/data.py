@@ -37,7 +37,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _range_of(kind):
+def range_of(kind):
     """argparse type: "LO,HI" (or one value, meaning LO = HI) -> (LO, HI) of ``kind``, LO <= HI."""
     def parse(text: str) -> tuple:
         parts = [p.strip() for p in text.split(",")]
@@ -60,10 +60,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                    help="test: held-out digit images and held-out (digit, direction) captions")
     p.add_argument("--num-frames", type=_int_at_least(1), default=16)
     p.add_argument("--size", type=_int_at_least(29), default=64, help="canvas side in pixels (> 28)")
-    p.add_argument("--num-digits", type=_range_of(int), default="1,2", help="digits per clip, LO,HI within 1..3")
-    p.add_argument("--speed", type=_range_of(float), default="1,3", help="speed range, pixels per frame (LO,HI)")
+    p.add_argument("--num-digits", type=range_of(int), default="1,2", help="digits per clip, LO,HI within 1..3")
+    p.add_argument("--speed", type=range_of(float), default="1,3", help="speed range, pixels per frame (LO,HI)")
     p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
-                   help="draw each digit class from its first K MNIST images (the laptop recipes use 1; default: all)")
+                   help="draw each digit class from its first K MNIST images (1: ten fixed glyphs; default: all)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--index", type=_int_at_least(0), default=0, help="clip index within the split")
     p.add_argument("--out", required=True, help="mp4 file to write")
@@ -193,7 +193,7 @@ def _ode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-ema", action="store_true")
     p.add_argument("--prompts", default=None, help="prompt file (default: Moving-Digits training captions)")
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--num-digits", type=_range_of(int), default="1,2",
+    p.add_argument("--num-digits", type=range_of(int), default="1,2",
                    help="digits per training caption when prompts come from Moving-Digits (LO,HI within 1..3)")
     p.add_argument("--latent-shape", default="12,8,16,16", help="F,C,H,W of the generated latents")
     p.add_argument("--steps", type=int, default=48, help="Euler steps (a multiple of the few-step list length)")

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from selfforcing.commands.data import range_of
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH[:SAMPLER]",
@@ -41,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bidirectional-stride", type=int, default=None,
                    help="new latent frames per sliding window of the bidirectional sampler (default: half the "
                         "training length)")
-    p.add_argument("--num-digits", default=None, metavar="LO,HI",
+    p.add_argument("--num-digits", type=range_of(int), default=None, metavar="LO,HI",
                    help="digits per real test clip (default: the first checkpoint's pipeline.json dataset, else 1,2)")
     p.add_argument("--images-per-digit", type=int, default=None, metavar="K",
                    help="real clips draw each class from its first K MNIST images (default: the first checkpoint's "
@@ -64,13 +66,7 @@ def _real_clip_settings(args: argparse.Namespace, checkpoint: str) -> tuple[tupl
     from selfforcing.pipeline import PipelineSpec
 
     data = PipelineSpec.for_checkpoint(checkpoint).dataset if os.path.exists(checkpoint) else {}
-    if args.num_digits is not None:
-        try:
-            lo, hi = (int(v) for v in args.num_digits.split(","))
-        except ValueError:
-            raise ValueError(f"--num-digits must be LO,HI (two integers), got {args.num_digits!r}") from None
-    else:
-        lo, hi = data.get("num_digits", (1, 2))
+    lo, hi = args.num_digits if args.num_digits is not None else data.get("num_digits", (1, 2))
     images = args.images_per_digit if args.images_per_digit is not None else data.get("images_per_digit")
     return (int(lo), int(hi)), images
 

@@ -125,9 +125,9 @@ def digit_pool(split: str, images_per_digit: int | None = None) -> dict[int, np.
     when ``images_per_digit`` is None, else the first ``images_per_digit`` *train* images of each class for
     both splits.
 
-    The small pool is the laptop recipes' setting: a 2-core machine can train a model that draws ten fixed
-    glyphs well, not one that covers 400 handwritings per class. The test split then shares its images
-    with train, but its captions stay held out (module doc), so prompt generalisation is still measured.
+    The small pool makes a far easier task for small training budgets: ten fixed glyphs instead of 400
+    handwritings per class. The test split then shares its images with train, but its captions stay held
+    out (module doc), so prompt generalisation is still measured.
     """
     _check_split(split)
     if images_per_digit is None:
