@@ -148,10 +148,8 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
     """Restore models, optimisers and EMA from ``path`` (full file or sharded dir); returns its meta (step...).
     A network built differently from the one saved (its recorded architecture) is a ValueError."""
     if os.path.isdir(path):
-        meta_path = os.path.join(path, "meta.pt")
-        if os.path.isfile(meta_path):
-            check_architectures(path, torch.load(meta_path, map_location="cpu", weights_only=False).get(
-                "architectures"), models)
+        meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
+        check_architectures(path, meta.get("architectures"), models)
         import torch.distributed.checkpoint as dcp
 
         state = _sharded_state(models, optimizers, ema)
@@ -162,7 +160,7 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
             set_optimizer_state_dict(models[k], o, state[f"optim.{k}"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
+        return meta
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001
