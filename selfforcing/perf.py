@@ -9,14 +9,10 @@ from __future__ import annotations
 import time
 
 
-def forward_flops(config, query_tokens: int, key_tokens: int, text_tokens: int, cross_kv_cached: bool = True) -> int:
-    """Matmul FLOPs of one forward over ``query_tokens`` tokens attending to ``key_tokens`` self-attention keys
-    (its own included) and ``text_tokens`` text tokens. With ``cross_kv_cached`` the text K/V projections are not
-    recomputed (the cross-attention cache)."""
+def _layer_flops(config, n: int, m: int, lt: int, cross_kv_cached: bool) -> int:
+    """Matmul FLOPs of one transformer block: n query tokens, m self-attention keys, lt text tokens."""
     d = config.num_attention_heads * config.attention_head_dim
-    n, m, lt = query_tokens, key_tokens, text_tokens
-    patch = 2 * n * config.in_channels * config.patch_size[1] * config.patch_size[2] * d
-    per_layer = (
+    return (
         2 * n * 3 * d * d  # q, k, v projections
         + 2 * 2 * n * m * d  # scores and values
         + 2 * n * d * d  # output projection
@@ -26,8 +22,30 @@ def forward_flops(config, query_tokens: int, key_tokens: int, text_tokens: int, 
         + 2 * n * d * d  # cross-attention output
         + 2 * 2 * n * d * config.ffn_dim  # FFN
     )
-    head = 2 * n * d * config.out_channels * config.patch_size[1] * config.patch_size[2]
-    return patch + config.num_layers * per_layer + head
+
+
+def _patch_and_head_flops(config, n: int) -> tuple[int, int]:
+    d = config.num_attention_heads * config.attention_head_dim
+    pixels = config.patch_size[1] * config.patch_size[2]
+    return 2 * n * config.in_channels * pixels * d, 2 * n * d * config.out_channels * pixels
+
+
+def forward_flops(config, query_tokens: int, key_tokens: int, text_tokens: int, cross_kv_cached: bool = True) -> int:
+    """Matmul FLOPs of one forward over ``query_tokens`` tokens attending to ``key_tokens`` self-attention keys
+    (its own included) and ``text_tokens`` text tokens. With ``cross_kv_cached`` the text K/V projections are not
+    recomputed (the cross-attention cache)."""
+    patch, head = _patch_and_head_flops(config, query_tokens)
+    return patch + config.num_layers * _layer_flops(config, query_tokens, key_tokens, text_tokens,
+                                                    cross_kv_cached) + head
+
+
+def cache_pass_flops(config, query_tokens: int, key_tokens: int, text_tokens: int) -> int:
+    """Matmul FLOPs of a cache pass (``model(..., kv_only=True)``): every layer but the last in full, the last
+    one only up to its K/V projections (2 x 2 n D^2), no output head: what the cache keeps, nothing more."""
+    d = config.num_attention_heads * config.attention_head_dim
+    patch, _ = _patch_and_head_flops(config, query_tokens)
+    return (patch + (config.num_layers - 1) * _layer_flops(config, query_tokens, key_tokens, text_tokens, True)
+            + 2 * 2 * query_tokens * d * d)
 
 
 def chunk_step_flops(config, tokens_per_frame: int, chunk_frames: int, context_frames: int, text_tokens: int,
@@ -36,7 +54,7 @@ def chunk_step_flops(config, tokens_per_frame: int, chunk_frames: int, context_f
     ``context_frames`` cached frames, plus the cache pass of the clean chunk (Algorithm 2's inner loop)."""
     n = chunk_frames * tokens_per_frame
     m = n + context_frames * tokens_per_frame
-    return (num_steps + 1) * forward_flops(config, n, m, text_tokens)
+    return num_steps * forward_flops(config, n, m, text_tokens) + cache_pass_flops(config, n, m, text_tokens)
 
 
 def matmul_peak_gflops(size: int | None = None, repeats: int = 20, dtype=None, device: str = "cpu") -> float:

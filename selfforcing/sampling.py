@@ -76,12 +76,13 @@ def cache_chunk(model, x0: torch.Tensor, context: torch.Tensor, *, kv_cache, sta
     """G^KV(x0; t_ctx, KV): run the finished chunk at timestep ``context_noise`` to write its K/V.
 
     With context_noise = 0 the clean x0 itself is cached (Algorithms 1 and 2); with t_ctx > 0 the chunk is
-    first noised to t_ctx (context-noise augmentation). Always without gradient: the cache holds constants.
+    first noised to t_ctx (context-noise augmentation). Always without gradient: the cache holds constants. Only the
+    K/V are computed (``kv_only``): the last block stops after its K/V projection and there is no output head.
     """
     x = x0.detach()
     if context_noise > 0:
         x = flow.add_noise(x, _randn_like(x, generator), _full_t(x, context_noise))
-    model(x, _full_t(x, context_noise), context, kv_cache=kv_cache, start_frame=start_frame)
+    model(x, _full_t(x, context_noise), context, kv_cache=kv_cache, start_frame=start_frame, kv_only=True)
 
 
 def sample_exit_steps(

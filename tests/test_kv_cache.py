@@ -214,3 +214,26 @@ def test_planning_a_chunk_does_not_scan_the_whole_stream():
     assert cache.visible_frames(start, 3) == [0, 1, 2] + list(range(start - 3, start))
     glob = KVCache(num_layers=1, batch_size=1, num_heads=1, head_dim=4, tokens_per_frame=1, max_frames=8)
     assert glob.visible_frames(5, 3) == [0, 1, 2, 3, 4]
+
+
+def test_kv_only_cache_pass_writes_the_same_cache_as_a_full_forward():
+    """The cache pass of a sampler (``kv_only``: the last block stops after its K/V, no head) leaves the cache
+    exactly as the full forward does, the cross-attention K/V of a prompt first seen in that pass included."""
+    model = make_model(CFG, num_frame_per_block=2)
+    clean, noisy, t, ctx = _data(6, seed=5)
+    with torch.no_grad():
+        full = model.new_kv_cache(2, 4, 6, window_frames=4)
+        lean = model.new_kv_cache(2, 4, 6, window_frames=4)
+        outs = {}
+        for name, cache, kv_only in (("full", full, False), ("lean", lean, True)):
+            for s in (0, 2, 4):  # the prompt is first seen by a cache pass (chunk 0), like a prefilled stream
+                ret = model(clean[:, s:s + 2], torch.zeros(2, 2), ctx, kv_cache=cache, start_frame=s,
+                            kv_only=kv_only)
+                assert (ret is None) == kv_only
+            outs[name] = model(noisy[:, 4:6], t[:, 4:6], ctx, kv_cache=cache, start_frame=4)
+        assert torch.equal(full.k, lean.k) and torch.equal(full.v, lean.v)
+        assert all(torch.equal(a, b) for a, b in zip(full.cross_k + full.cross_v, lean.cross_k + lean.cross_v))
+        assert (full.end_frame, full.last_start) == (lean.end_frame, lean.last_start) == (6, 4)
+        torch.testing.assert_close(outs["lean"], outs["full"], atol=0, rtol=0)
+        with pytest.raises(ValueError, match="kv_only"):
+            model(clean[:, :2], torch.zeros(2, 2), ctx, kv_only=True)  # nothing to write into

@@ -7,10 +7,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selfforcing.commands.bench import STRATEGIES, new_stream_state
 from selfforcing.models import CausalWanModel
-from selfforcing.perf import chunk_step_flops, forward_flops
+from selfforcing.perf import cache_pass_flops, chunk_step_flops, forward_flops
 
 
-def test_forward_flops_match_torch_flop_counter():
+def test_forward_flops_match_torch_flop_counter(monkeypatch):
+    from selfforcing.models import causal_wan
+
+    # torch's FLOP counter does not see oneDNN's fused linear op: count the FFN through the BLAS path
+    monkeypatch.setattr(causal_wan, "onednn_linear_available", lambda: False)
     torch.manual_seed(0)
     model = CausalWanModel.from_preset("tiny", num_layers=2).eval()
     cache = model.new_kv_cache(1, 16, 16, max_frames=12)
@@ -28,7 +32,14 @@ def test_forward_flops_match_torch_flop_counter():
     # torch counts the linear layers (as addmm) exactly; its counter does not see the CPU SDPA kernel, so the
     # attention part is the closed form above
     assert counts["aten.addmm"] == expected - attention + time_embedding
-    assert chunk_step_flops(model.config, 64, 3, 6, 16, 4) == 5 * expected
+    # the cache pass of the same chunk (a re-run at t = 0): the last layer stops after its K/V, no head
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        assert model(torch.randn(1, 3, 8, 16, 16), torch.zeros(1, 3), ctx, kv_cache=cache, start_frame=6,
+                     kv_only=True) is None
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    cache_pass = cache_pass_flops(model.config, 3 * 64, 9 * 64, 16)
+    assert counts["aten.addmm"] == cache_pass - attention // layers + time_embedding
+    assert chunk_step_flops(model.config, 64, 3, 6, 16, 4) == 4 * expected + cache_pass
 
 
 def _forward_all_modes(model, grad: bool):
@@ -93,11 +104,11 @@ def test_recompute_strategies_equal_the_rolling_cache_while_the_window_fills():
 
 def test_cpu_inference_kernels_equal_torch_reference():
     """The CPU inference shortcuts compute the same functions as torch's kernels: the sigmoid-form tanh-GELU, the
-    matmul attention for short key sequences (text), the feature-major FFN."""
+    matmul attention for short key sequences (text), the feature-major and oneDNN FFNs, the in-place RMSNorm."""
     import torch.nn.functional as F
 
     from selfforcing.models.attention import _SHORT_KEYS, attention
-    from selfforcing.models.causal_wan import FeedForward, gelu_tanh_
+    from selfforcing.models.causal_wan import FeedForward, _rms_normed, gelu_tanh_, onednn_linear_available
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 6
@@ -111,8 +122,16 @@ def test_cpu_inference_kernels_equal_torch_reference():
             torch.testing.assert_close(attention(q, k, v), ref, atol=1e-6, rtol=1e-5)
     ffn = FeedForward(32, 96)
     h = torch.randn(2, 3, 7, 32, generator=g)
-    with torch.no_grad():
-        fast = ffn(h)
     slow = ffn.net[2](F.gelu(ffn.net[0].proj(h), approximate="tanh"))
-    assert fast.shape == h.shape
-    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        paths = {"forward": ffn(h), "feature_major": ffn._forward_feature_major(h)}
+        if onednn_linear_available():  # x86 builds of torch; elsewhere forward() takes the feature-major path
+            paths["onednn"] = ffn._forward_onednn(h)
+    for name, fast in paths.items():
+        assert fast.shape == h.shape, name
+        torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5, msg=name)
+    norm = torch.nn.RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        y = torch.randn(2, 9, 32, generator=g) * 3
+        torch.testing.assert_close(_rms_normed(norm, y.clone()), norm(y), atol=1e-6, rtol=1e-5)

@@ -227,12 +227,16 @@ class KVCache:
         self._last_plan = plan
 
     # ------------------------------------------------------------------ per-layer access
+    def write(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the chunk's K/V [B, n*T, H, Dh] into its slots."""
+        self.k[layer].index_copy_(1, plan.slot_index, k.detach().to(self.dtype))
+        self.v[layer].index_copy_(1, plan.slot_index, v.detach().to(self.dtype))
+
     def write_and_view(
         self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the chunk's K/V [B, n*T, H, Dh] into its slots; return the filled buffer as views."""
-        self.k[layer].index_copy_(1, plan.slot_index, k.detach().to(self.dtype))
-        self.v[layer].index_copy_(1, plan.slot_index, v.detach().to(self.dtype))
+        self.write(layer, plan, k, v)
         if plan.read_index is not None:
             return self.k[layer].index_select(1, plan.read_index), self.v[layer].index_select(1, plan.read_index)
         return self.k[layer, :, : plan.visible_tokens], self.v[layer, :, : plan.visible_tokens]
