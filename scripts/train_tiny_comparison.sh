@@ -8,9 +8,8 @@
 # Usage: scripts/train_tiny_comparison.sh [key=value overrides for every training stage]
 #   JOBS=N       training runs at once in stage 3 (default 1 on CPU; 6 is right for one GPU)
 #   SAMPLES=N    videos per method and length in the evaluation (default 16)
-#   BUDGET=cpu   the 2-core budget: the recipes' teacher, 128 ODE pairs of 24 steps, ODE init 500 steps, teacher
-#                and diffusion forcing 200 steps, CausVid / Self Forcing 100 steps each (EMA from step 50), 4 eval
-#                samples; about 2 h on 2 cores from the measured per-step times (README "Evaluation")
+#   BUDGET=cpu   the 2-core budget (scripts/tiny_budget.sh): 128 ODE pairs, ODE init 500 steps, TF/DF 200, CausVid /
+#                Self Forcing 100 steps each, 4 eval samples; 2 h 5 min end to end on 2 cores (README "Evaluation")
 # On one H100 the training stages took 18 minutes with JOBS=6 (BUDGET=full, the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +17,7 @@ SF="${SELFFORCING:-.venv/bin/selfforcing}"
 JOBS="${JOBS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 R=runs/tiny
-case "${BUDGET:-full}" in
-    full) ODE=(--num-prompts 512 --steps 48); INIT=(); BASELINE=(); DISTILL=(); SAMPLES="${SAMPLES:-16}" ;;
-    cpu)  ODE=(--num-prompts 128 --steps 24); INIT=(max_steps=500); BASELINE=(max_steps=200)
-          DISTILL=(max_steps=100 ema_start_step=50); SAMPLES="${SAMPLES:-4}" ;;
-    *) echo "BUDGET must be full or cpu" >&2; exit 2 ;;
-esac
+source scripts/tiny_budget.sh  # ODE, INIT, BASELINE, DISTILL, SAMPLES
 
 "$SF" train --config configs/tiny/teacher.yaml --no-progress "$@"
 "$SF" data ode-pairs --teacher $R/teacher/final "${ODE[@]}" --latent-shape 12,8,16,16 --shift 3 \
