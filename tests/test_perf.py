@@ -64,9 +64,9 @@ def _forward_all_modes(model, grad: bool):
 
 
 def test_inference_fast_path_equals_the_autograd_path():
-    """Without autograd the model updates the residual stream in place, runs the FFN on transposed (feature-major)
-    activations on CPU and shares RoPE tables and chunk plans; the outputs must stay those of the differentiable
-    path (rolling window + sinks)."""
+    """Without autograd the model updates the residual stream in place, runs the CPU shortcuts (the FFN through
+    oneDNN or on feature-major activations, the in-place RMSNorm, matmul attention over the text) and shares RoPE
+    tables and chunk plans; the outputs must stay those of the differentiable path (rolling window + sinks)."""
     torch.manual_seed(0)
     model = CausalWanModel.from_preset("tiny", num_layers=3, local_attn_size=6, sink_size=3).eval()
     fast = _forward_all_modes(model, grad=False)
