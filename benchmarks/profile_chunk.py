@@ -1,6 +1,6 @@
 """Where the time of one AR chunk step goes: torch.profiler's top operators (self CPU time) over a few chunk steps of
 ``selfforcing bench chunk``'s set-up (default: the small preset, a full window of 9 cached frames, 4 denoising steps
-plus the cache pass, float32, 2 threads).
+plus the cache pass, fused into the next chunk's first step as streaming does, float32, 2 threads).
 
     .venv/bin/python benchmarks/profile_chunk.py [--preset small] [--chunks 5] [--out benchmarks/results/profile_chunk_small.json]
 """
@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing.commands.bench import _steps, build_model
-from selfforcing.sampling import cache_chunk, denoise_chunk
+from selfforcing.sampling import denoise_chunk
 
 
 def main() -> None:
@@ -33,13 +33,12 @@ def main() -> None:
     steps = _steps(4)
     ctx = torch.randn(1, 16, c.text_dim)
     cache = model.new_kv_cache(1, 16, 16, window_frames=window, sink_frames=0)
-    start = 0
+    start, pending = 0, None
 
     def chunk():
-        nonlocal start
-        x0 = denoise_chunk(model, torch.randn(1, k, c.in_channels, 16, 16), steps, ctx, kv_cache=cache,
-                           start_frame=start)
-        cache_chunk(model, x0, ctx, kv_cache=cache, start_frame=start)
+        nonlocal start, pending
+        pending = denoise_chunk(model, torch.randn(1, k, c.in_channels, 16, 16), steps, ctx, kv_cache=cache,
+                                start_frame=start, pending=pending)
         start += k
 
     with torch.no_grad():

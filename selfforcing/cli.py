@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     name = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(load=name if name in COMMANDS else "")
     args = parser.parse_args(argv)
+    from .perf import keep_freed_memory
+
+    keep_freed_memory()  # every command allocates the same activations step after step (see its docstring)
     return _hooks(args.command)[1](args)
 
 

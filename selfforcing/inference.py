@@ -47,12 +47,17 @@ class StreamingGenerator:
         window_frames / sink_frames: rolling cache (default: the model config's local_attn_size / sink_size;
             no window means a global cache of ``max_frames``).
         max_frames: capacity of a global cache (ignored with a window).
+        fuse_cache_pass: cache each finished chunk in the same forward as the next chunk's first denoising step
+            (one pass over both chunks' tokens, :func:`~selfforcing.sampling.denoise_chunk` ``pending``): the same
+            video up to float rounding, less compute per chunk on CPU, and a chunk is returned before its cache
+            pass. The cache then holds the last returned chunk only after :meth:`cache_pending` (done
+            automatically before a prompt switch). False: the cache pass runs at the end of every chunk.
     """
 
     def __init__(self, model, autoencoder, text_encoder, latent_size: tuple[int, int], *,
                  steps: Sequence[float] | None = None, shift: float = 5.0, window_frames: int | None = None,
                  sink_frames: int | None = None, max_frames: int = 1024, batch_size: int = 1,
-                 negative_prompt: str = "") -> None:
+                 negative_prompt: str = "", fuse_cache_pass: bool = True) -> None:
         if getattr(text_encoder, "dim", model.config.text_dim) != model.config.text_dim:
             raise ValueError(f"text encoder gives {text_encoder.dim}-dim states, the model expects {model.config.text_dim}")
         self.model, self.autoencoder, self.text_encoder = model.eval(), autoencoder, text_encoder
@@ -64,6 +69,7 @@ class StreamingGenerator:
         self.sink = (cfg.sink_size if sink_frames is None else sink_frames) if self.window and self.window > 0 else 0
         self.max_frames, self.batch_size = max_frames, batch_size
         self.negative_prompt = negative_prompt
+        self.fuse_cache_pass = fuse_cache_pass
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = model.new_kv_cache(batch_size, *self.latent_size, max_frames=max_frames,
@@ -83,6 +89,16 @@ class StreamingGenerator:
         self._recent: deque[torch.Tensor] = deque(maxlen=ring)
         self._sinks: list[torch.Tensor] = []
         self.generator = None
+        self._pending: torch.Tensor | None = None  # the last chunk's latents while its cache pass waits (fused)
+
+    @torch.no_grad()
+    def cache_pending(self) -> None:
+        """Run the waiting cache pass of the last chunk now (under the prompt it was made with), so the cache holds
+        every generated frame. A no-op without ``fuse_cache_pass`` or when nothing waits."""
+        if self._pending is not None:
+            f = self._pending.shape[1]
+            cache_chunk(self.model, self._pending, self.context, kv_cache=self.cache, start_frame=self.frame - f)
+            self._pending = None
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         states = self.text_encoder.encode([prompt]).states.to(self.device, self.dtype)
@@ -136,6 +152,10 @@ class StreamingGenerator:
     def switch_prompt(self, prompt: str, recache: bool = False) -> None:
         """Use ``prompt`` from the next chunk on. Without ``recache`` only the cross-attention changes; with it the
         self-attention cache is rebuilt from the clean frames still in the window, under the new prompt."""
+        if recache:
+            self._pending = None  # the re-cache below rebuilds that chunk's K/V too, under the new prompt
+        else:
+            self.cache_pending()  # the finished chunk is cached under the prompt it was made with
         self.prompt, self.context = prompt, self._encode_prompt(prompt)
         if not recache or self.frame == 0:
             return
@@ -155,7 +175,8 @@ class StreamingGenerator:
 
     @torch.no_grad()
     def next_chunk(self) -> Chunk:
-        """Generate, cache and decode the next chunk (Algorithm 2, one iteration of its outer loop)."""
+        """Generate, cache and decode the next chunk (Algorithm 2, one iteration of its outer loop; with
+        ``fuse_cache_pass`` the caching happens in the next call's first step)."""
         if self.context is None:
             raise RuntimeError("call start(prompt) before next_chunk()")
         t0 = time.perf_counter()
@@ -164,8 +185,12 @@ class StreamingGenerator:
         c = self.model.config.in_channels
         noise = torch.randn((self.batch_size, f, c, h, w), generator=self.generator).to(self.device, self.dtype)
         x0 = denoise_chunk(self.model, noise, self.steps, self.context, generator=self.generator,
-                           kv_cache=self.cache, start_frame=self.frame)
-        cache_chunk(self.model, x0, self.context, kv_cache=self.cache, start_frame=self.frame)
+                           kv_cache=self.cache, start_frame=self.frame, pending=self._pending)
+        self._pending = None
+        if self.fuse_cache_pass:
+            self._pending = x0  # cached by the next chunk's first step
+        else:
+            cache_chunk(self.model, x0, self.context, kv_cache=self.cache, start_frame=self.frame)
         self._remember(x0)
         frames = self.decoder.decode_chunk(x0)
         chunk = Chunk(self.chunk_index, self.frame, x0, frames[0] if self.batch_size == 1 else frames,

@@ -46,6 +46,7 @@ def denoise_chunk(
     exit_step: int | None = None,
     grad_at_exit: bool = False,
     generator: torch.Generator | None = None,
+    pending: torch.Tensor | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Few-step sampling of one chunk: for j = 0..exit, x0 = G(x_{t_j}; t_j), x_{t_{j+1}} = Psi(x0, eps, t_{j+1}).
@@ -53,19 +54,29 @@ def denoise_chunk(
     Psi(x0, eps, t) = (1 - t/1000) x0 + (t/1000) eps with fresh eps (the re-noising of Algorithm 1, line 19).
     Every step but the exit runs without gradient; the exit step (default: the last) runs with gradient
     when ``grad_at_exit``. noise [B, f, C, H, W] is x_{t_0}; returns the exit step's x0 [B, f, C, H, W].
+
+    ``pending`` [B, f', C, H, W] (with ``kv_cache``): the previous chunk, finished but not yet cached (frames
+    [start_frame - f', start_frame), cached at t = 0). Its cache pass G^KV(x0; 0, KV) runs fused with the first
+    step (``pending_x`` of the model: one forward over both chunks' tokens), or just before it when that step
+    needs gradient. The result equals :func:`cache_chunk` followed by the plain sampler up to float rounding.
     """
     steps = [float(s) for s in steps]
     exit_step = len(steps) - 1 if exit_step is None else exit_step
     if not 0 <= exit_step < len(steps):
         raise ValueError(f"exit_step {exit_step} outside the {len(steps)} denoising steps")
+    if pending is not None and exit_step == 0 and grad_at_exit and torch.is_grad_enabled():
+        cache_chunk(model, pending, context, kv_cache=model_kwargs["kv_cache"],
+                    start_frame=model_kwargs["start_frame"] - pending.shape[1])
+        pending = None
     x = noise
     for j in range(exit_step + 1):
         t = _full_t(x, steps[j])
+        kw = dict(model_kwargs, pending_x=pending.detach()) if j == 0 and pending is not None else model_kwargs
         if j == exit_step:
             with torch.set_grad_enabled(grad_at_exit and torch.is_grad_enabled()):
-                return predict_x0(model, x, t, context, **model_kwargs)
+                return predict_x0(model, x, t, context, **kw)
         with torch.no_grad():
-            x0 = predict_x0(model, x, t, context, **model_kwargs)
+            x0 = predict_x0(model, x, t, context, **kw)
             x = flow.add_noise(x0, _randn_like(x0, generator), _full_t(x0, steps[j + 1]))
     raise AssertionError("unreachable")
 

@@ -237,3 +237,58 @@ def test_kv_only_cache_pass_writes_the_same_cache_as_a_full_forward():
         torch.testing.assert_close(outs["lean"], outs["full"], atol=0, rtol=0)
         with pytest.raises(ValueError, match="kv_only"):
             model(clean[:, :2], torch.zeros(2, 2), ctx, kv_only=True)  # nothing to write into
+
+
+@pytest.mark.parametrize("window,sink,block,independent_first", [
+    (-1, 0, 2, False),  # global cache
+    (4, 0, 2, False),  # the next chunk's write evicts frames the finished chunk still attends to
+    (5, 1, 2, False),  # sinks
+    (-1, 0, 2, True),  # a 1-frame first chunk fused with a 2-frame chunk
+])
+def test_fused_cache_pass_equals_the_cache_pass_then_the_step(window, sink, block, independent_first):
+    """``pending_x``: chunk i's cache pass inside chunk i+1's first step (one forward over both chunks' tokens)
+    gives chunk i+1 the output, and the cache the K/V, of the two separate passes (to float rounding), chunk after
+    chunk; the cache's bookkeeping is the same too, so the next steps re-run chunk i+1 as usual."""
+    model = make_model(CFG, num_frame_per_block=block, independent_first_frame=independent_first,
+                       local_attn_size=window, sink_size=sink)
+    clean, noisy, t, ctx = _data(9 if independent_first else 8, seed=6)
+    sizes = block_sizes_for(clean.shape[1], block, independent_first)
+
+    def cache():
+        return model.new_kv_cache(2, 4, 6, max_frames=clean.shape[1], window_frames=window, sink_frames=sink)
+
+    sep, fused = cache(), cache()
+    with torch.no_grad():
+        s = 0
+        for i, n in enumerate(sizes):
+            e = s + n
+            if i:
+                p = s - sizes[i - 1]
+                model(clean[:, p:s], torch.zeros(2, s - p), ctx, kv_cache=sep, start_frame=p, kv_only=True)
+            want = model(noisy[:, s:e], t[:, s:e], ctx, kv_cache=sep, start_frame=s)
+            got = model(noisy[:, s:e], t[:, s:e], ctx, kv_cache=fused, start_frame=s,
+                        pending_x=clean[:, s - sizes[i - 1]:s] if i else None)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(fused.k, sep.k, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(fused.v, sep.v, atol=2e-5, rtol=1e-5)
+            assert (fused.end_frame, fused.last_start) == (sep.end_frame, sep.last_start) == (e, s)
+            again = model(noisy[:, s:e], t[:, s:e] / 2, ctx, kv_cache=fused, start_frame=s)  # the next step
+            torch.testing.assert_close(again, model(noisy[:, s:e], t[:, s:e] / 2, ctx, kv_cache=sep, start_frame=s),
+                                       atol=2e-5, rtol=1e-5)
+            s = e
+
+
+def test_fused_cache_pass_rejects_what_it_cannot_do():
+    model = make_model(CFG, num_frame_per_block=2)
+    clean, noisy, t, ctx = _data(4, seed=7)
+    cache = model.new_kv_cache(2, 4, 6, max_frames=4)
+    with torch.no_grad():
+        model(noisy[:, :2], t[:, :2], ctx, kv_cache=cache, start_frame=0)
+        with pytest.raises(ValueError, match="pending_x"):  # a finished chunk cannot end before frame 0
+            model(noisy[:, :2], t[:, :2], ctx, kv_cache=cache, start_frame=0, pending_x=clean[:, :2])
+        with pytest.raises(ValueError, match="pending_x"):  # another latent size
+            model(noisy[:, 2:4], t[:, 2:4], ctx, kv_cache=cache, start_frame=2, pending_x=clean[:, :2, :, :2])
+        with pytest.raises(ValueError, match="pending_x"):
+            model(noisy[:, 2:4], t[:, 2:4], ctx, start_frame=2, pending_x=clean[:, :2])  # no cache
+    with pytest.raises(ValueError, match="pending_x"):  # the gradient path never writes the cache
+        model(noisy[:, 2:4], t[:, 2:4], ctx, kv_cache=cache, start_frame=2, pending_x=clean[:, :2])

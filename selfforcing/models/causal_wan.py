@@ -257,11 +257,35 @@ class FullAttention:
 
 @dataclass
 class CachedAttention:
-    """Write the chunk's K/V into the cache and attend over the filled cache (no gradients)."""
+    """Write the chunk's K/V into the cache and attend over the filled cache (no gradients).
+
+    With ``pending`` the tokens are [finished chunk | chunk]: the finished chunk's K/V are written first and its
+    queries attend over its own view of the cache, then the chunk's (whose write may evict frames the finished
+    chunk still sees in a rolling window, hence the order). ``pending_queries=False`` (the last block): the finished
+    chunk only writes its K/V and gets no attention output."""
 
     cache: KVCache
     plan: ChunkPlan
     layer: int
+    pending: ChunkPlan | None = None
+    pending_queries: bool = True
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [B, N, H, Dh] of the tokens -> attention output [B, N', H, Dh] (N' = N, or the chunk's only)."""
+        if self.pending is None:
+            return self._attend_one(self.plan, q, k, v)
+        n = self.pending.slot_index.numel()
+        first = self._attend_one(self.pending, q[:, :n], k[:, :n], v[:, :n], queries=self.pending_queries)
+        rest = self._attend_one(self.plan, q[:, n:], k[:, n:], v[:, n:])
+        return rest if first is None else torch.cat([first, rest], 1)
+
+    def _attend_one(self, plan: ChunkPlan, q, k, v, queries: bool = True) -> torch.Tensor | None:
+        k_all, v_all = self.cache.write_and_view(self.layer, plan, k, v)
+        if not queries:
+            return None
+        if k_all.dtype != q.dtype and torch.is_autocast_enabled(q.device.type):
+            q = q.to(k_all.dtype)  # mixed precision: attend in the cache's precision, never copy the cache
+        return attention(q, k_all.to(q.dtype), v_all.to(q.dtype))
 
 
 @dataclass
@@ -318,10 +342,7 @@ class WanAttention(nn.Module):
         if isinstance(how, FullAttention):
             out = attention(q, k, v, how.mask)
         elif isinstance(how, CachedAttention):
-            k_all, v_all = how.cache.write_and_view(how.layer, how.plan, k, v)
-            if k_all.dtype != q.dtype and torch.is_autocast_enabled(q.device.type):
-                q = q.to(k_all.dtype)  # mixed precision: attend in the cache's precision, never copy the cache
-            out = attention(q, k_all.to(q.dtype), v_all.to(q.dtype))
+            out = how.attend(q, k, v)
         else:
             out = attention(q, torch.cat([how.k.to(k.dtype), k], 1), torch.cat([how.v.to(v.dtype), v], 1))
         return self.to_out[0](out.flatten(2))
@@ -383,7 +404,13 @@ class CausalWanBlock(nn.Module):
         inplace = not torch.is_grad_enabled() and x.dtype == torch.float32
 
         h = _modulated_norm(xf, self.norm1, scale, shift).type_as(x)
-        a = self.attn1.self_attention(h.view(b, n, d), rope, how).view(b, nf, n // nf, d)
+        a = self.attn1.self_attention(h.view(b, n, d), rope, how)
+        tpf = n // nf
+        drop = nf - a.shape[1] // tpf  # frames of a finished chunk that only wrote their K/V (fused cache pass)
+        if drop:
+            xf, nf, n = xf[:, drop:], nf - drop, a.shape[1]
+            gate, c_shift, c_scale, c_gate = (m[:, drop:] for m in (gate, c_shift, c_scale, c_gate))
+        a = a.view(b, nf, tpf, d)
         xf = torch.addcmul(xf, a, gate) if inplace else (xf.float() + a * gate).type_as(x)
 
         h = _fp32_layer_norm(xf, self.norm2).type_as(x).view(b, n, d)
@@ -623,6 +650,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         clean_timestep: torch.Tensor | None = None,
         output_hidden_layers: tuple[int, ...] | None = None,
         kv_only: bool = False,
+        pending_x: torch.Tensor | None = None,
+        pending_timestep: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
         r"""Flow prediction v for latents ``x``.
 
@@ -643,6 +672,12 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             kv_only: with ``kv_cache`` and no gradients, only write the chunk's K/V (the cache pass of Algorithms
                 1 and 2, whose prediction is discarded): the last block stops after its K/V projection, the
                 head is skipped, and None is returned. The cache ends up exactly as after a full forward.
+            pending_x: with ``kv_cache`` and no gradients, a finished chunk [B, F', C, H, W] (frames
+                [start_frame - F', start_frame)) whose cache pass runs fused with this forward: its tokens go first
+                in one sequence, write their K/V (as ``kv_only`` would) and are attended by ``x``. One pass over
+                both chunks' tokens costs less than two on CPU (bigger matmuls, half the per-layer overhead); the
+                cache and the output equal the two separate passes up to float rounding. Same context for both.
+            pending_timestep: [B] or [B, F'] timesteps of ``pending_x`` (default 0: the clean chunk).
 
         Returns:
             v = eps - x0 predicted for ``x``: [B, F, C_out, H, W] (and {layer: tokens} if asked).
@@ -661,6 +696,9 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             raise ValueError("a KV cache needs causal=True (bidirectional attention sees future frames)")
         if kv_only and (kv_cache is None or output_hidden_layers or self._tracks_grad(x)):
             raise ValueError("kv_only (a cache pass) needs a kv_cache, no gradients and no output_hidden_layers")
+        if pending_x is not None and (kv_cache is None or kv_only or output_hidden_layers or self._tracks_grad(x)):
+            raise ValueError("pending_x (a fused cache pass) needs a kv_cache, no gradients, no kv_only and no "
+                             "output_hidden_layers")
         if clean_x is not None and (kv_cache is not None or not causal):
             raise ValueError("teacher forcing (clean_x) is a full causal forward: no kv_cache, causal=True")
 
@@ -672,14 +710,29 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         tracking = self._tracks_grad(x)
 
         # ---- how the self-attention of every layer sees its keys
-        plan = None
+        plan = pending = None
+        n_pending = 0
+        if pending_x is not None:
+            self._check_latents(pending_x, "pending_x")
+            n_pending = pending_x.shape[1]
+            if pending_x.shape[0] != b or pending_x.shape[3:] != x.shape[3:] or n_pending > start_frame:
+                raise ValueError(f"pending_x {tuple(pending_x.shape)} must be a finished chunk of the same batch and "
+                                 f"latent size as x {tuple(x.shape)} ending at start_frame={start_frame}")
+            pt = torch.zeros(b, n_pending, device=t.device, dtype=t.dtype) if pending_timestep is None else \
+                self._frame_timesteps(pending_timestep, b, n_pending, "pending_timestep")
+            pending = kv_cache.plan(start_frame - n_pending, n_pending, tpf, b)
+            kv_cache.commit(pending)  # the chunk below continues the stream after the finished one
+            tokens = torch.cat([self._patchify(pending_x), tokens], dim=1)
+            t = torch.cat([pt.to(t.dtype), t], dim=1)
         if kv_cache is not None:
             plan = kv_cache.plan(start_frame, nf, tpf, b)
             if tracking:
                 snap = kv_cache.snapshot_context(plan)
                 hows = [ContextAttention(k, v) for k, v in snap]
             else:
-                hows = [CachedAttention(kv_cache, plan, i) for i in range(cfg.num_layers)]
+                last = cfg.num_layers - 1
+                hows = [CachedAttention(kv_cache, plan, i, pending, pending_queries=i < last)
+                        for i in range(cfg.num_layers)]
         elif clean_x is not None:
             self._check_latents(clean_x, "clean_x")
             if clean_x.shape != x.shape:
@@ -713,7 +766,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             cross = [kv_cache.cross_slot(i) for i in range(cfg.num_layers)]
         else:
             ctx = self.encode_context(context)
-        rope = self.rope.table(start_frame, nf, h, w, device, repeats=2 if clean_x is not None else 1)
+        rope = self.rope.table(start_frame - n_pending, n_pending + nf, h, w, device,
+                               repeats=2 if clean_x is not None else 1)
 
         # ---- transformer blocks
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
@@ -732,6 +786,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             kv_cache.commit(plan)
         if kv_only:
             return None
+        if n_pending:  # the last block kept only this chunk's tokens
+            temb, n_all = temb[:, n_pending:], n_all - n_pending
 
         # ---- head: per-frame shift/scale, projection, unpatchify
         mod = (self.scale_shift_table[None] + temb[:, :, None, :].float()).unsqueeze(3)  # [B, F, 2, 1, D]
