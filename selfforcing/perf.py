@@ -84,7 +84,8 @@ def chunk_step_flops(config, tokens_per_frame: int, chunk_frames: int, context_f
     return num_steps * forward_flops(config, n, m, text_tokens) + cache_pass_flops(config, n, m, text_tokens)
 
 
-def matmul_peak_gflops(size: int | None = None, repeats: int = 20, dtype=None, device: str = "cpu") -> float:
+def matmul_peak_gflops(size: int | None = None, repeats: int = 20, dtype=None, device: str = "cpu",
+                       warmup: int = 3) -> float:
     """Best observed matmul throughput (GFLOP/s) of ``size`` x ``size`` products in ``dtype`` on ``device``
     (default size: 1024 on CPU, 8192 on a GPU, large enough to reach the tensor-core peak)."""
     import torch
@@ -94,7 +95,7 @@ def matmul_peak_gflops(size: int | None = None, repeats: int = 20, dtype=None, d
     cuda = str(device) != "cpu"
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    for _ in range(3):
+    for _ in range(warmup):
         a @ b
     best = float("inf")
     for _ in range(repeats):

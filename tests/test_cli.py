@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from PIL import Image
 
 from selfforcing.cli import main
@@ -28,6 +30,23 @@ def test_demo_streams_the_shipped_model(capsys, tmp_path):
     assert report["frames"] == 15 and report["first_chunk_latency_s"] > 0 and report["fps"] > 0
     assert read_video(out).shape == (15, 64, 64, 3)
     assert Image.open(sheet).size[0] > 64
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_bench_chunk_counts_the_same_work_fused_or_not(capsys, fuse):
+    """``bench chunk`` times S denoising steps + one cache pass per chunk, fused (the default, as streaming runs)
+    or not, against the FLOPs of the separate passes either way, and reports both peak fractions."""
+    from selfforcing.models import CausalWanModel
+    from selfforcing.perf import chunk_step_flops
+
+    args = ["bench", "chunk", "--preset", "tiny", "--repeats", "2", "--json"] + ([] if fuse else ["--no-fuse-cache-pass"])
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = CausalWanModel.from_preset("tiny").config
+    assert out["fused_cache_pass"] is fuse and out["repeats"] == 2
+    assert out["gflop"] == chunk_step_flops(config, 64, 3, 9, out["text_len"], 4) / 1e9
+    assert 0 < out["fraction_of_peak"] < 1.5 and 0 < out["fraction_of_local_peak"] < 1.5
+    assert out["achieved_gflops"] == pytest.approx(out["gflop"] / out["seconds"])
 
 
 def test_bench_stream_json_schema(capsys):
