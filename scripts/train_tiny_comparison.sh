@@ -17,9 +17,9 @@ SF="${SELFFORCING:-.venv/bin/selfforcing}"
 JOBS="${JOBS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 R=runs/tiny
-source scripts/tiny_budget.sh  # ODE, INIT, BASELINE, DISTILL, SAMPLES
+source scripts/tiny_budget.sh  # TEACHER, ODE, INIT, BASELINE, DISTILL, SAMPLES
 
-"$SF" train --config configs/tiny/teacher.yaml --no-progress "$@"
+"$SF" train --config configs/tiny/teacher.yaml --no-progress "${TEACHER[@]}" "$@"
 "$SF" data ode-pairs --teacher $R/teacher/final "${ODE[@]}" --latent-shape 12,8,16,16 --shift 3 \
     --guidance-scale 3 --text-len 24 --batch-size 32 --out $R/ode_pairs
 "$SF" train --config configs/tiny/ode_init.yaml --no-progress "${INIT[@]}" "$@"

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The laptop pipeline on Moving-Digits, stage by stage (each stage resumes if interrupted):
 #   1. bidirectional teacher   2. teacher ODE pairs   3. ODE-regression init   4. Self Forcing with DMD
-# Usage: [BUDGET=cpu] scripts/train_tiny_pipeline.sh [extra key=value overrides for every training stage]
-#   BUDGET=cpu: the 2-core budget of scripts/tiny_budget.sh, about 80 min on 2 cores; it made the shipped model
+# Usage: [BUDGET=cpu|cpu-long] [RUNS=runs/tiny] scripts/train_tiny_pipeline.sh [key=value overrides for every stage]
+#   BUDGET=cpu: the 2-core budget of scripts/tiny_budget.sh, about 80 min on 2 cores
+#   BUDGET=cpu-long: a longer teacher (TEACHER_STEPS), then the same stages; it made the shipped model (README)
+#   RUNS: the folder of the four stages' outputs (default runs/tiny, as the recipes say)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SF="${SELFFORCING:-.venv/bin/selfforcing}"
+R="${RUNS:-runs/tiny}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-source scripts/tiny_budget.sh  # ODE, INIT, DISTILL
+source scripts/tiny_budget.sh  # TEACHER, ODE, INIT, DISTILL
 
-"$SF" train --config configs/tiny/teacher.yaml "$@"
-"$SF" data ode-pairs --teacher runs/tiny/teacher/final "${ODE[@]}" --latent-shape 12,8,16,16 \
-    --shift 3 --guidance-scale 3 --text-len 24 --out runs/tiny/ode_pairs
-"$SF" train --config configs/tiny/ode_init.yaml "${INIT[@]}" "$@"
-"$SF" train --config configs/tiny/self_forcing_dmd.yaml "${DISTILL[@]}" "$@"
-echo "generator: runs/tiny/self_forcing_dmd/final"
+"$SF" train --config configs/tiny/teacher.yaml out_dir=$R/teacher "${TEACHER[@]}" "$@"
+"$SF" data ode-pairs --teacher $R/teacher/final "${ODE[@]}" --latent-shape 12,8,16,16 \
+    --shift 3 --guidance-scale 3 --text-len 24 --batch-size 32 --out $R/ode_pairs
+"$SF" train --config configs/tiny/ode_init.yaml out_dir=$R/ode_init generator.checkpoint=$R/teacher/final \
+    data.path=$R/ode_pairs "${INIT[@]}" "$@"
+"$SF" train --config configs/tiny/self_forcing_dmd.yaml out_dir=$R/self_forcing_dmd \
+    generator.checkpoint=$R/ode_init/final teacher.checkpoint=$R/teacher/final critic.checkpoint=$R/teacher/final \
+    "${DISTILL[@]}" "$@"
+echo "generator: $R/self_forcing_dmd/final"
