@@ -8,7 +8,8 @@ Modes of :meth:`CausalWanModel.forward` (latents are always [B, F, C, H, W]):
   itself and to earlier blocks (inside the rolling window with sinks, if configured);
 * teacher forcing (``clean_x=...``): the clean frames and the noisy frames in one sequence, each noisy
   block attending to the clean blocks before it and to itself;
-* KV cache (``kv_cache=...``): one chunk at a time, attending to the cached earlier frames.
+* KV cache (``kv_cache=...``): one chunk at a time, attending to the cached earlier frames; ``kv_only`` for a
+  cache pass alone, ``pending_x`` to run the previous chunk's cache pass in the same forward (fused).
 
 Every frame gets its own adaLN modulation from its own timestep ([B, F] timesteps). State-dict keys
 and shapes are those of ``diffusers.WanTransformer3DModel`` with the same config, so weights move
