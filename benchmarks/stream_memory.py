@@ -21,6 +21,7 @@ import torch
 from selfforcing.autoencoders import get_autoencoder
 from selfforcing.inference import StreamingGenerator
 from selfforcing.models import CausalWanModel
+from selfforcing.perf import keep_freed_memory
 from selfforcing.text import build_text_encoder
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--multiple", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/stream_memory.json")
     args = p.parse_args()
+    keep_freed_memory()  # as the selfforcing CLI does: freed blocks stay in the heap, so RSS is what the stream holds
     torch.manual_seed(0)
     model = CausalWanModel.from_preset(args.preset).eval()
     gen = StreamingGenerator(model, get_autoencoder("moving-digits"), build_text_encoder("minilm", 24), (16, 16),
