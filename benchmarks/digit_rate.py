@@ -1,0 +1,63 @@
+"""How often a generated frame holds a digit that the shipped digit classifier reads confidently, against real clips.
+
+    .venv/bin/python benchmarks/digit_rate.py moving-digits        # the shipped model (any checkpoint folder works)
+    .venv/bin/python benchmarks/digit_rate.py real                 # real Moving-Digits test clips, one digit each
+
+8 one-digit prompts (8 digits, 4 directions) x 96 frames streamed through the generator's rolling cache (seed = prompt
+index), or 8 real test clips of 96 frames. Per frame, :func:`selfforcing.eval.metrics.detect_digits` with one digit:
+``confident_digit_rate`` = share of frames with a detected digit of probability > 0.9, ``captioned_digit_rate`` =
+share whose detected digit is the prompt's with probability > 0.5. Prints one JSON object (``--out`` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from selfforcing.data.moving_digits import render_clip
+from selfforcing.eval.metrics import detect_digits
+
+PROMPTS = [(3, "right"), (7, "left"), (1, "up"), (5, "down"), (0, "right"), (8, "up"), (2, "left"), (9, "down")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", help="'real', a shipped model name or a checkpoint folder")
+    p.add_argument("--frames", type=int, default=96)
+    p.add_argument("--videos", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    videos, labels = [], []
+    if args.what == "real":
+        for i in range(args.videos):
+            clip = render_clip("test", i, num_frames=args.frames, num_digits=(1, 1))
+            videos.append(clip["video"])
+            labels.append(int(clip["labels"][0]))
+    else:
+        from selfforcing.pipeline import load_streaming_generator
+
+        gen, _ = load_streaming_generator(args.what)
+        for i in range(args.videos):
+            digit, direction = PROMPTS[i % len(PROMPTS)]
+            chunks = gen.stream(f"the digit {digit} moves {direction}", num_latent_frames=args.frames, seed=i)
+            videos.append(torch.cat([c.frames for c in chunks])[:args.frames])
+            labels.append(digit)
+    frames = torch.cat(videos)
+    det = detect_digits(frames, max_digits=1)
+    prob, label, valid = det["probs"][:, 0], det["labels"][:, 0], det["valid"][:, 0]
+    want = torch.tensor(labels).repeat_interleave(videos[0].shape[0])
+    result = {"benchmark": "digit_rate", "what": args.what, "frames": int(frames.shape[0]),
+              "confident_digit_rate": float(((prob > 0.9) & valid).float().mean()),
+              "captioned_digit_rate": float(((label == want) & (prob > 0.5)).float().mean()),
+              "mean_top_prob": float(prob.mean())}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
