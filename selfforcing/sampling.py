@@ -65,8 +65,8 @@ def denoise_chunk(
     if not 0 <= exit_step < len(steps):
         raise ValueError(f"exit_step {exit_step} outside the {len(steps)} denoising steps")
     if pending is not None and exit_step == 0 and grad_at_exit and torch.is_grad_enabled():
-        cache_chunk(model, pending, context, kv_cache=model_kwargs["kv_cache"],
-                    start_frame=model_kwargs["start_frame"] - pending.shape[1])
+        cache_chunk(model, pending, context, kv_cache=model_kwargs.get("kv_cache"),
+                    start_frame=model_kwargs.get("start_frame", 0) - pending.shape[1])
         pending = None
     x = noise
     for j in range(exit_step + 1):

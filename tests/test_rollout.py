@@ -181,3 +181,22 @@ def test_causal_many_step_sampler_with_separate_cfg_caches():
             x = x + float(sig[i + 1] - sig[i]) * (vu + 3.0 * (vc - vu))
     torch.testing.assert_close(a[:, :2], x, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(a).all()
+
+
+def test_pending_cache_pass_before_a_gradient_first_step():
+    """``denoise_chunk(pending=...)`` whose first step is the exit step with gradient runs the previous chunk's cache
+    pass on its own first (a cache pass never carries gradient), so the result equals cache pass + plain sampler."""
+    model, noise, ctx = _setup()
+    clean = noise[:, :2].flip(0)
+    outs = []
+    for fused in (False, True):
+        cache = model.new_kv_cache(2, 4, 4, max_frames=6)
+        with torch.no_grad():
+            model(noise[:, :2], torch.full((2, 2), 500.0), ctx, kv_cache=cache, start_frame=0)
+            if not fused:
+                cache_chunk(model, clean, ctx, kv_cache=cache, start_frame=0)
+        x0 = denoise_chunk(model, noise[:, 2:4], STEPS, ctx, exit_step=0, grad_at_exit=True, kv_cache=cache,
+                           start_frame=2, pending=clean if fused else None)
+        assert x0.requires_grad and not cache.k.requires_grad
+        outs.append(x0.detach())
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
