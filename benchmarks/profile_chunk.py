@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing.commands.bench import _steps, build_model
-from selfforcing.sampling import denoise_chunk
+from selfforcing.sampling import generate_chunk
 
 
 def main() -> None:
@@ -37,8 +37,8 @@ def main() -> None:
 
     def chunk():
         nonlocal start, pending
-        pending = denoise_chunk(model, torch.randn(1, k, c.in_channels, 16, 16), steps, ctx, kv_cache=cache,
-                                start_frame=start, pending=pending)
+        _, pending = generate_chunk(model, torch.randn(1, k, c.in_channels, 16, 16), steps, ctx, kv_cache=cache,
+                                    start_frame=start, pending=pending)
         start += k
 
     with torch.no_grad():

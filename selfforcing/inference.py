@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import flow
-from .sampling import cache_chunk, denoise_chunk
+from .sampling import cache_chunk, generate_chunk
 
 
 @dataclass
@@ -184,13 +184,9 @@ class StreamingGenerator:
         h, w = self.latent_size
         c = self.model.config.in_channels
         noise = torch.randn((self.batch_size, f, c, h, w), generator=self.generator).to(self.device, self.dtype)
-        x0 = denoise_chunk(self.model, noise, self.steps, self.context, generator=self.generator,
-                           kv_cache=self.cache, start_frame=self.frame, pending=self._pending)
-        self._pending = None
-        if self.fuse_cache_pass:
-            self._pending = x0  # cached by the next chunk's first step
-        else:
-            cache_chunk(self.model, x0, self.context, kv_cache=self.cache, start_frame=self.frame)
+        x0, self._pending = generate_chunk(self.model, noise, self.steps, self.context, kv_cache=self.cache,
+                                           start_frame=self.frame, pending=self._pending,
+                                           fuse_cache_pass=self.fuse_cache_pass, generator=self.generator)
         self._remember(x0)
         frames = self.decoder.decode_chunk(x0)
         chunk = Chunk(self.chunk_index, self.frame, x0, frames[0] if self.batch_size == 1 else frames,

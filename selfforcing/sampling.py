@@ -4,6 +4,7 @@
 * :func:`denoise_chunk` -- the few-step sampler of one chunk (DMD2 / CausVid style): predict x0, re-noise
   to the next listed timestep with fresh noise, repeat; optionally stop at an "exit" step with gradient.
 * :func:`cache_chunk` -- G^KV(x0; t_ctx, KV): run the finished chunk once more to cache its K/V.
+* :func:`generate_chunk` -- one inference chunk: the sampler, then its cache pass (now, or fused into the next chunk).
 * :func:`rollout_with_kv_cache` -- Algorithm 1 (training) and Algorithm 2 (inference) of the paper:
   chunks one after another through the KV cache.
 * :func:`sample_exit_steps` -- the exit step(s) of a Self Forcing iteration.
@@ -94,6 +95,21 @@ def cache_chunk(model, x0: torch.Tensor, context: torch.Tensor, *, kv_cache, sta
     if context_noise > 0:
         x = flow.add_noise(x, _randn_like(x, generator), _full_t(x, context_noise))
     model(x, _full_t(x, context_noise), context, kv_cache=kv_cache, start_frame=start_frame, kv_only=True)
+
+
+def generate_chunk(model, noise: torch.Tensor, steps, context: torch.Tensor, *, kv_cache, start_frame: int,
+                   pending: torch.Tensor | None = None, fuse_cache_pass: bool = True,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of Algorithm 2 (inference): :func:`denoise_chunk` of ``noise`` [B, f, C, H, W] against the cache (with
+    the previous chunk's ``pending`` cache pass fused into its first step), then the clean chunk's own cache pass:
+    deferred to the next chunk with ``fuse_cache_pass``, else :func:`cache_chunk` now.
+    Returns (x0 [B, f, C, H, W], the ``pending`` to hand to the next chunk: x0, or None when already cached)."""
+    x0 = denoise_chunk(model, noise, steps, context, generator=generator, kv_cache=kv_cache, start_frame=start_frame,
+                       pending=pending)
+    if fuse_cache_pass:
+        return x0, x0
+    cache_chunk(model, x0, context, kv_cache=kv_cache, start_frame=start_frame)
+    return x0, None
 
 
 def sample_exit_steps(

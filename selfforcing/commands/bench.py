@@ -90,12 +90,10 @@ def _remember(state: dict, x0) -> None:
 
 def _chunk_rolling(model, state, x, steps, ctx, start, generator=None):
     """What ``StreamingGenerator`` does: the previous chunk's cache pass runs fused with this chunk's first step."""
-    from selfforcing.sampling import denoise_chunk
+    from selfforcing.sampling import generate_chunk
 
-    pending = state.get("pending") if start > 0 else None
-    x0 = denoise_chunk(model, x, steps, ctx, kv_cache=state["cache"], start_frame=start, generator=generator,
-                       pending=pending)
-    state["pending"] = x0
+    x0, state["pending"] = generate_chunk(model, x, steps, ctx, kv_cache=state["cache"], start_frame=start,
+                                          pending=state.get("pending") if start > 0 else None, generator=generator)
     return x0
 
 
@@ -319,7 +317,7 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
     import torch
 
     from selfforcing.perf import chunk_step_flops, matmul_peak_gflops
-    from selfforcing.sampling import cache_chunk, denoise_chunk
+    from selfforcing.sampling import generate_chunk
 
     load_before = _load()
     wan, (h, w), text_len = _defaults(preset, latent_size, text_len)
@@ -340,11 +338,8 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
             x = torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
             _sync(device)
             t0 = time.perf_counter()
-            x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start, generator=g, pending=pending)
-            if fuse_cache_pass:
-                pending = x0
-            else:
-                cache_chunk(model, x0, ctx, kv_cache=cache, start_frame=start)
+            _, pending = generate_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start, pending=pending,
+                                        fuse_cache_pass=fuse_cache_pass, generator=g)
             _sync(device)
             dt = time.perf_counter() - t0
             if start >= context_frames + k:  # a full window of context (and one such chunk as warm-up)
