@@ -110,6 +110,13 @@ class PipelineSpec:
         """The spec of a checkpoint (a folder, or a file beside which it lies); the defaults if it has none."""
         return cls.load(os.path.dirname(spec_file(checkpoint)))
 
+    def clip_settings(self) -> dict:
+        """The Moving-Digits settings of the training clips as ``render_clip`` keywords: ``num_digits`` (lo, hi) and
+        ``images_per_digit`` (None: every image), the dataset's defaults where ``dataset`` does not say."""
+        lo, hi = self.dataset.get("num_digits", (1, 2))
+        images = self.dataset.get("images_per_digit")
+        return {"num_digits": (int(lo), int(hi)), "images_per_digit": None if images is None else int(images)}
+
     def replace(self, **changes) -> PipelineSpec:
         """A copy with the non-None ``changes`` applied (command-line overrides)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -37,6 +37,23 @@ def test_spec_round_trip_and_bad_files(tmp_path):
         PipelineSpec(sampler="magic")
 
 
+def test_clip_settings_follow_the_recorded_dataset():
+    """The real clips a model is compared with are drawn as its training clips were (JSON gives lists, render_clip
+    wants a tuple); a spec without a dataset gets Moving-Digits' defaults, the same as render_clip's own."""
+    import inspect
+
+    from selfforcing.data.moving_digits import digit_pool, render_clip
+
+    spec = PipelineSpec(dataset={"kind": "moving-digits", "num_digits": [1, 1], "images_per_digit": 4, "size": 64})
+    assert spec.clip_settings() == {"num_digits": (1, 1), "images_per_digit": 4}
+    defaults = {k: v.default for k, v in inspect.signature(render_clip).parameters.items()}
+    assert PipelineSpec().clip_settings() == {"num_digits": defaults["num_digits"],
+                                              "images_per_digit": defaults["images_per_digit"]}
+    clip = render_clip("test", 0, num_frames=1, **spec.clip_settings())
+    pool = digit_pool("test", 4)
+    assert len(clip["labels"]) == 1 and int(clip["image_indices"][0]) in pool[int(clip["labels"][0])].tolist()
+
+
 def test_unknown_model_names_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a path nor a shipped model"):
         resolve_checkpoint("no-such-model")
@@ -99,7 +116,8 @@ def test_generate_follows_the_spec_like_explicit_flags(tmp_path, capsys):
 
 def test_the_shipped_model_makes_digit_like_video():
     """The default model is a real trained generator: in the digit classifier's feature space its clips lie far
-    closer to real Moving-Digits clips than the clips of the same network with random weights do."""
+    closer to real Moving-Digits clips (drawn as its training clips were, from its pipeline.json) than the clips of
+    the same network with random weights do."""
     import os
 
     from selfforcing.data.moving_digits import render_clip
@@ -111,14 +129,15 @@ def test_the_shipped_model_makes_digit_like_video():
     gen, spec = load_streaming_generator()
     assert spec.sampler == "few-step" and spec.training_frames == 12 and spec.shift == 3.0
 
-    prompts = [render_clip("test", i, num_frames=1)["caption"] for i in range(8)]
+    clips = spec.clip_settings()
+    prompts = [render_clip("test", i, num_frames=1, **clips)["caption"] for i in range(8)]
 
     def features(generator):
         videos = torch.stack([torch.cat([c.frames for c in generator.stream(p, 12, seed=i)])
                               for i, p in enumerate(prompts)])
         return frame_features(videos).flatten(0, 1)
 
-    real = frame_features(torch.stack([render_clip("test", 100 + i, num_frames=12)["video"] for i in range(32)]))
+    real = frame_features(torch.stack([render_clip("test", 100 + i, num_frames=12, **clips)["video"] for i in range(32)]))
     real = real.flatten(0, 1)
     fd_shipped = frechet_distance(features(gen), real)
     torch.manual_seed(0)

@@ -65,9 +65,9 @@ def _real_clip_settings(args: argparse.Namespace, checkpoint: str) -> tuple[tupl
     in the first checkpoint's pipeline.json, else the dataset's defaults (1..2 digits, every image)."""
     from selfforcing.pipeline import PipelineSpec
 
-    data = PipelineSpec.for_checkpoint(checkpoint).dataset if os.path.exists(checkpoint) else {}
-    lo, hi = args.num_digits if args.num_digits is not None else data.get("num_digits", (1, 2))
-    images = args.images_per_digit if args.images_per_digit is not None else data.get("images_per_digit")
+    clips = (PipelineSpec.for_checkpoint(checkpoint) if os.path.exists(checkpoint) else PipelineSpec()).clip_settings()
+    lo, hi = args.num_digits if args.num_digits is not None else clips["num_digits"]
+    images = args.images_per_digit if args.images_per_digit is not None else clips["images_per_digit"]
     return (int(lo), int(hi)), images
 
 
