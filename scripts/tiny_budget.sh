@@ -8,7 +8,8 @@
 #         student read fewer digits than the cpu budget's (README "Results"), so it is an experiment, not the default
 #   cpu-1digit: easier data for the 2-core budget: one digit per clip, each class drawn from its first
 #         IMAGES_PER_DIGIT (default 4) MNIST images; the teacher at 4x the learning rate (1.2e-3, which halved the
-#         loss gap in a 300-step probe) for TEACHER_STEPS (default 1800); then the cpu budget's later stages
+#         loss gap in a 300-step probe) for TEACHER_STEPS (default 1800); then 128 ODE pairs, ODE init 500 steps and
+#         Self Forcing 200 steps (EMA from step 50). It made the shipped model (README "Results"), about 85 min
 case "${BUDGET:-full}" in
     full) TEACHER=(); ODE=(--num-prompts 512 --steps 48); INIT=(); BASELINE=(); DISTILL=(); SAMPLES="${SAMPLES:-16}" ;;
     cpu)  TEACHER=(); ODE=(--num-prompts 128 --steps 24); INIT=(max_steps=500); BASELINE=(max_steps=200)
@@ -18,6 +19,6 @@ case "${BUDGET:-full}" in
     cpu-1digit) ONE=("data.num_digits=[1,1]" "data.images_per_digit=${IMAGES_PER_DIGIT:-4}")
           TEACHER=(max_steps="${TEACHER_STEPS:-1800}" generator_optim.lr=1.2e-3 "${ONE[@]}")
           ODE=(--num-prompts 128 --steps 24 --num-digits 1,1); INIT=(max_steps=500); BASELINE=(max_steps=200 "${ONE[@]}")
-          DISTILL=(max_steps=100 ema_start_step=50 "${ONE[@]}"); SAMPLES="${SAMPLES:-4}" ;;
+          DISTILL=(max_steps=200 ema_start_step=50 "${ONE[@]}"); SAMPLES="${SAMPLES:-4}" ;;
     *) echo "BUDGET must be full, cpu, cpu-long or cpu-1digit" >&2; exit 2 ;;
 esac
