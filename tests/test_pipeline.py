@@ -137,7 +137,8 @@ def test_the_shipped_model_makes_digit_like_video():
                               for i, p in enumerate(prompts)])
         return frame_features(videos).flatten(0, 1)
 
-    real = frame_features(torch.stack([render_clip("test", 100 + i, num_frames=12, **clips)["video"] for i in range(32)]))
+    real = frame_features(torch.stack([render_clip("test", 100 + i, num_frames=12, **clips)["video"]
+                                       for i in range(32)]))
     real = real.flatten(0, 1)
     fd_shipped = frechet_distance(features(gen), real)
     torch.manual_seed(0)
