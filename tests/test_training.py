@@ -180,3 +180,47 @@ def test_resume_into_a_differently_built_network_is_a_clear_error(tmp_path):
         train(other, progress=False, resume=True)
     assert ckpt.read_bytes() == before
     train(_cfg(tmp_path, max_steps=4, checkpoint_every=2, method="teacher"), progress=False, resume=True)  # same: fine
+
+
+def test_learning_rate_factor_is_warmup_stable_decay():
+    """Warmup rises linearly to 1, holds until the decay starts, then falls to min_lr_ratio at max_steps
+    (cosine through the midpoint (1 + r) / 2, linear likewise); the default is the paper's constant rate."""
+    from selfforcing.training.config import OptimConfig
+    from selfforcing.training.trainer import learning_rate_factor as f
+
+    assert [f(s, OptimConfig(), 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    o = OptimConfig(warmup_steps=4, decay="cosine", decay_start_step=20, min_lr_ratio=0.1)
+    assert [f(s, o, 120) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(19, o, 120) == 1.0 and f(20, o, 120) == 1.0
+    assert f(70, o, 120) == pytest.approx(0.55) and f(120, o, 120) == pytest.approx(0.1)
+    assert f(500, o, 120) == pytest.approx(0.1)  # past the recipe's end it stays at the floor
+    values = [f(s, o, 120) for s in range(20, 121)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    lin = OptimConfig(decay="linear", warmup_steps=10)  # the decay starts after the warmup
+    assert f(10, lin, 110) == 1.0 and f(60, lin, 110) == pytest.approx(0.5) and f(110, lin, 110) == 0.0
+    with pytest.raises(ValueError, match="unknown learning-rate decay 'step'"):
+        OptimConfig(decay="step")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        OptimConfig(min_lr_ratio=1.5)
+
+
+def test_scheduled_learning_rate_is_applied_and_resumes_exactly(tmp_path):
+    """Each step's AdamW update uses lr * factor(step) of the recipe's max_steps, for the generator and the critic;
+    a run stopped at step 3 and resumed equals a straight 6-step run, because the schedule is a function of the step."""
+    from selfforcing.training.trainer import learning_rate_factor
+
+    sched = {"lr": 1e-3, "warmup_steps": 2, "decay": "cosine", "decay_start_step": 3, "min_lr_ratio": 0.2}
+    kw = dict(method="self_forcing", max_steps=6, checkpoint_every=3, generator_optim=sched,
+              critic_optim={**sched, "lr": 2e-3}, dm={"critic_updates_per_generator_update": 2})
+    straight = train(_cfg(tmp_path / "a", **kw), progress=False, resume=False)
+    cfg = _cfg(tmp_path / "a", **kw).generator_optim
+    for h in straight.history:
+        name = "generator" if "generator_lr" in h else "critic"
+        want = (1e-3 if name == "generator" else 2e-3) * learning_rate_factor(h["step"] - 1, cfg, 6)
+        assert h[f"{name}_lr"] == pytest.approx(want)
+    assert {h["step"] for h in straight.history if "critic_lr" in h} and \
+        {h["step"] for h in straight.history if "generator_lr" in h}
+    train(_cfg(tmp_path / "b", **kw), max_steps=3, progress=False, resume=False)
+    resumed = train(_cfg(tmp_path / "b", **kw), progress=False, resume=True)
+    for (k, p), q in zip(straight.method.generator.state_dict().items(), resumed.method.generator.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=k)

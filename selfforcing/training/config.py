@@ -8,6 +8,7 @@ from typing import Any
 
 METHODS = ("teacher", "teacher_forcing", "diffusion_forcing", "ode_init", "causvid", "self_forcing")
 DISTRIBUTION_LOSSES = ("dmd", "sid", "gan")
+LR_DECAYS = ("none", "cosine", "linear")
 
 
 @dataclass
@@ -22,13 +23,28 @@ class ModelSpec:
 
 @dataclass
 class OptimConfig:
-    """AdamW with gradient clipping (constant learning rate)."""
+    """AdamW with gradient clipping and a warmup-stable-decay learning rate (see
+    :func:`selfforcing.training.trainer.learning_rate_factor`): a linear warmup over ``warmup_steps``, ``lr``
+    until ``decay_start_step``, then ``decay`` (none | cosine | linear) down to ``lr * min_lr_ratio`` at the
+    recipe's ``max_steps``. The defaults are the paper's constant learning rate."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
     max_grad_norm: float = 10.0
+    warmup_steps: int = 0
+    decay: str = "none"  # none | cosine | linear
+    decay_start_step: int = 0  # the decay begins here (or after the warmup, whichever is later)
+    min_lr_ratio: float = 0.0  # the learning rate at max_steps, as a fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.decay not in LR_DECAYS:
+            raise ValueError(f"unknown learning-rate decay {self.decay!r}; choose one of {list(LR_DECAYS)}")
+        if self.warmup_steps < 0 or self.decay_start_step < 0:
+            raise ValueError("warmup_steps and decay_start_step must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import warnings
@@ -22,7 +23,7 @@ from ..models import CausalWanModel
 from ..pipeline import PipelineSpec
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ModelSpec, TrainConfig
+from .config import ModelSpec, OptimConfig, TrainConfig
 from .data import build_batch_source
 from .ema import EMA
 from .methods import METHOD_CLASSES, GANCritic, needs_critic, needs_teacher
@@ -95,6 +96,29 @@ def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
 
 
+def learning_rate_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """The multiplier of ``optim.lr`` at optimisation step ``step`` (0-based) of a ``max_steps`` recipe:
+    warmup-stable-decay. With W = warmup_steps, S = max(decay_start_step, W), r = min_lr_ratio and
+    p = (step - S) / (max_steps - S) clipped to [0, 1]:
+
+        step < W:   (step + 1) / W                       (linear warmup; the first step already moves)
+        step < S:   1
+        otherwise:  r + (1 - r) * (1 + cos(pi p)) / 2    (cosine)   or   1 - (1 - r) p   (linear)
+
+    A pure function of the step, so a resumed run follows the same schedule as a straight one.
+    """
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    start = max(optim.decay_start_step, optim.warmup_steps)
+    if optim.decay == "none" or step < start:
+        return 1.0
+    p = min(1.0, (step - start) / max(1, max_steps - start))
+    r = optim.min_lr_ratio
+    if optim.decay == "cosine":
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+    return 1.0 - (1.0 - r) * p
+
+
 def train_step(cfg: TrainConfig, state: TrainState, batches, device: torch.device) -> dict[str, float]:
     """One optimisation step of every network the method updates at ``state.step``; returns the logs."""
     step = state.step
@@ -118,6 +142,10 @@ def train_step(cfg: TrainConfig, state: TrainState, batches, device: torch.devic
         params = [p for p in model.parameters() if p.grad is not None]
         gn = torch.nn.utils.clip_grad_norm_(params, optim_cfg.max_grad_norm) if params else torch.tensor(0.0)
         logs[f"{name}_grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        lr = optim_cfg.lr * learning_rate_factor(step, optim_cfg, cfg.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logs[f"{name}_lr"] = lr
         opt.step()
         if name == "generator" and state.ema is not None:
             state.ema.update(step)
