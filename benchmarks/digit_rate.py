@@ -6,7 +6,8 @@
 8 one-digit prompts (8 digits, 4 directions) x 96 frames streamed through the generator's rolling cache (seed = prompt
 index), or 8 real test clips of 96 frames. Per frame, :func:`selfforcing.eval.metrics.detect_digits` with one digit:
 ``confident_digit_rate`` = share of frames with a detected digit of probability > 0.9, ``captioned_digit_rate`` =
-share whose detected digit is the prompt's with probability > 0.5. Prints one JSON object (``--out`` also writes it).
+share whose detected digit is the prompt's with probability > 0.5; both also per video (``per_video``). Prints one
+JSON object (``--out`` also writes it).
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ def main() -> None:
     det = detect_digits(frames, max_digits=1)
     prob, label, valid = det["probs"][:, 0], det["labels"][:, 0], det["valid"][:, 0]
     want = torch.tensor(labels).repeat_interleave(videos[0].shape[0])
+    confident, captioned = (prob > 0.9) & valid, (label == want) & (prob > 0.5)
+    per_video = [{"digit": d, "confident_digit_rate": float(c.float().mean()),
+                  "captioned_digit_rate": float(k.float().mean())}
+                 for d, c, k in zip(labels, confident.chunk(len(videos)), captioned.chunk(len(videos)))]
     result = {"benchmark": "digit_rate", "what": args.what, "frames": int(frames.shape[0]),
-              "confident_digit_rate": float(((prob > 0.9) & valid).float().mean()),
-              "captioned_digit_rate": float(((label == want) & (prob > 0.5)).float().mean()),
-              "mean_top_prob": float(prob.mean())}
+              "confident_digit_rate": float(confident.float().mean()),
+              "captioned_digit_rate": float(captioned.float().mean()),
+              "mean_top_prob": float(prob.mean()), "per_video": per_video}
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as fh:

@@ -10,7 +10,8 @@
 #         IMAGES_PER_DIGIT (default 4) MNIST images; the teacher at 4x the learning rate (1.2e-3: loss 0.68 vs 0.84
 #         over steps 200-300 of a 300-step probe) for TEACHER_STEPS (default 3000), held until DECAY_START (default
 #         1800), then cosine down to 5% of it (its samples at a constant 1.2e-3 were clean at step 1250 and fragmented
-#         again at 1500); then 128 ODE pairs, ODE init 500 steps and Self Forcing 200 steps (EMA from step 50)
+#         again at 1500); then 128 ODE pairs, ODE init 500 steps and Self Forcing 200 steps (EMA from step 50).
+#         It made the shipped model (README "Results"), about 2 h on 2 cores
 case "${BUDGET:-full}" in
     full) TEACHER=(); ODE=(--num-prompts 512 --steps 48); INIT=(); BASELINE=(); DISTILL=(); SAMPLES="${SAMPLES:-16}" ;;
     cpu)  TEACHER=(); ODE=(--num-prompts 128 --steps 24); INIT=(max_steps=500); BASELINE=(max_steps=200)
