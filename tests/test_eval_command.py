@@ -105,6 +105,32 @@ def test_resume_skips_finished_work(first_run, monkeypatch):
     assert all(p.stat().st_mtime_ns == before[p] for p in files if p != lost)
 
 
+def test_cached_results_follow_the_weights_not_their_path(first_run, tmp_path, monkeypatch):
+    """The cache is keyed by the checkpoints' content: the same folders copied elsewhere (new paths, new mtimes)
+    regenerate nothing; new weights under one of those paths regenerate that method's samples and no others."""
+    import shutil
+
+    out, checkpoints, _ = first_run
+    shutil.copytree(out, tmp_path / "out")
+    moved = []
+    for spec in checkpoints:
+        name, rest = spec.split("=", 1)
+        src, _, sampler = rest.partition(":")
+        dst = tmp_path / "moved" / name
+        dst.mkdir(parents=True)
+        for f in os.listdir(src):
+            shutil.copyfile(os.path.join(src, f), dst / f)  # new mtimes
+        moved.append(f"{name}={dst}" + (f":{sampler}" if sampler else ""))
+    calls = []
+    orig = ev.Evaluator.generate
+    monkeypatch.setattr(ev.Evaluator, "generate", lambda self, *a, **k: calls.append(a[1].name) or orig(self, *a, **k))
+    assert main(_args(tmp_path / "out", *moved)) == 0
+    assert calls == []
+    _tiny(5).save_pretrained(tmp_path / "moved" / "sf")  # retrained in place
+    assert main(_args(tmp_path / "out", *moved)) == 0
+    assert calls and set(calls) == {"sf"}
+
+
 @pytest.mark.parametrize("kv_window", [None, 6])
 def test_gt_cache_fed_own_rollout_reproduces_it(kv_window):
     """The GT-cache loops, fed the model's own rollout as 'ground truth', must give back that rollout: the two

@@ -37,6 +37,7 @@ those and generates only what is missing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,7 +53,7 @@ from ..fileio import atomic_write, atomic_write_text
 
 SAMPLERS = ("few-step", "many-step", "bidirectional")
 REAL = "real"  # the built-in baseline: held-out real clips scored like a method
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: checkpoints keyed by content, not by path and mtime
 _STATS = ("brightness", "contrast", "saturation")
 _METHOD_KEYS = {"name", "checkpoint", "sampler", "preset", "use_ema", "num_steps", "guidance_scale", "shift",
                 "steps"}
@@ -231,12 +232,24 @@ def _digest(obj) -> str:
 
 
 def _checkpoint_stamp(path: str) -> list:
-    """(name, size, mtime) of the checkpoint's files, so a retrained checkpoint invalidates cached results."""
+    """[name, size, SHA-256] of the checkpoint's files: what the weights are, not where they lie or when they were
+    written, so a retrained checkpoint invalidates cached results while a moved or copied one keeps them."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     else:
         files = [path]
-    return [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+    return [[os.path.basename(f), os.path.getsize(f), _file_sha256(os.path.abspath(f), os.stat(f).st_mtime_ns,
+                                                                    os.path.getsize(f))] for f in files]
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """SHA-256 of a file, read once per (path, mtime, size) in a process (about 1 s per GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def run_config(checkpoint: str) -> dict:
@@ -519,7 +532,8 @@ class Evaluator:
     # ---------------------------------------------------------------- generation
     def _method_key(self, m: MethodSpec, length: int) -> dict:
         s = self.s
-        return {"v": _CACHE_VERSION, "method": asdict(m), "stamp": _checkpoint_stamp(m.checkpoint),
+        method = {k: v for k, v in asdict(m).items() if k != "checkpoint"}  # its content is in the stamp
+        return {"v": _CACHE_VERSION, "method": method, "stamp": _checkpoint_stamp(m.checkpoint),
                 "length": length, "latent_frames": self.latent_frames(length), "train_frames": s.train_frames,
                 "kv_window": self._kv_window(), "sink": s.sink_frames, "shift": self._shift(m),
                 "few_steps": m.steps or s.few_steps, "num_steps": m.num_steps or s.num_steps,
