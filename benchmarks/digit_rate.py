@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/digit_rate.py real                 # real Moving-Digits test clips, one digit each
 
 8 one-digit prompts (8 digits, 4 directions) x 96 frames streamed through the generator's rolling cache (seed = prompt
-index), or 8 real test clips of 96 frames. Per frame, :func:`selfforcing.eval.metrics.detect_digits` with one digit:
+index), or 8 real test clips of 96 frames. Per frame, :func:`selfforcing.eval.metrics.one_digit_reads`:
 ``confident_digit_rate`` = share of frames with a detected digit of probability > 0.9, ``captioned_digit_rate`` =
 share whose detected digit is the prompt's with probability > 0.5; both also per video (``per_video``). Prints one
 JSON object (``--out`` also writes it).
@@ -18,7 +18,7 @@ import json
 import torch
 
 from selfforcing.data.moving_digits import render_clip
-from selfforcing.eval.metrics import detect_digits
+from selfforcing.eval.metrics import one_digit_reads
 
 PROMPTS = [(3, "right"), (7, "left"), (1, "up"), (5, "down"), (0, "right"), (8, "up"), (2, "left"), (9, "down")]
 
@@ -47,10 +47,8 @@ def main() -> None:
             videos.append(torch.cat([c.frames for c in chunks])[:args.frames])
             labels.append(digit)
     frames = torch.cat(videos)
-    det = detect_digits(frames, max_digits=1)
-    prob, label, valid = det["probs"][:, 0], det["labels"][:, 0], det["valid"][:, 0]
-    want = torch.tensor(labels).repeat_interleave(videos[0].shape[0])
-    confident, captioned = (prob > 0.9) & valid, (label == want) & (prob > 0.5)
+    reads = one_digit_reads(frames, torch.tensor(labels).repeat_interleave(videos[0].shape[0]))
+    confident, captioned, prob = reads["confident"], reads["captioned"], reads["probs"]
     per_video = [{"digit": d, "confident_digit_rate": float(c.float().mean()),
                   "captioned_digit_rate": float(k.float().mean())}
                  for d, c, k in zip(labels, confident.chunk(len(videos)), captioned.chunk(len(videos)))]

@@ -16,6 +16,7 @@ from selfforcing.eval.metrics import (
     frame_features,
     frechet_distance,
     frechet_per_window,
+    one_digit_reads,
     pixel_stats,
     pixel_stats_drift,
     prompt_adherence,
@@ -137,6 +138,17 @@ def test_detect_digits_finds_a_lone_digit():
     assert (det["labels"][:, 0] == clip["labels"][0]).float().mean() >= 0.8
     assert (det["centers"][:, 0] - centre).abs().max() < 3.0
     assert not det["valid"][:, 1:].any()  # nothing else on the canvas
+
+
+def test_one_digit_reads_separate_the_asked_digit_from_another_and_from_blank_frames():
+    clips = [render_clip("test", i, num_frames=4, num_digits=(1, 1)) for i in range(6)]
+    frames = torch.cat([c["video"] for c in clips])
+    digits = torch.tensor([int(c["labels"][0]) for c in clips]).repeat_interleave(4)
+    right, wrong = one_digit_reads(frames, digits), one_digit_reads(frames, (digits + 1) % 10)
+    assert right["confident"].float().mean() >= 0.8 and right["captioned"].float().mean() >= 0.8
+    assert torch.equal(wrong["confident"], right["confident"]) and wrong["captioned"].float().mean() <= 0.2
+    blank = one_digit_reads(-torch.ones(3, 3, 64, 64), torch.zeros(3, dtype=torch.long))
+    assert not blank["confident"].any() and not blank["captioned"].any() and (blank["probs"] == 0).all()
 
 
 def _wrong(caption, digit_shift=1, dir_shift=4):

@@ -125,7 +125,7 @@ def test_the_shipped_model_makes_digit_like_video():
     import os
 
     from selfforcing.data.moving_digits import render_clip
-    from selfforcing.eval.metrics import detect_digits, frame_features, frechet_distance
+    from selfforcing.eval.metrics import frame_features, frechet_distance, one_digit_reads
 
     folder = resolve_checkpoint(None)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
@@ -141,11 +141,9 @@ def test_the_shipped_model_makes_digit_like_video():
         return torch.stack([torch.cat([c.frames for c in generator.stream(d["caption"], 12, seed=i)])
                             for i, d in enumerate(drawn)])
 
-    def digit_rates(frames):
-        det = detect_digits(frames.flatten(0, 1), max_digits=1)
-        prob, label = det["probs"][:, 0], det["labels"][:, 0]
-        return (float(((prob > 0.9) & det["valid"][:, 0]).float().mean()),
-                float(((label == wanted) & (prob > 0.5)).float().mean()))
+    def digit_rates(batch):
+        reads = one_digit_reads(batch.flatten(0, 1), wanted)
+        return float(reads["confident"].float().mean()), float(reads["captioned"].float().mean())
 
     real = frame_features(torch.stack([render_clip("test", 100 + i, num_frames=12, **clips)["video"]
                                        for i in range(32)]))

@@ -165,6 +165,19 @@ def detect_digits(frames: torch.Tensor, max_digits: int = 3, min_mass: float = 2
 
 
 @torch.no_grad()
+def one_digit_reads(frames: torch.Tensor, digits: torch.Tensor, model=None) -> dict:
+    """Per frame, whether the digit classifier reads a digit in one-digit ``frames`` float [N, 3, H, W] in [-1, 1],
+    against the asked-for ``digits`` int [N] (:func:`detect_digits` with one digit):
+    ``confident`` bool [N]: a valid detection with probability > 0.9; ``captioned`` bool [N]: the detected digit is
+    the asked-for one with probability > 0.5; ``probs`` float [N]: the detection's probability (0 where none).
+    The means of the first two are the digit rates of a generator on one-digit prompts."""
+    det = detect_digits(frames, max_digits=1, model=model)
+    prob, label = det["probs"][:, 0], det["labels"][:, 0]
+    return {"confident": (prob > 0.9) & det["valid"][:, 0], "captioned": (label == digits) & (prob > 0.5),
+            "probs": prob}
+
+
+@torch.no_grad()
 def temporal_flip_rate(videos: torch.Tensor, max_digits: int = 3, reduce: bool = True, model=None):
     """Temporal-consistency proxy: the fraction of consecutive frame pairs (f, f+1) whose multiset of detected
     digit labels (:func:`detect_digits`, sorted valid labels) differs. A real clip keeps its digits, so its
