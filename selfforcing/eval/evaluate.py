@@ -238,8 +238,9 @@ def _checkpoint_stamp(path: str) -> list:
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     else:
         files = [path]
-    return [[os.path.basename(f), os.path.getsize(f), _file_sha256(os.path.abspath(f), os.stat(f).st_mtime_ns,
-                                                                    os.path.getsize(f))] for f in files]
+    stats = [(f, os.stat(f)) for f in files]
+    return [[os.path.basename(f), st.st_size, _file_sha256(os.path.abspath(f), st.st_mtime_ns, st.st_size)]
+            for f, st in stats]
 
 
 @functools.lru_cache(maxsize=256)
