@@ -177,11 +177,20 @@ def load_streaming_generator(checkpoint: str | os.PathLike | None = None, *, pre
                              sink_frames: int | None = None, max_frames: int = 1024, batch_size: int = 1,
                              **spec_overrides):
     """A :class:`selfforcing.inference.StreamingGenerator` for a checkpoint (see :func:`load_pipeline`), sampling
-    with the spec's few-step timesteps. Returns (generator, spec)."""
+    with the spec's few-step timesteps. Returns (generator, spec).
+
+    Raises ValueError when the checkpoint's ``pipeline.json`` names a many-step sampler (the bidirectional teacher,
+    teacher forcing, diffusion forcing): streaming runs the few-step KV-cache sampler, which such a model was not
+    trained for, so its video would be noise. ``sampler="few-step"`` in ``spec_overrides`` forces it anyway."""
     from .inference import StreamingGenerator
 
     model, ae, text, spec = load_pipeline(checkpoint, preset=preset, use_ema=use_ema, device=device,
                                           **spec_overrides)
+    if spec.sampler != "few-step":
+        raise ValueError(f"{resolve_checkpoint(checkpoint)} is a {spec.sampler} model (its pipeline.json says "
+                         f"sampler={spec.sampler!r}), not a few-step streaming generator: sample it with "
+                         f"`selfforcing generate --checkpoint ...` (which runs its {spec.sampler} sampler with CFG), "
+                         f"or pass sampler='few-step' to stream it anyway")
     gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
                              window_frames=window_frames, sink_frames=sink_frames, max_frames=max_frames,
                              batch_size=batch_size, negative_prompt=spec.negative_prompt)

@@ -114,6 +114,19 @@ def test_generate_follows_the_spec_like_explicit_flags(tmp_path, capsys):
     assert gen_a.steps == flow.denoising_step_list([1000, 700, 300], shift=2.0).tolist()
 
 
+def test_streaming_refuses_a_many_step_model_unless_forced(tmp_path):
+    """A teacher (bidirectional) or teacher-forcing (many-step) checkpoint streamed with the few-step KV-cache sampler
+    gives noise without a word; the streaming API says which sampler the checkpoint needs instead, and streams it
+    when the caller asks for the few-step sampler explicitly."""
+    for sampler in ("bidirectional", "many-step"):
+        folder = _tiny_folder(tmp_path / sampler, PipelineSpec(sampler=sampler, text_len=16))
+        with pytest.raises(ValueError, match=f"is a {sampler} model.*selfforcing generate"):
+            load_streaming_generator(folder)
+        gen, spec = load_streaming_generator(folder, sampler="few-step")
+        assert spec.sampler == "few-step"
+        assert sum(c.latents.shape[1] for c in gen.stream("the digit 1 moves up", 3)) == 3
+
+
 def test_the_shipped_model_makes_digit_like_video():
     """The default model is a real trained, text-conditioned generator. On 8 captions drawn as its training clips were
     (from its pipeline.json), 12 frames each: the shipped digit classifier confidently reads a digit in a good share

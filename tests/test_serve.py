@@ -347,6 +347,22 @@ def test_cli_registers_serve():
     assert (args.command, args.host, args.port, args.max_sessions, args.token) == ("serve", "127.0.0.1", 9000, 3, "t")
 
 
+def test_serve_refuses_checkpoints_it_cannot_stream(tmp_path, capsys):
+    """A missing checkpoint or a teacher (bidirectional, many-step) checkpoint: one line naming the problem, exit 2,
+    no server started."""
+    from selfforcing.cli import main
+    from selfforcing.models import CausalWanModel
+    from selfforcing.pipeline import PipelineSpec
+
+    teacher = tmp_path / "teacher"
+    CausalWanModel.from_preset("tiny", num_layers=1).save_pretrained(teacher)
+    PipelineSpec(method="teacher", sampler="bidirectional", text_len=16).save(teacher)
+    assert main(["serve", "--checkpoint", str(teacher), "--port", "0"]) == 2
+    assert "is a bidirectional model" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ browser
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):

@@ -35,10 +35,14 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: listening on {args.host} without --token; anyone who reaches it can use the server",
               file=sys.stderr)
-    app = create_app(args.checkpoint, token=args.token, max_sessions=args.max_sessions,
-                     max_prompt_chars=args.max_prompt_chars, window_frames=args.window_frames,
-                     sink_frames=args.sink_frames, torch_threads=args.threads, preset=args.preset,
-                     idle_timeout_s=args.idle_timeout)
+    try:
+        app = create_app(args.checkpoint, token=args.token, max_sessions=args.max_sessions,
+                         max_prompt_chars=args.max_prompt_chars, window_frames=args.window_frames,
+                         sink_frames=args.sink_frames, torch_threads=args.threads, preset=args.preset,
+                         idle_timeout_s=args.idle_timeout)
+    except (FileNotFoundError, ValueError) as err:  # a missing, corrupt or non-streaming checkpoint: say which
+        print(f"selfforcing serve: {err}", file=sys.stderr)
+        return 2
     print(f"selfforcing serve: http://{args.host}:{args.port}/ (max {args.max_sessions} sessions)", file=sys.stderr)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
     return 0
