@@ -1,13 +1,15 @@
 """How often a generated frame holds a digit that the shipped digit classifier reads confidently, against real clips.
 
     .venv/bin/python benchmarks/digit_rate.py moving-digits        # the shipped model (any checkpoint folder works)
+    .venv/bin/python benchmarks/digit_rate.py runs/tiny/teacher/final  # the teacher: 12 frames, 24 Euler steps, CFG
     .venv/bin/python benchmarks/digit_rate.py real                 # real Moving-Digits test clips, one digit each
 
 8 one-digit prompts (8 digits, 4 directions) x 96 frames streamed through the generator's rolling cache (seed = prompt
-index), or 8 real test clips of 96 frames. Per frame, :func:`selfforcing.eval.metrics.one_digit_reads`:
-``confident_digit_rate`` = share of frames with a detected digit of probability > 0.9, ``captioned_digit_rate`` =
-share whose detected digit is the prompt's with probability > 0.5; both also per video (``per_video``). Prints one
-JSON object (``--out`` also writes it).
+index), or 8 real test clips of 96 frames. A checkpoint whose pipeline.json names a many-step sampler (the teacher)
+is sampled with it (Euler + CFG, ``selfforcing.pipeline.sample_many_step``) over its training length instead.
+Per frame, :func:`selfforcing.eval.metrics.one_digit_reads`: ``confident_digit_rate`` = share of frames with a
+detected digit of probability > 0.9, ``captioned_digit_rate`` = share whose detected digit is the prompt's with
+probability > 0.5; both also per video (``per_video``). Prints one JSON object (``--out`` also writes it).
 """
 
 from __future__ import annotations
@@ -38,13 +40,22 @@ def main() -> None:
             videos.append(clip["video"])
             labels.append(int(clip["labels"][0]))
     else:
-        from selfforcing.pipeline import load_streaming_generator
+        from selfforcing.pipeline import load_pipeline, sample_many_step
+        from selfforcing.inference import StreamingGenerator
 
-        gen, _ = load_streaming_generator(args.what)
+        model, ae, text, spec = load_pipeline(args.what)
+        if spec.sampler != "few-step":  # the teacher (or a TF / DF model): its own sampler, over its training length
+            args.frames = min(args.frames, spec.training_frames)
+        gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
+                                 max_frames=args.frames + 64, negative_prompt=spec.negative_prompt)
         for i in range(args.videos):
             digit, direction = PROMPTS[i % len(PROMPTS)]
-            chunks = gen.stream(f"the digit {digit} moves {direction}", num_latent_frames=args.frames, seed=i)
-            videos.append(torch.cat([c.frames for c in chunks])[:args.frames])
+            prompt = f"the digit {digit} moves {direction}"
+            if spec.sampler == "few-step":
+                video = torch.cat([c.frames for c in gen.stream(prompt, num_latent_frames=args.frames, seed=i)])
+            else:
+                video = sample_many_step(model, ae, text, spec, prompt, ae.latent_frames(args.frames), seed=i)
+            videos.append(video[:args.frames])
             labels.append(digit)
     frames = torch.cat(videos)
     reads = one_digit_reads(frames, torch.tensor(labels).repeat_interleave(videos[0].shape[0]))

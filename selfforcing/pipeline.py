@@ -195,3 +195,35 @@ def load_streaming_generator(checkpoint: str | os.PathLike | None = None, *, pre
                              window_frames=window_frames, sink_frames=sink_frames, max_frames=max_frames,
                              batch_size=batch_size, negative_prompt=spec.negative_prompt)
     return gen, spec
+
+
+def sample_many_step(model, autoencoder, text_encoder, spec: PipelineSpec, prompt: str, latent_frames: int, *,
+                     seed: int = 0, window_frames: int | None = None, sink_frames: int | None = None):
+    """One video from the spec's many-step sampler, decoded: pixel frames [F, 3, H, W] in [-1, 1].
+
+    Noise z ~ N(0, I) of shape [1, latent_frames, C, h, w] (seeded), then ``spec.num_steps`` Euler steps of the
+    probability-flow ODE on the ``spec.shift``-warped grid with classifier-free guidance
+    v = v(x, null) + g (v(x, prompt) - v(x, null)), g = ``spec.guidance_scale``, null = the negative prompt:
+    ``bidirectional`` denoises the whole clip at once (the teacher; meant for its training length), ``many-step``
+    denoises chunk by chunk with separate conditional and unconditional KV caches (teacher forcing, diffusion
+    forcing; ``window_frames`` / ``sink_frames`` bound the cache)."""
+    import torch
+
+    from .sampling import sample_bidirectional, sample_causal_many_step
+
+    if spec.sampler not in ("bidirectional", "many-step"):
+        raise ValueError(f"sample_many_step needs a many-step sampler, the spec says {spec.sampler!r}")
+    ctx = text_encoder.encode([prompt]).states
+    null = text_encoder.encode([spec.negative_prompt]).states
+    noise = torch.randn((1, latent_frames, model.config.in_channels, *spec.latent_size),
+                        generator=torch.Generator().manual_seed(seed)).to(ctx.device)
+    with torch.no_grad():
+        if spec.sampler == "bidirectional":
+            latents, _ = sample_bidirectional(model, noise, ctx, null_context=null, num_steps=spec.num_steps,
+                                              shift=spec.shift, guidance_scale=spec.guidance_scale)
+        else:
+            latents = sample_causal_many_step(model, noise, ctx, block_sizes=model.block_sizes(latent_frames),
+                                              null_context=null, num_steps=spec.num_steps, shift=spec.shift,
+                                              guidance_scale=spec.guidance_scale, window_frames=window_frames,
+                                              sink_frames=sink_frames)
+        return autoencoder.decode(latents)[0]

@@ -11,7 +11,7 @@ from selfforcing.config import build_config
 from selfforcing.io import read_video
 from selfforcing.models import CausalWanModel
 from selfforcing.pipeline import (DEFAULT_MODEL, SHIPPED_MODELS, PipelineSpec, load_streaming_generator,
-                                  resolve_checkpoint)
+                                  resolve_checkpoint, sample_many_step)
 from selfforcing.training.config import TrainConfig
 from selfforcing.training.trainer import train
 
@@ -125,6 +125,8 @@ def test_streaming_refuses_a_many_step_model_unless_forced(tmp_path):
         gen, spec = load_streaming_generator(folder, sampler="few-step")
         assert spec.sampler == "few-step"
         assert sum(c.latents.shape[1] for c in gen.stream("the digit 1 moves up", 3)) == 3
+    with pytest.raises(ValueError, match="needs a many-step sampler"):
+        sample_many_step(gen.model, gen.autoencoder, gen.text_encoder, spec, "the digit 1 moves up", 3)
 
 
 def test_the_shipped_model_makes_digit_like_video():

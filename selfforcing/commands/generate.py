@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from selfforcing.inference import StreamingGenerator
     from selfforcing.io import read_video, to_float_video, write_contact_sheet, write_mp4
-    from selfforcing.pipeline import load_pipeline
+    from selfforcing.pipeline import load_pipeline, sample_many_step
 
     if args.num_frames < 1:
         raise SystemExit(f"--num-frames must be >= 1, got {args.num_frames}")
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
             frames = torch.cat([c.frames for c in chunks])
             first_latency = chunks[0].seconds
         else:
-            frames = _many_step(spec, args, model, ae, text, prompt, latent_frames, args.seed + i)
+            frames = sample_many_step(model, ae, text, spec, prompt, latent_frames, seed=args.seed + i,
+                                      window_frames=args.window_frames, sink_frames=args.sink_frames)
             first_latency = time.perf_counter() - t0  # not streamed: the whole clip arrives at once
             chunks = [None]
         seconds = time.perf_counter() - t0
@@ -112,25 +113,3 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
               f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)")
     return 0
-
-
-def _many_step(spec, args, model, ae, text, prompt: str, latent_frames: int, seed: int):
-    """Pixel frames [F, 3, H, W] from the spec's many-step sampler (CFG with the negative prompt)."""
-    import torch
-
-    from selfforcing.sampling import sample_bidirectional, sample_causal_many_step
-
-    ctx = text.encode([prompt]).states
-    null = text.encode([spec.negative_prompt]).states
-    noise = torch.randn((1, latent_frames, model.config.in_channels, *spec.latent_size),
-                        generator=torch.Generator().manual_seed(seed)).to(ctx.device)
-    with torch.no_grad():
-        if spec.sampler == "bidirectional":
-            latents, _ = sample_bidirectional(model, noise, ctx, null_context=null, num_steps=spec.num_steps,
-                                              shift=spec.shift, guidance_scale=spec.guidance_scale)
-        else:
-            latents = sample_causal_many_step(model, noise, ctx, block_sizes=model.block_sizes(latent_frames),
-                                              null_context=null, num_steps=spec.num_steps, shift=spec.shift,
-                                              guidance_scale=spec.guidance_scale, window_frames=args.window_frames,
-                                              sink_frames=args.sink_frames)
-        return ae.decode(latents)[0]
