@@ -152,8 +152,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     works forward and backward on CPU, unlike flex attention). On CUDA a mask may go to flex attention instead
     (:func:`set_cuda_masked_attention`).
     """
-    if (mask is None and k.shape[1] <= _SHORT_KEYS and q.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
+    # float32 only: the explicit softmax of a bf16 / fp16 product would round where SDPA accumulates in float
+    if (mask is None and k.shape[1] <= _SHORT_KEYS and q.device.type == "cpu" and q.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         return _short_key_attention(q, k, v)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mask is not None and q.is_cuda and _CUDA_MASKED == "flex":
