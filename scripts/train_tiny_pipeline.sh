@@ -2,7 +2,7 @@
 # The laptop pipeline on Moving-Digits, stage by stage (each stage resumes if interrupted):
 #   1. bidirectional teacher   2. teacher ODE pairs   3. ODE-regression init   4. Self Forcing with DMD
 # Usage: [BUDGET=cpu|cpu-long|cpu-1digit] [RUNS=runs/tiny] scripts/train_tiny_pipeline.sh [key=value overrides for every stage]
-#   BUDGET=cpu-1digit: one-digit clips, a 3000-step teacher with a decaying lr, about 2 h on 2 cores; it made the shipped model
+#   BUDGET=cpu-1digit: one-digit clips, a 4200-step teacher with a decaying lr, about 2 h 40 min on 2 cores; it made the shipped model
 #   BUDGET=cpu: the 2-core budget of scripts/tiny_budget.sh on the full data, about 80 min on 2 cores
 #   BUDGET=cpu-long: a longer teacher (TEACHER_STEPS), then the same stages (README: its student, not shipped)
 #   RUNS: the folder of the four stages' outputs (default runs/tiny, as the recipes say)

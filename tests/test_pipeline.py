@@ -134,9 +134,9 @@ def test_the_shipped_model_makes_digit_like_video():
     (from its pipeline.json), 12 frames each: the shipped digit classifier confidently reads a digit in a good share
     of its frames and the prompt's digit in at least a quarter (chance: a tenth of the confident share), where the same
     network with random weights gives none; and in the classifier's feature space its frames lie much closer to real
-    clips than the random network's do. Measured for this model: 44% / 35% against 0% / 0%, Frechet distance 0.62x
-    the random network's (the previous shipped model: 45% / 19%, 0.41x: its strokes matched real frames' statistics
-    better but drew the prompt's digit half as often; README "Results")."""
+    clips than the random network's do. Measured for this model: 45% / 35% against 0% / 0%, Frechet distance 0.45x
+    the random network's (62 against 137). The model shipped before it: 44% / 35%, 0.62x (it drew a stray bar above
+    the digit); the one before that: 45% / 19%, 0.41x (README "Results")."""
     import os
 
     from selfforcing.data.moving_digits import render_clip
@@ -172,4 +172,4 @@ def test_the_shipped_model_makes_digit_like_video():
     assert confident > 0.3 and captioned > 0.25, (confident, captioned)
     assert confident_random < 0.05 and captioned_random < 0.05, (confident_random, captioned_random)
     fd_shipped, fd_random = (frechet_distance(frame_features(v).flatten(0, 1), real) for v in (shipped, random))
-    assert fd_shipped < 0.75 * fd_random, (fd_shipped, fd_random)
+    assert fd_shipped < 0.6 * fd_random, (fd_shipped, fd_random)
