@@ -44,14 +44,16 @@ def main() -> None:
         from selfforcing.inference import StreamingGenerator
 
         model, ae, text, spec = load_pipeline(args.what)
-        if spec.sampler != "few-step":  # the teacher (or a TF / DF model): its own sampler, over its training length
+        gen = None
+        if spec.sampler == "few-step":
+            gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
+                                     max_frames=args.frames + 64, negative_prompt=spec.negative_prompt)
+        else:  # the teacher (or a TF / DF model): its own sampler, over its training length
             args.frames = min(args.frames, spec.training_frames)
-        gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
-                                 max_frames=args.frames + 64, negative_prompt=spec.negative_prompt)
         for i in range(args.videos):
             digit, direction = PROMPTS[i % len(PROMPTS)]
             prompt = f"the digit {digit} moves {direction}"
-            if spec.sampler == "few-step":
+            if gen is not None:
                 video = torch.cat([c.frames for c in gen.stream(prompt, num_latent_frames=args.frames, seed=i)])
             else:
                 video = sample_many_step(model, ae, text, spec, prompt, ae.latent_frames(args.frames), seed=i)
