@@ -120,10 +120,10 @@ def test_cpu_inference_kernels_equal_torch_reference():
         ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         with torch.no_grad():
             torch.testing.assert_close(attention(q, k, v), ref, atol=1e-6, rtol=1e-5)
-    qb, kb, vb = (t.bfloat16().transpose(1, 2) for t in (q, k[:, :16], v[:, :16]))
+    qb, kb, vb = (t.bfloat16() for t in (q, k[:, :16], v[:, :16]))  # [B, N, H, Dh], 16 keys: the shortcut's range
     with torch.no_grad():  # half precision keeps SDPA's float accumulation: the shortcut is float32 only
-        assert torch.equal(attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)),
-                           F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2))
+        assert torch.equal(attention(qb, kb, vb), F.scaled_dot_product_attention(
+            qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)).transpose(1, 2))
     ffn = FeedForward(32, 96)
     h = torch.randn(2, 3, 7, 32, generator=g)
     slow = ffn.net[2](F.gelu(ffn.net[0].proj(h), approximate="tanh"))
