@@ -36,6 +36,44 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
 
 
+# ---------------------------------------------------------------------------------------------- path choice
+_FASTEST: dict[tuple, str] = {}
+
+
+def fastest_path(key: tuple, candidates: dict, args: tuple, repeats: int = 5):
+    """Run ``candidates[name](*args)`` and return ``(name, output)`` of the fastest implementation for ``key``.
+
+    The candidates must compute the same function (to float rounding). The first call for a key times each of them
+    ``repeats`` times, interleaved so that a slow spell of a shared machine falls on all alike, and keeps the one
+    with the lowest best time; later calls with that key run only the winner. Why: on this project's 2-core VM the
+    faster of two FFN kernels (oneDNN's fused GELU linear vs BLAS on transposed activations) changed from day to day
+    by 10-20% either way (README, Performance), so no fixed choice is right. ``key`` should hold everything the
+    timing depends on (shapes, dtype, thread count). One candidate: run it, no timing."""
+    name = _FASTEST.get(key)
+    if name is not None:
+        return name, candidates[name](*args)
+    if len(candidates) == 1:
+        name = next(iter(candidates))
+        _FASTEST[key] = name
+        return name, candidates[name](*args)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeats + 1):  # the first round warms caches and oneDNN's primitive cache up; it counts too
+        for cand, fn in candidates.items():
+            t0 = time.perf_counter()
+            out = fn(*args)
+            best[cand] = min(best[cand], time.perf_counter() - t0)
+    name = min(best, key=best.get)
+    _FASTEST[key] = name
+    if name != cand:  # `out` is the last candidate's output
+        out = candidates[name](*args)
+    return name, out
+
+
+def chosen_paths() -> dict[tuple, str]:
+    """The choices :func:`fastest_path` made in this process, key -> implementation (for benchmark reports)."""
+    return dict(_FASTEST)
+
+
 def _layer_flops(config, n: int, m: int, lt: int, cross_kv_cached: bool) -> int:
     """Matmul FLOPs of one transformer block: n query tokens, m self-attention keys, lt text tokens."""
     d = config.num_attention_heads * config.attention_head_dim

@@ -2,6 +2,9 @@
 fast path of the model equals its autograd path, and the stream benchmark's strategies are real alternatives that
 produce the same frames as the rolling KV cache wherever their contexts are identical."""
 
+import time
+
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -108,7 +111,8 @@ def test_cpu_inference_kernels_equal_torch_reference():
     import torch.nn.functional as F
 
     from selfforcing.models.attention import _SHORT_KEYS, attention
-    from selfforcing.models.causal_wan import FeedForward, _rms_normed, gelu_tanh_, onednn_linear_available
+    from selfforcing.models.causal_wan import (CPU_FFN_SETTINGS, FeedForward, _rms_normed, gelu_tanh_,
+                                               onednn_linear_available)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 6
@@ -131,6 +135,10 @@ def test_cpu_inference_kernels_equal_torch_reference():
         paths = {"forward": ffn(h), "feature_major": ffn._forward_feature_major(h)}
         if onednn_linear_available():  # x86 builds of torch; elsewhere forward() takes the feature-major path
             paths["onednn"] = ffn._forward_onednn(h)
+        for setting in CPU_FFN_SETTINGS:  # SELFFORCING_CPU_FFN: each choice of forward() computes the same FFN
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("SELFFORCING_CPU_FFN", setting)
+                paths[f"forward[{setting}]"] = ffn(h)
     for name, fast in paths.items():
         assert fast.shape == h.shape, name
         torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5, msg=name)
@@ -139,3 +147,37 @@ def test_cpu_inference_kernels_equal_torch_reference():
         norm.weight.uniform_(0.5, 2.0)
         y = torch.randn(2, 9, 32, generator=g) * 3
         torch.testing.assert_close(_rms_normed(norm, y.clone()), norm(y), atol=1e-6, rtol=1e-5)
+
+
+def test_fastest_path_times_once_and_keeps_the_faster_implementation():
+    """fastest_path runs every candidate on the first call of a key and the fastest one only from then on;
+    SELFFORCING_CPU_FFN must name a known FFN kernel."""
+    from selfforcing.models.causal_wan import FeedForward
+    from selfforcing.perf import chosen_paths, fastest_path
+
+    calls = {"slow": 0, "fast": 0}
+
+    def slow(x):
+        calls["slow"] += 1
+        time.sleep(0.003)
+        return x + 1
+
+    def fast(x):
+        calls["fast"] += 1
+        return x + 1
+
+    key = ("test", "slow-vs-fast")
+    assert fastest_path(key, {"fast": fast, "slow": slow}, (1,)) == ("fast", 2)
+    assert calls["fast"] == calls["slow"] + 1 >= 4  # timed over interleaved rounds, then the winner ran for the result
+    before = dict(calls)
+    assert fastest_path(key, {"fast": fast, "slow": slow}, (2,)) == ("fast", 3)
+    assert calls == {"slow": before["slow"], "fast": before["fast"] + 1}  # no timing on later calls
+    assert chosen_paths()[key] == "fast"
+    assert fastest_path(("test", "slow first"), {"slow": slow, "fast": fast}, (1,))[0] == "fast"  # not the first listed
+    n = calls["slow"]
+    assert fastest_path(("test", "alone"), {"only": slow}, (0,)) == ("only", 1) and calls["slow"] == n + 1  # no timing
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setenv("SELFFORCING_CPU_FFN", "mkl")
+        with pytest.raises(ValueError, match="SELFFORCING_CPU_FFN='mkl'"):
+            FeedForward(8, 16)(torch.randn(3, 8))

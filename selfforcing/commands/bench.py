@@ -364,10 +364,21 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
             "gflop": flops / 1e9, "achieved_gflops": achieved, "matmul_peak_gflops": peak,
             "fraction_of_peak": achieved / peak, "fraction_of_local_peak": paired,
             "local_peak_gflops_median": statistics.median(local_peaks),
+            "cpu_ffn": _cpu_ffn_report() if device == "cpu" else None,
             "load_average_before": load_before, "load_average_after": _load(),
             "note": "fraction_of_peak: median step time against the best of 2 x 20 matmuls (before and after the "
                     "steps); fraction_of_local_peak: median over steps of (step throughput / best of 3 matmuls "
                     "timed right after that step)"}
+
+
+def _cpu_ffn_report() -> dict:
+    """The FFN kernel setting and, under ``auto``, the kernel timed fastest for each FFN shape of the run."""
+    from selfforcing.models.causal_wan import cpu_ffn_setting
+    from selfforcing.perf import chosen_paths
+
+    chosen = {f"{k[1]} tokens x {k[2]}->{k[3]}, {k[4]} threads": v for k, v in chosen_paths().items()
+              if k[0] == "cpu_ffn"}
+    return {"setting": cpu_ffn_setting(), "chosen": chosen}
 
 
 def _write(path: str | None, result: dict) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..perf import fastest_path
 from .attention import (
     attention,
     block_causal_frame_mask,
@@ -125,6 +127,18 @@ def onednn_linear_available() -> bool:
         return False
 
 
+CPU_FFN_SETTINGS = ("auto", "onednn", "feature_major")
+
+
+def cpu_ffn_setting() -> str:
+    """SELFFORCING_CPU_FFN: which kernel runs the FFN in CPU float32 inference (default ``auto``: the faster one,
+    timed at the first call of each shape). ``onednn`` falls back to ``feature_major`` on builds without oneDNN."""
+    value = os.environ.get("SELFFORCING_CPU_FFN", "auto")
+    if value not in CPU_FFN_SETTINGS:
+        raise ValueError(f"SELFFORCING_CPU_FFN={value!r}: expected one of {', '.join(CPU_FFN_SETTINGS)}")
+    return value
+
+
 class _GELUProj(nn.Module):
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -146,8 +160,22 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., D]: W2 gelu(W1 x + b1) + b2."""
         if _cpu_inference(x):
-            return self._forward_onednn(x) if onednn_linear_available() else self._forward_feature_major(x)
+            return self._forward_cpu_inference(x)
         return self.net[2](self.net[0](x))
+
+    def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The faster of :meth:`_forward_onednn` and :meth:`_forward_feature_major` for this shape and thread count,
+        timed once per process (:func:`selfforcing.perf.fastest_path`): which one wins changes with the state of a
+        shared machine (README, Performance). ``SELFFORCING_CPU_FFN=onednn|feature_major`` fixes the choice."""
+        paths = {"onednn": self._forward_onednn, "feature_major": self._forward_feature_major}
+        if not onednn_linear_available():
+            del paths["onednn"]
+        forced = cpu_ffn_setting()
+        if forced != "auto":
+            return paths.get(forced, self._forward_feature_major)(x)
+        key = ("cpu_ffn", x.numel() // x.shape[-1], self.net[0].proj.in_features, self.net[0].proj.out_features,
+               torch.get_num_threads())
+        return fastest_path(key, paths, (x,))[1]
 
     def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """The same FFN through oneDNN's matmul with the tanh-GELU fused into the first product (the activation is
