@@ -2,7 +2,8 @@
 ``selfforcing bench chunk``'s set-up (default: the small preset, a full window of 9 cached frames, 4 denoising steps
 plus the cache pass, fused into the next chunk's first step as streaming does, float32, 2 threads).
 
-    .venv/bin/python benchmarks/profile_chunk.py [--preset small] [--chunks 5] [--out benchmarks/results/profile_chunk_small.json]
+    .venv/bin/python benchmarks/profile_chunk.py [--preset small] [--chunks 5]
+        [--out benchmarks/results/profile_chunk_small.json]
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing.commands.bench import _steps, build_model
+from selfforcing.perf import keep_freed_memory
 from selfforcing.sampling import generate_chunk
 
 
@@ -26,6 +30,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default="benchmarks/results/profile_chunk_small.json")
     args = p.parse_args()
+    keep_freed_memory()  # as the CLI does for `bench chunk`
     torch.set_num_threads(args.threads)
     model = build_model(args.preset)
     c = model.config
@@ -44,17 +49,31 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(window // k + 1):  # fill the window
             chunk()
+        plain = []
+        for _ in range(args.chunks):  # the same steps without the profiler, for its overhead
+            t0 = time.perf_counter()
+            chunk()
+            plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.chunks):
                 chunk()
+        wall = (time.perf_counter() - t0) / args.chunks
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
     rows = [{"op": e.key, "self_cpu_ms_per_chunk": e.self_cpu_time_total / 1e3 / args.chunks,
              "share": e.self_cpu_time_total / total, "calls_per_chunk": e.count / args.chunks}
             for e in events[:args.top]]
     result = {"benchmark": "profile_chunk", "preset": args.preset, "threads": args.threads, "chunks": args.chunks,
-              "self_cpu_ms_per_chunk": total / 1e3 / args.chunks, "top_ops": rows,
+              "self_cpu_ms_per_chunk": total / 1e3 / args.chunks,
+              # the profiler slows the steps (by ~100 ms of 210 on 2026-11-29) and inflates the ops' self times;
+              # the same steps' wall time without it puts the shares in context
+              "wall_ms_per_chunk_profiled": 1e3 * wall,
+              "wall_ms_per_chunk_unprofiled_median": 1e3 * statistics.median(plain), "top_ops": rows,
               "load_average": list(os.getloadavg())}
+    print(f"per chunk: {result['wall_ms_per_chunk_unprofiled_median']:.1f} ms unprofiled, "
+          f"{result['wall_ms_per_chunk_profiled']:.1f} ms profiled, of which ops' self time "
+          f"{result['self_cpu_ms_per_chunk']:.1f} ms")
     for r in rows:
         print(f"{r['op'][:48]:48s} {r['self_cpu_ms_per_chunk']:7.2f} ms {100 * r['share']:5.1f}%  "
               f"{r['calls_per_chunk']:6.0f} calls")

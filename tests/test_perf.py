@@ -111,8 +111,8 @@ def test_cpu_inference_kernels_equal_torch_reference():
     import torch.nn.functional as F
 
     from selfforcing.models.attention import _SHORT_KEYS, attention
-    from selfforcing.models.causal_wan import (CPU_FFN_SETTINGS, FeedForward, _rms_normed, gelu_tanh_,
-                                               onednn_linear_available)
+    from selfforcing.models.causal_wan import (CPU_FFN_SETTINGS, FeedForward, _fp32_layer_norm, _rms_normed,
+                                               gelu_tanh_, onednn_linear_available)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 6
@@ -142,6 +142,8 @@ def test_cpu_inference_kernels_equal_torch_reference():
     for name, fast in paths.items():
         assert fast.shape == h.shape, name
         torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5, msg=name)
+    plain = torch.nn.LayerNorm(32, 1e-6, elementwise_affine=False)  # given a unit gain on CPU: the same bits
+    assert torch.equal(_fp32_layer_norm(h, plain), F.layer_norm(h, (32,), eps=1e-6))
     norm = torch.nn.RMSNorm(32, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)

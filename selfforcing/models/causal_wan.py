@@ -43,12 +43,23 @@ from .state_dict_adapter import load_checkpoint_file
 
 
 # ---------------------------------------------------------------------------------------------- layers
+@functools.lru_cache(maxsize=16)
+def _unit_gain(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    return torch.ones(shape, device=device)
+
+
 def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm | nn.Identity) -> torch.Tensor:
-    """LayerNorm computed in float32 (as Wan does), returned in float32."""
+    """LayerNorm computed in float32 (as Wan does), returned in float32.
+
+    A norm without affine parameters gets an all-ones gain on CPU: torch's CPU LayerNorm kernel runs about 2.2x
+    slower when both gain and bias are absent (98 vs 44 us for [384, 256], torch 2.13) and computes the very same
+    values with a unit gain (bit-identical, tests/test_perf.py)."""
     if isinstance(norm, nn.Identity):
         return x.float()
     w = norm.weight.float() if norm.weight is not None else None
     b = norm.bias.float() if norm.bias is not None else None
+    if w is None and b is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        w = _unit_gain(tuple(norm.normalized_shape), str(x.device))
     return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
 
 
@@ -100,15 +111,24 @@ class ConditionEmbedder(nn.Module):
         return temb, self.time_proj(self.act_fn(temb))
 
 
+_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+@functools.lru_cache(maxsize=4)
+def _gelu_k(device: str) -> torch.Tensor:
+    return torch.tensor(_GELU_K, device=device)
+
+
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, in place and without autograd: 0.5 x (1 + tanh(z)) = x sigmoid(2 z) with
-    z = sqrt(2 / pi) (x + 0.044715 x^3). On CPU this sigmoid form runs about 1.5x faster than torch's tanh-GELU
-    kernel and agrees with it to float rounding (tests/test_perf.py); elsewhere torch's kernel is used."""
+    z = sqrt(2 / pi) (x + 0.044715 x^3), computed as x sigmoid(x (k + 0.044715 k x^2)), k = 2 sqrt(2 / pi): four
+    passes over x (addcmul, mul, sigmoid, mul). On CPU about 2.1x faster than torch's tanh-GELU kernel (0.55 vs 1.18 ms
+    for [1536, 384]; the seven-pass form it replaced took 0.70 ms) and equal to it to float rounding
+    (tests/test_perf.py); elsewhere torch's kernel is used."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return torch._C._nn.gelu_(x, approximate="tanh")
-    z = x * x
-    z.mul_(0.044715).add_(1.0).mul_(x).mul_(2.0 * math.sqrt(2.0 / math.pi))
-    return x.mul_(z.sigmoid_())
+    z = torch.addcmul(_gelu_k(str(x.device)), x, x, value=_GELU_K * 0.044715)
+    return x.mul_(z.mul_(x).sigmoid_())
 
 
 def _linear_pointwise(*args):
