@@ -6,6 +6,7 @@ patch embedding, head); elementwise work (norms, RoPE, modulation, softmax) is l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -34,6 +35,29 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+
+
+# ---------------------------------------------------------------------------------------------- shortcuts switch
+_SHORTCUTS = [True]
+
+
+def cpu_shortcuts_enabled() -> bool:
+    """Whether the model's no-grad CPU shortcuts may run (see :func:`plain_pytorch`)."""
+    return _SHORTCUTS[-1]
+
+
+@contextlib.contextmanager
+def plain_pytorch():
+    """Within this block the model runs without its CPU inference shortcuts: torch's own kernels (nn.Linear, RMSNorm,
+    LayerNorm, tanh-GELU, SDPA for every attention) and out-of-place residual updates, the path that autograd takes.
+    The values are the same to float rounding (tests/test_perf.py); it is the plain-PyTorch baseline against which
+    ``selfforcing bench chunk --compare-plain`` measures the shortcuts. Structural choices stay (the head-major KV
+    cache written in place, RoPE as a complex product, the cached text K/V)."""
+    _SHORTCUTS.append(False)
+    try:
+        yield
+    finally:
+        _SHORTCUTS.pop()
 
 
 # ---------------------------------------------------------------------------------------------- path choice

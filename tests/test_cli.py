@@ -35,11 +35,13 @@ def test_demo_streams_the_shipped_model(capsys, tmp_path):
 @pytest.mark.parametrize("fuse", [True, False])
 def test_bench_chunk_counts_the_same_work_fused_or_not(capsys, fuse):
     """``bench chunk`` times S denoising steps + one cache pass per chunk, fused (the default, as streaming runs)
-    or not, against the FLOPs of the separate passes either way, and reports both peak fractions."""
+    or not, against the FLOPs of the separate passes either way, and reports both peak fractions (and, with
+    ``--compare-plain``, the same step in plain PyTorch beside it)."""
     from selfforcing.models import CausalWanModel
     from selfforcing.perf import chunk_step_flops
 
-    args = ["bench", "chunk", "--preset", "tiny", "--repeats", "2", "--json"] + ([] if fuse else ["--no-fuse-cache-pass"])
+    args = ["bench", "chunk", "--preset", "tiny", "--repeats", "2", "--json"]
+    args += ["--compare-plain"] if fuse else ["--no-fuse-cache-pass"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     config = CausalWanModel.from_preset("tiny").config
@@ -47,6 +49,12 @@ def test_bench_chunk_counts_the_same_work_fused_or_not(capsys, fuse):
     assert out["gflop"] == chunk_step_flops(config, 64, 3, 9, out["text_len"], 4) / 1e9
     assert 0 < out["fraction_of_peak"] < 1.5 and 0 < out["fraction_of_local_peak"] < 1.5
     assert out["achieved_gflops"] == pytest.approx(out["gflop"] / out["seconds"])
+    if fuse:  # --compare-plain: the plain-PyTorch stream timed beside ours
+        assert out["plain_seconds"] > 0
+        assert out["speedup_over_plain"] == pytest.approx(out["plain_seconds"] / out["seconds"])
+        assert out["plain_fraction_of_peak"] == pytest.approx(out["fraction_of_peak"] / out["speedup_over_plain"])
+    else:
+        assert "plain_seconds" not in out
 
 
 def test_bench_stream_json_schema(capsys):

@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selfforcing.commands.bench import STRATEGIES, new_stream_state
 from selfforcing.models import CausalWanModel
-from selfforcing.perf import cache_pass_flops, chunk_step_flops, forward_flops
+from selfforcing.models.causal_wan import _cpu_inference
+from selfforcing.perf import cache_pass_flops, chunk_step_flops, cpu_shortcuts_enabled, forward_flops, plain_pytorch
 
 
 def test_forward_flops_match_torch_flop_counter(monkeypatch):
@@ -74,9 +75,14 @@ def test_inference_fast_path_equals_the_autograd_path():
     model = CausalWanModel.from_preset("tiny", num_layers=3, local_attn_size=6, sink_size=3).eval()
     fast = _forward_all_modes(model, grad=False)
     slow = _forward_all_modes(model, grad=True)
-    assert len(fast) == len(slow) == 9
-    for a, b in zip(fast, slow):
+    with plain_pytorch(), torch.no_grad():  # the baseline of `bench chunk --compare-plain`: shortcuts switched off
+        assert not _cpu_inference(torch.ones(2)) and not cpu_shortcuts_enabled()
+        plain = _forward_all_modes(model, grad=False)
+    assert cpu_shortcuts_enabled()
+    assert len(fast) == len(slow) == len(plain) == 9
+    for a, b, c in zip(fast, slow, plain):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(c, b, atol=2e-6, rtol=1e-5)
 
 
 def _stream(model, strategy: str, chunks: int, window: int = 12, steps=(1000.0, 750.0, 500.0, 250.0)):
@@ -116,8 +122,9 @@ def test_cpu_inference_kernels_equal_torch_reference():
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 6
-    torch.testing.assert_close(gelu_tanh_(x.clone()), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
-    assert gelu_tanh_(torch.tensor([-1e4, 0.0, 1e4])).tolist() == [0.0, 0.0, 1e4]  # no overflow at the tails
+    with torch.no_grad():  # the shortcuts run without autograd only
+        torch.testing.assert_close(gelu_tanh_(x.clone()), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
+        assert gelu_tanh_(torch.tensor([-1e4, 0.0, 1e4])).tolist() == [0.0, 0.0, 1e4]  # no overflow at the tails
     q = torch.randn(2, 40, 4, 16, generator=g)
     for keys in (1, 16, _SHORT_KEYS, _SHORT_KEYS + 1):
         k, v = torch.randn(2, keys, 4, 16, generator=g), torch.randn(2, keys, 4, 16, generator=g)
@@ -143,7 +150,8 @@ def test_cpu_inference_kernels_equal_torch_reference():
         assert fast.shape == h.shape, name
         torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5, msg=name)
     plain = torch.nn.LayerNorm(32, 1e-6, elementwise_affine=False)  # given a unit gain on CPU: the same bits
-    assert torch.equal(_fp32_layer_norm(h, plain), F.layer_norm(h, (32,), eps=1e-6))
+    with torch.no_grad():
+        assert torch.equal(_fp32_layer_norm(h, plain), F.layer_norm(h, (32,), eps=1e-6))
     norm = torch.nn.RMSNorm(32, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)

@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--context-frames", type=int, default=None,
                    help="cached frames the chunk attends to (default 9 laptop presets, 18 Wan)")
     c.add_argument("--repeats", type=int, default=10)
+    c.add_argument("--compare-plain", action="store_true",
+                   help="also time the same step in plain PyTorch (the model's CPU shortcuts off, the cache pass "
+                        "unfused), alternating with ours step by step, and report the speed-up")
     c.add_argument("--no-fuse-cache-pass", dest="fuse_cache_pass", action="store_false",
                    help="run each chunk's cache pass as its own forward (default: fused into the next chunk's "
                         "first step, as streaming does)")
@@ -306,18 +309,22 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
 def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, context_frames: int | None = None,
                     text_len: int | None = None, num_steps: int = 4, repeats: int = 10, device: str = "cpu",
                     dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
-                    fuse_cache_pass: bool = True) -> dict:
+                    fuse_cache_pass: bool = True, compare_plain: bool = False) -> dict:
     """Median time of one chunk step with ``context_frames`` cached, its analytic FLOPs, and the share of the
     matmul peak (same device and dtype) measured in the same run.
 
     A chunk step is S denoising steps plus one cache pass. With ``fuse_cache_pass`` (the default, as
     ``StreamingGenerator`` streams) the previous chunk's cache pass runs inside this chunk's first step, so a timed
     step holds the previous chunk's cache pass instead of its own: the same work per chunk in a steady stream.
-    The FLOPs counted are those of the separate passes either way (the fused pass does no less useful work)."""
+    The FLOPs counted are those of the separate passes either way (the fused pass does no less useful work).
+
+    ``compare_plain``: a second stream on the same weights runs in lockstep, its steps timed alternately with these
+    (order swapped every step), in plain PyTorch: :func:`selfforcing.perf.plain_pytorch` and the cache pass as its
+    own forward. Its median and the ratio of the two medians go into the result: a comparison that a slow spell of
+    a shared machine cannot tilt, unlike two numbers taken on different days."""
     import torch
 
     from selfforcing.perf import chunk_step_flops, matmul_peak_gflops
-    from selfforcing.sampling import generate_chunk
 
     load_before = _load()
     wan, (h, w), text_len = _defaults(preset, latent_size, text_len)
@@ -328,32 +335,39 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
     steps = _steps(num_steps)
     ctx = _context(model, text_len, device, dtype)
     window = context_frames + k
-    cache = model.new_kv_cache(1, h, w, window_frames=window, sink_frames=0)
     g = torch.Generator(device=device).manual_seed(0)
-    times, local_peaks = [], []
+    ours = _ChunkStream(model, steps, ctx, window, fuse_cache_pass, plain=False)
+    plain = _ChunkStream(model, steps, ctx, window, False, plain=True) if compare_plain else None
+    times, plain_times, local_peaks = [], [], []
     peak_before = matmul_peak_gflops(dtype=_dtype(dtype), device=device)
     with torch.no_grad():
-        start, pending = 0, None
         for i in range(repeats + window // k):  # window // k steps fill the window and warm up, then `repeats`
             x = torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
-            _sync(device)
-            t0 = time.perf_counter()
-            _, pending = generate_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start, pending=pending,
-                                        fuse_cache_pass=fuse_cache_pass, generator=g)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if start >= context_frames + k:  # a full window of context (and one such chunk as warm-up)
+            timed = ours.start >= context_frames + k  # a full window of context (and one such chunk as warm-up)
+            if plain is not None and i % 2:
+                dt_plain = plain.step(x, g)
+            dt = ours.step(x, g)
+            if plain is not None and not i % 2:
+                dt_plain = plain.step(x, g)
+            if timed:
                 times.append(dt)
+                if plain is not None:
+                    plain_times.append(dt_plain)
                 # the peak right after this step (best of 3 products): a slow spell of a shared machine then lowers
                 # both sides of this step's ratio alike
                 local_peaks.append(matmul_peak_gflops(dtype=_dtype(dtype), device=device, repeats=3, warmup=0))
-            start += k
     peak = max(peak_before, matmul_peak_gflops(dtype=_dtype(dtype), device=device))  # the better of two readings
     tpf = model.tokens_per_frame(h, w)
     flops = chunk_step_flops(c, tpf, k, context_frames, text_len, num_steps)
     median = statistics.median(times)
     achieved = flops / median / 1e9
     paired = statistics.median(flops / t / 1e9 / p for t, p in zip(times, local_peaks))
+    baseline = {}
+    if compare_plain:
+        plain_median = statistics.median(plain_times)
+        baseline = {"plain_seconds": plain_median, "plain_fraction_of_peak": flops / plain_median / 1e9 / peak,
+                    "speedup_over_plain": plain_median / median,
+                    "speedup_over_plain_step_by_step": statistics.median(p / t for p, t in zip(plain_times, times))}
     return {"benchmark": "chunk_step", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
             "fused_cache_pass": fuse_cache_pass,
             "dim": model.dim, "layers": c.num_layers, "tokens_per_frame": tpf, "chunk_frames": k,
@@ -364,11 +378,42 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
             "gflop": flops / 1e9, "achieved_gflops": achieved, "matmul_peak_gflops": peak,
             "fraction_of_peak": achieved / peak, "fraction_of_local_peak": paired,
             "local_peak_gflops_median": statistics.median(local_peaks),
-            "cpu_ffn": _cpu_ffn_report() if device == "cpu" else None,
+            "cpu_ffn": _cpu_ffn_report() if device == "cpu" else None, **baseline,
             "load_average_before": load_before, "load_average_after": _load(),
             "note": "fraction_of_peak: median step time against the best of 2 x 20 matmuls (before and after the "
                     "steps); fraction_of_local_peak: median over steps of (step throughput / best of 3 matmuls "
                     "timed right after that step)"}
+
+
+class _ChunkStream:
+    """One stream of chunk steps against its own rolling KV cache (for :func:`chunk_benchmark`)."""
+
+    def __init__(self, model, steps, ctx, window: int, fuse_cache_pass: bool, plain: bool) -> None:
+        self.model, self.steps, self.ctx, self.window = model, steps, ctx, window
+        self.fuse, self.plain = fuse_cache_pass, plain
+        self.cache, self.start, self.pending = None, 0, None
+
+    def step(self, x, generator) -> float:
+        """Generate the chunk for noise ``x`` [1, k, C, H, W]; the seconds it took (device synchronised)."""
+        import contextlib
+
+        from selfforcing.perf import plain_pytorch
+        from selfforcing.sampling import generate_chunk
+
+        if self.cache is None:
+            self.cache = self.model.new_kv_cache(1, x.shape[-2], x.shape[-1], window_frames=self.window,
+                                                 sink_frames=0)
+        device = str(x.device.type)
+        with plain_pytorch() if self.plain else contextlib.nullcontext():
+            _sync(device)
+            t0 = time.perf_counter()
+            _, self.pending = generate_chunk(self.model, x, self.steps, self.ctx, kv_cache=self.cache,
+                                             start_frame=self.start, pending=self.pending,
+                                             fuse_cache_pass=self.fuse, generator=generator)
+            _sync(device)
+            dt = time.perf_counter() - t0
+        self.start += x.shape[1]
+        return dt
 
 
 def _cpu_ffn_report() -> dict:
@@ -398,13 +443,20 @@ def run(args: argparse.Namespace) -> int:
     size = tuple(int(v) for v in args.latent_size.split(",")) if args.latent_size else None
     if args.bench_command == "chunk":
         result = chunk_benchmark(args.preset, size, args.context_frames, repeats=args.repeats,
-                                 fuse_cache_pass=args.fuse_cache_pass, **common)
+                                 fuse_cache_pass=args.fuse_cache_pass, compare_plain=args.compare_plain, **common)
         _write(args.out, result)
-        print(json.dumps(result) if args.json else
-              f"{args.preset}: {result['seconds'] * 1e3:.1f} ms per chunk step, {result['gflop']:.2f} GFLOP, "
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"{args.preset}: {result['seconds'] * 1e3:.1f} ms per chunk step, {result['gflop']:.2f} GFLOP, "
               f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.0f}% of the "
               f"{result['matmul_peak_gflops']:.1f} GFLOP/s {args.dtype} matmul peak ({args.device}); "
               f"{100 * result['fraction_of_local_peak']:.0f}% step by step against the peak timed right after it")
+        if args.compare_plain:
+            print(f"plain PyTorch: {result['plain_seconds'] * 1e3:.1f} ms per chunk step "
+                  f"({100 * result['plain_fraction_of_peak']:.0f}% of the peak); ours is "
+                  f"{result['speedup_over_plain']:.2f}x faster ({result['speedup_over_plain_step_by_step']:.2f}x "
+                  f"step by step)")
         return 0
     result = stream_benchmark(args.preset, [int(v) for v in args.lengths.split(",")], args.strategies.split(","),
                               args.train_frames, size, repeats=args.repeats, **common)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..perf import cpu_shortcuts_enabled
+
 
 def block_sizes_for(num_frames: int, block_size: int, independent_first_frame: bool = False) -> list[int]:
     """Split ``num_frames`` latent frames into causal blocks: [K, K, ...] or [1, K, K, ...].
@@ -154,7 +156,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     # float32 only: the explicit softmax of a bf16 / fp16 product would round where SDPA accumulates in float
     if (mask is None and k.shape[1] <= _SHORT_KEYS and q.device.type == "cpu" and q.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and cpu_shortcuts_enabled()):
         return _short_key_attention(q, k, v)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mask is not None and q.is_cuda and _CUDA_MASKED == "flex":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..perf import fastest_path
+from ..perf import cpu_shortcuts_enabled, fastest_path
 from .attention import (
     attention,
     block_causal_frame_mask,
@@ -58,15 +58,16 @@ def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm | nn.Identity) -> torch
         return x.float()
     w = norm.weight.float() if norm.weight is not None else None
     b = norm.bias.float() if norm.bias is not None else None
-    if w is None and b is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if w is None and b is None and _cpu_inference(x):
         w = _unit_gain(tuple(norm.normalized_shape), str(x.device))
     return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
-    """Whether the CPU inference shortcuts apply: float32 on CPU, no autograd, not being traced by torch.compile."""
+    """Whether the CPU inference shortcuts apply: float32 on CPU, no autograd, not being traced by torch.compile,
+    not switched off (:func:`selfforcing.perf.plain_pytorch`)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and cpu_shortcuts_enabled())
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -125,7 +126,7 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     passes over x (addcmul, mul, sigmoid, mul). On CPU about 2.1x faster than torch's tanh-GELU kernel (0.55 vs 1.18 ms
     for [1536, 384]; the seven-pass form it replaced took 0.70 ms) and equal to it to float rounding
     (tests/test_perf.py); elsewhere torch's kernel is used."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+    if not _cpu_inference(x):
         return torch._C._nn.gelu_(x, approximate="tanh")
     z = torch.addcmul(_gelu_k(str(x.device)), x, x, value=_GELU_K * 0.044715)
     return x.mul_(z.mul_(x).sigmoid_())
@@ -412,7 +413,7 @@ class WanAttention(nn.Module):
 def _modulated_norm(x: torch.Tensor, norm, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift in float32 (in place on the fresh normalised tensor without autograd)."""
     h = _fp32_layer_norm(x, norm)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or not cpu_shortcuts_enabled():
         return h * (1 + scale) + shift
     return torch.addcmul(shift, h, 1 + scale, out=h)
 
@@ -450,7 +451,7 @@ class CausalWanBlock(nn.Module):
             return None
         # without autograd and in float32 the residual stream is updated in place (a fresh tensor after the
         # first update, so the block's input is never modified); the values are the same either way
-        inplace = not torch.is_grad_enabled() and x.dtype == torch.float32
+        inplace = not torch.is_grad_enabled() and x.dtype == torch.float32 and cpu_shortcuts_enabled()
 
         h = _modulated_norm(xf, self.norm1, scale, shift).type_as(x)
         a = self.attn1.self_attention(h.view(b, n, d), rope, how)
