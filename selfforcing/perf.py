@@ -68,8 +68,9 @@ def fastest_path(key: tuple, candidates: dict, args: tuple, repeats: int = 5):
     """Run ``candidates[name](*args)`` and return ``(name, output)`` of the fastest implementation for ``key``.
 
     The candidates must compute the same function (to float rounding). The first call for a key times each of them
-    ``repeats`` times, interleaved so that a slow spell of a shared machine falls on all alike, and keeps the one
-    with the lowest best time; later calls with that key run only the winner. Why: on this project's 2-core VM the
+    ``repeats`` + 1 times (the first round also warms caches and oneDNN's primitive cache up), interleaved so that a
+    slow spell of a shared machine falls on all alike, and keeps the one with the lowest best time; later calls with
+    that key run only the winner. Why: on this project's 2-core VM the
     faster of two FFN kernels (oneDNN's fused GELU linear vs BLAS on transposed activations) changed from day to day
     by 10-20% either way (README, Performance), so no fixed choice is right. ``key`` should hold everything the
     timing depends on (shapes, dtype, thread count). One candidate: run it, no timing."""
@@ -81,7 +82,7 @@ def fastest_path(key: tuple, candidates: dict, args: tuple, repeats: int = 5):
         _FASTEST[key] = name
         return name, candidates[name](*args)
     best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(repeats + 1):  # the first round warms caches and oneDNN's primitive cache up; it counts too
+    for _ in range(repeats + 1):
         for cand, fn in candidates.items():
             t0 = time.perf_counter()
             out = fn(*args)
