@@ -336,8 +336,8 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
     ctx = _context(model, text_len, device, dtype)
     window = context_frames + k
     g = torch.Generator(device=device).manual_seed(0)
-    ours = _ChunkStream(model, steps, ctx, window, fuse_cache_pass, plain=False)
-    plain = _ChunkStream(model, steps, ctx, window, False, plain=True) if compare_plain else None
+    ours = _ChunkStream(model, steps, ctx, (h, w), window, fuse_cache_pass, plain=False)
+    plain = _ChunkStream(model, steps, ctx, (h, w), window, False, plain=True) if compare_plain else None
     times, plain_times, local_peaks = [], [], []
     peak_before = matmul_peak_gflops(dtype=_dtype(dtype), device=device)
     with torch.no_grad():
@@ -388,10 +388,12 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
 class _ChunkStream:
     """One stream of chunk steps against its own rolling KV cache (for :func:`chunk_benchmark`)."""
 
-    def __init__(self, model, steps, ctx, window: int, fuse_cache_pass: bool, plain: bool) -> None:
-        self.model, self.steps, self.ctx, self.window = model, steps, ctx, window
+    def __init__(self, model, steps, ctx, latent_size: tuple[int, int], window: int, fuse_cache_pass: bool,
+                 plain: bool) -> None:
+        self.model, self.steps, self.ctx = model, steps, ctx
         self.fuse, self.plain = fuse_cache_pass, plain
-        self.cache, self.start, self.pending = None, 0, None
+        self.cache = new_stream_state(model, 1, latent_size, window)["cache"]
+        self.start, self.pending = 0, None
 
     def step(self, x, generator) -> float:
         """Generate the chunk for noise ``x`` [1, k, C, H, W]; the seconds it took (device synchronised)."""
@@ -400,9 +402,6 @@ class _ChunkStream:
         from selfforcing.perf import plain_pytorch
         from selfforcing.sampling import generate_chunk
 
-        if self.cache is None:
-            self.cache = self.model.new_kv_cache(1, x.shape[-2], x.shape[-1], window_frames=self.window,
-                                                 sink_frames=0)
         device = str(x.device.type)
         with plain_pytorch() if self.plain else contextlib.nullcontext():
             _sync(device)
