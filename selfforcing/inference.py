@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import flow
+from .perf import timed_kernel_choice
 from .sampling import cache_chunk, generate_chunk
 
 
@@ -97,7 +98,8 @@ class StreamingGenerator:
         every generated frame. A no-op without ``fuse_cache_pass`` or when nothing waits."""
         if self._pending is not None:
             f = self._pending.shape[1]
-            cache_chunk(self.model, self._pending, self.context, kv_cache=self.cache, start_frame=self.frame - f)
+            with timed_kernel_choice():
+                cache_chunk(self.model, self._pending, self.context, kv_cache=self.cache, start_frame=self.frame - f)
             self._pending = None
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -143,7 +145,8 @@ class StreamingGenerator:
         while i < latents.shape[1]:
             f = min(self.next_chunk_size(), latents.shape[1] - i)
             chunk = latents[:, i:i + f]
-            cache_chunk(self.model, chunk, context, kv_cache=self.cache, start_frame=self.frame)
+            with timed_kernel_choice():
+                cache_chunk(self.model, chunk, context, kv_cache=self.cache, start_frame=self.frame)
             self._remember(chunk)
             self.frame += f
             i += f
@@ -184,9 +187,10 @@ class StreamingGenerator:
         h, w = self.latent_size
         c = self.model.config.in_channels
         noise = torch.randn((self.batch_size, f, c, h, w), generator=self.generator).to(self.device, self.dtype)
-        x0, self._pending = generate_chunk(self.model, noise, self.steps, self.context, kv_cache=self.cache,
-                                           start_frame=self.frame, pending=self._pending,
-                                           fuse_cache_pass=self.fuse_cache_pass, generator=self.generator)
+        with timed_kernel_choice():  # streaming may pick the faster of equivalent kernels (not bit-reproducible)
+            x0, self._pending = generate_chunk(self.model, noise, self.steps, self.context, kv_cache=self.cache,
+                                               start_frame=self.frame, pending=self._pending,
+                                               fuse_cache_pass=self.fuse_cache_pass, generator=self.generator)
         self._remember(x0)
         frames = self.decoder.decode_chunk(x0)
         chunk = Chunk(self.chunk_index, self.frame, x0, frames[0] if self.batch_size == 1 else frames,

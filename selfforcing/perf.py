@@ -37,8 +37,18 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
 
 
-# ---------------------------------------------------------------------------------------------- shortcuts switch
+# ---------------------------------------------------------------------------------------------- switches
 _SHORTCUTS = [True]
+_TIMED_CHOICE = [False]
+
+
+@contextlib.contextmanager
+def _switched(stack: list, value: bool):
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def cpu_shortcuts_enabled() -> bool:
@@ -46,18 +56,27 @@ def cpu_shortcuts_enabled() -> bool:
     return _SHORTCUTS[-1]
 
 
-@contextlib.contextmanager
 def plain_pytorch():
     """Within this block the model runs without its CPU inference shortcuts: torch's own kernels (nn.Linear, RMSNorm,
     LayerNorm, tanh-GELU, SDPA for every attention) and out-of-place residual updates, the path that autograd takes.
     The values are the same to float rounding (tests/test_perf.py); it is the plain-PyTorch baseline against which
     ``selfforcing bench chunk --compare-plain`` measures the shortcuts. Structural choices stay (the head-major KV
     cache written in place, RoPE as a complex product, the cached text K/V)."""
-    _SHORTCUTS.append(False)
-    try:
-        yield
-    finally:
-        _SHORTCUTS.pop()
+    return _switched(_SHORTCUTS, False)
+
+
+def timed_choice_enabled() -> bool:
+    """Whether kernels may be chosen by timing them (see :func:`timed_kernel_choice`)."""
+    return _TIMED_CHOICE[-1]
+
+
+def timed_kernel_choice():
+    """Within this block the model may choose between equivalent kernels by timing them (:func:`fastest_path`).
+
+    Why only within a block: two kernels agree to float rounding, not bit for bit, and a timing can pick either, so
+    two processes may compute different bits. Streaming inference (``StreamingGenerator``, the benchmarks) opts in
+    for speed; training does not, so that a run resumed after a kill equals a straight run bit for bit."""
+    return _switched(_TIMED_CHOICE, True)
 
 
 # ---------------------------------------------------------------------------------------------- path choice

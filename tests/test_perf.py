@@ -160,10 +160,11 @@ def test_cpu_inference_kernels_equal_torch_reference():
 
 
 def test_fastest_path_times_once_and_keeps_the_faster_implementation():
-    """fastest_path runs every candidate on the first call of a key and the fastest one only from then on;
-    SELFFORCING_CPU_FFN must name a known FFN kernel."""
+    """fastest_path runs every candidate on the first call of a key and the fastest one only from then on; the FFN
+    times its kernels only inside timed_kernel_choice (streaming), never in training; SELFFORCING_CPU_FFN must name a
+    known FFN kernel."""
     from selfforcing.models.causal_wan import FeedForward
-    from selfforcing.perf import chosen_paths, fastest_path
+    from selfforcing.perf import chosen_paths, fastest_path, timed_kernel_choice
 
     calls = {"slow": 0, "fast": 0}
 
@@ -186,6 +187,15 @@ def test_fastest_path_times_once_and_keeps_the_faster_implementation():
     assert fastest_path(("test", "slow first"), {"slow": slow, "fast": fast}, (1,))[0] == "fast"  # not the first listed
     n = calls["slow"]
     assert fastest_path(("test", "alone"), {"only": slow}, (0,)) == ("only", 1) and calls["slow"] == n + 1  # no timing
+
+    ffn, h = FeedForward(8, 16), torch.randn(5, 8)
+    shape_keys = lambda: [k for k in chosen_paths() if k[:4] == ("cpu_ffn", 5, 8, 16)]  # noqa: E731
+    with torch.no_grad():
+        ffn(h)  # outside streaming (a training rollout, say) the kernel is fixed: nothing is timed
+        assert shape_keys() == []
+        with timed_kernel_choice():  # as StreamingGenerator runs the model
+            ffn(h)
+        assert len(shape_keys()) == 1
 
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setenv("SELFFORCING_CPU_FFN", "mkl")

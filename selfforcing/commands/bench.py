@@ -258,8 +258,10 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
     def noise():
         return torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
 
+    from selfforcing.perf import timed_kernel_choice
+
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), timed_kernel_choice():  # as StreamingGenerator streams
         for name in strategies:
             fn = STRATEGIES[name]
             warm = new_stream_state(model, 1, (h, w), train_frames)  # one-off allocations, kernels, compilation
@@ -397,13 +399,11 @@ class _ChunkStream:
 
     def step(self, x, generator) -> float:
         """Generate the chunk for noise ``x`` [1, k, C, H, W]; the seconds it took (device synchronised)."""
-        import contextlib
-
-        from selfforcing.perf import plain_pytorch
+        from selfforcing.perf import plain_pytorch, timed_kernel_choice
         from selfforcing.sampling import generate_chunk
 
         device = str(x.device.type)
-        with plain_pytorch() if self.plain else contextlib.nullcontext():
+        with plain_pytorch() if self.plain else timed_kernel_choice():
             _sync(device)
             t0 = time.perf_counter()
             _, self.pending = generate_chunk(self.model, x, self.steps, self.ctx, kv_cache=self.cache,

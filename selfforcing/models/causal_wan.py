@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..perf import cpu_shortcuts_enabled, fastest_path
+from ..perf import cpu_shortcuts_enabled, fastest_path, timed_choice_enabled
 from .attention import (
     attention,
     block_causal_frame_mask,
@@ -152,8 +152,10 @@ CPU_FFN_SETTINGS = ("auto", "onednn", "feature_major")
 
 
 def cpu_ffn_setting() -> str:
-    """SELFFORCING_CPU_FFN: which kernel runs the FFN in CPU float32 inference (default ``auto``: the faster one,
-    timed at the first call of each shape). ``onednn`` falls back to ``feature_major`` on builds without oneDNN."""
+    """SELFFORCING_CPU_FFN: which kernel runs the FFN in CPU float32 inference. ``auto`` (the default): the faster
+    one, timed at the first call of each shape, inside :func:`selfforcing.perf.timed_kernel_choice` (streaming
+    inference), and oneDNN elsewhere (training rollouts stay bit-reproducible). ``onednn`` falls back to
+    ``feature_major`` on builds without oneDNN."""
     value = os.environ.get("SELFFORCING_CPU_FFN", "auto")
     if value not in CPU_FFN_SETTINGS:
         raise ValueError(f"SELFFORCING_CPU_FFN={value!r}: expected one of {', '.join(CPU_FFN_SETTINGS)}")
@@ -185,15 +187,18 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[0](x))
 
     def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """The faster of :meth:`_forward_onednn` and :meth:`_forward_feature_major` for this shape and thread count,
-        timed once per process (:func:`selfforcing.perf.fastest_path`): which one wins changes with the state of a
-        shared machine (README, Performance). ``SELFFORCING_CPU_FFN=onednn|feature_major`` fixes the choice."""
+        """Within :func:`selfforcing.perf.timed_kernel_choice` the faster of :meth:`_forward_onednn` and
+        :meth:`_forward_feature_major` for this shape and thread count, timed once per process
+        (:func:`selfforcing.perf.fastest_path`): which one wins changes with the state of a shared machine (README,
+        Performance). Elsewhere oneDNN. ``SELFFORCING_CPU_FFN=onednn|feature_major`` fixes the choice."""
         paths = {"onednn": self._forward_onednn, "feature_major": self._forward_feature_major}
         if not onednn_linear_available():
             del paths["onednn"]
-        forced = cpu_ffn_setting()
-        if forced != "auto":
-            return paths.get(forced, self._forward_feature_major)(x)
+        setting = cpu_ffn_setting()
+        if setting == "auto" and not timed_choice_enabled():
+            setting = "onednn"
+        if setting != "auto":
+            return paths.get(setting, self._forward_feature_major)(x)
         key = ("cpu_ffn", x.numel() // x.shape[-1], self.net[0].proj.in_features, self.net[0].proj.out_features,
                torch.get_num_threads())
         return fastest_path(key, paths, (x,))[1]
