@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing.commands.bench import _steps, build_model
-from selfforcing.perf import keep_freed_memory
+from selfforcing.perf import keep_freed_memory, timed_kernel_choice
 from selfforcing.sampling import generate_chunk
 
 
@@ -46,7 +46,7 @@ def main() -> None:
                                     start_frame=start, pending=pending)
         start += k
 
-    with torch.no_grad():
+    with torch.no_grad(), timed_kernel_choice():  # the kernels streaming would choose
         for _ in range(window // k + 1):  # fill the window
             chunk()
         plain = []
