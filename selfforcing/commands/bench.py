@@ -302,6 +302,7 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             "text_len": text_len, "chunk_frames": k, "denoising_steps": num_steps, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "ratios": ratios,
+            "cpu_blocks": _cpu_blocks_report() if device == "cpu" else None,
             "load_average_before": load_before, "load_average_after": _load(),
             "repeats": repeats,
             "note": "chunk_latency_s: median over all chunks of every repeat of the video (after one warm-up window); "
@@ -380,7 +381,8 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
             "gflop": flops / 1e9, "achieved_gflops": achieved, "matmul_peak_gflops": peak,
             "fraction_of_peak": achieved / peak, "fraction_of_local_peak": paired,
             "local_peak_gflops_median": statistics.median(local_peaks),
-            "cpu_ffn": _cpu_ffn_report() if device == "cpu" else None, **baseline,
+            "cpu_ffn": _cpu_ffn_report() if device == "cpu" else None,
+            "cpu_blocks": _cpu_blocks_report() if device == "cpu" else None, **baseline,
             "load_average_before": load_before, "load_average_after": _load(),
             "note": "fraction_of_peak: median step time against the best of 2 x 20 matmuls (before and after the "
                     "steps); fraction_of_local_peak: median over steps of (step throughput / best of 3 matmuls "
@@ -423,6 +425,16 @@ def _cpu_ffn_report() -> dict:
     chosen = {f"{k[1]} tokens x {k[2]}->{k[3]}, {k[4]} threads": v for k, v in chosen_paths().items()
               if k[0] == "cpu_ffn"}
     return {"setting": cpu_ffn_setting(), "chosen": chosen}
+
+
+def _cpu_blocks_report() -> dict:
+    """Which blocks CPU streaming ran: the setting, and whether the C++ blocks were built (and why not)."""
+    from selfforcing.models import native_blocks
+
+    err = native_blocks.build_error()
+    return {"setting": native_blocks.blocks_setting(),
+            "native": native_blocks.blocks_setting() != "python" and native_blocks.extension() is not None,
+            "build_error": None if err is None else f"{type(err).__name__}: {err}"[:300]}
 
 
 def _write(path: str | None, result: dict) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..perf import cpu_shortcuts_enabled, fastest_path, timed_choice_enabled
+from ..perf import cpu_shortcuts_enabled, fastest_name, timed_choice_enabled
 from .attention import (
     attention,
     block_causal_frame_mask,
@@ -37,6 +37,7 @@ from .attention import (
     expand_frame_mask,
     teacher_forcing_frame_mask,
 )
+from . import native_blocks
 from .kv_cache import ChunkPlan, KVCache
 from .presets import preset_config
 from .state_dict_adapter import load_checkpoint_file
@@ -189,19 +190,28 @@ class FeedForward(nn.Module):
     def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Within :func:`selfforcing.perf.timed_kernel_choice` the faster of :meth:`_forward_onednn` and
         :meth:`_forward_feature_major` for this shape and thread count, timed once per process
-        (:func:`selfforcing.perf.fastest_path`): which one wins changes with the state of a shared machine (README,
+        (:func:`selfforcing.perf.fastest_name`): which one wins changes with the state of a shared machine (README,
         Performance). Elsewhere oneDNN. ``SELFFORCING_CPU_FFN=onednn|feature_major`` fixes the choice."""
+        return self._paths()[self.cpu_kernel(x)](x)
+
+    def _paths(self) -> dict:
         paths = {"onednn": self._forward_onednn, "feature_major": self._forward_feature_major}
         if not onednn_linear_available():
             del paths["onednn"]
+        return paths
+
+    def cpu_kernel(self, x: torch.Tensor) -> str:
+        """The kernel that CPU float32 inference runs on ``x`` [..., D]: ``onednn`` or ``feature_major`` (see
+        :meth:`_forward_cpu_inference`; timed at the first call of a shape within timed_kernel_choice)."""
+        paths = self._paths()
         setting = cpu_ffn_setting()
         if setting == "auto" and not timed_choice_enabled():
             setting = "onednn"
         if setting != "auto":
-            return paths.get(setting, self._forward_feature_major)(x)
+            return setting if setting in paths else "feature_major"
         key = ("cpu_ffn", x.numel() // x.shape[-1], self.net[0].proj.in_features, self.net[0].proj.out_features,
                torch.get_num_threads())
-        return fastest_path(key, paths, (x,))[1]
+        return fastest_name(key, paths, (x,))
 
     def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """The same FFN through oneDNN's matmul with the tanh-GELU fused into the first product (the activation is
@@ -691,6 +701,14 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         kvs = [blk.attn2.project_kv(ctx) for blk in self.blocks]
         return [k for k, _ in kvs], [v for _, v in kvs]
 
+    def _native_blocks(self, tokens: torch.Tensor, hows: list) -> bool:
+        """Whether C++ runs this forward's blocks (:mod:`selfforcing.models.native_blocks`): a cached float32 CPU
+        forward without gradients, within :func:`selfforcing.perf.timed_kernel_choice`, unless
+        ``SELFFORCING_CPU_BLOCKS=python`` or the extension cannot be built."""
+        return (isinstance(hows[0], CachedAttention) and timed_choice_enabled() and _cpu_inference(tokens)
+                and not torch.is_autocast_enabled(tokens.device.type) and hows[0].cache.dtype == torch.float32
+                and native_blocks.available())
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -828,15 +846,22 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
         taps = {i % cfg.num_layers for i in (output_hidden_layers or ())}
         hidden = {}
-        for i, (blk, how, ckv) in enumerate(zip(self.blocks, hows, cross)):
-            if kv_only and i == cfg.num_layers - 1:
-                blk(tokens, e, rope, how, ctx, ckv, kv_only=True)
-            elif ckpt:
-                tokens = self._gradient_checkpointing_func(blk, tokens, e, rope, how, ctx, ckv)
-            else:
-                tokens = blk(tokens, e, rope, how, ctx, ckv)
-            if i in taps:
-                hidden[i] = tokens
+        if not taps and self._native_blocks(tokens, hows):
+            for blk, ckv in zip(self.blocks, cross):  # the text K/V of a new prompt, which the C++ blocks read
+                if ckv.get() is None:
+                    ckv.set(blk.attn2.project_kv(ctx))
+            onednn = self.blocks[0].ffn.cpu_kernel(tokens) == "onednn"
+            tokens = native_blocks.run_blocks(self, tokens, e, rope, hows, cross, tpf, kv_only, onednn)
+        else:
+            for i, (blk, how, ckv) in enumerate(zip(self.blocks, hows, cross)):
+                if kv_only and i == cfg.num_layers - 1:
+                    blk(tokens, e, rope, how, ctx, ckv, kv_only=True)
+                elif ckpt:
+                    tokens = self._gradient_checkpointing_func(blk, tokens, e, rope, how, ctx, ckv)
+                else:
+                    tokens = blk(tokens, e, rope, how, ctx, ckv)
+                if i in taps:
+                    hidden[i] = tokens
         if plan is not None and not tracking:
             kv_cache.commit(plan)
         if kv_only:

@@ -1,0 +1,152 @@
+"""Native blocks: the transformer blocks of a cached CPU inference forward, run by C++ instead of Python.
+
+Why. The small preset's chunk step is ~3,500 short torch ops. Run from Python, each one pays the interpreter,
+module calls and argument parsing on top of the kernel; on this project's 2-core VM that was 30-70 ms of a
+250-450 ms step (README, Performance). ``csrc/native_blocks.cpp`` runs the same ATen ops, with the same arguments
+and in the same order, from C++ with the GIL released: the same numbers bit for bit (tests/test_native_blocks.py),
+without the Python in between. The time embedding, patch embedding, head and sampler stay in Python (a few ops per
+forward).
+
+Built with torch's extension builder (``torch.utils.cpp_extension.load``, the machine's C++ compiler) at the first
+use in a process, about a minute on a 2-core machine, and cached under :func:`build_directory` for later processes
+(``make install`` builds it). If it cannot be built, a warning says why once and the Python blocks run.
+
+Where. Like the timed FFN choice, only within :func:`selfforcing.perf.timed_kernel_choice` (streaming inference,
+the benchmarks), for a cached float32 CPU forward without gradients: training keeps the path it has always taken.
+``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native`` | ``python``.
+
+The C++ mirrors ``CausalWanBlock.forward`` on that path op for op; a change to one must be made to the other, and
+the bit-for-bit test fails if they drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+
+BLOCKS_ENV = "SELFFORCING_CPU_BLOCKS"
+BLOCKS_SETTINGS = ("auto", "native", "python")
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "native_blocks.cpp")
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def blocks_setting() -> str:
+    """``SELFFORCING_CPU_BLOCKS``; a bad value is a ValueError that names the variable."""
+    value = os.environ.get(BLOCKS_ENV, "auto")
+    if value not in BLOCKS_SETTINGS:
+        raise ValueError(f"{BLOCKS_ENV}={value!r}: expected one of {', '.join(BLOCKS_SETTINGS)}")
+    return value
+
+
+def build_directory() -> str:
+    """Where the compiled extension is cached: ``$SELFFORCING_BUILD_DIR`` or ``~/.cache/selfforcing``, one folder per
+    torch version."""
+    root = os.environ.get("SELFFORCING_BUILD_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "selfforcing")
+    return os.path.join(root, "torch-" + torch.__version__.replace("+", "-"))
+
+
+def extension(verbose: bool = False):
+    """The compiled extension (built at the first call in a process if it is not cached), or None if it cannot be
+    built: then a RuntimeWarning names the error, once, and :func:`build_error` returns it."""
+    with _LOCK:
+        if "module" not in _STATE:
+            try:
+                from torch.utils.cpp_extension import load
+
+                path = build_directory()
+                os.makedirs(path, exist_ok=True)
+                _STATE["module"] = load(name="selfforcing_native_blocks", sources=[SOURCE], extra_cflags=["-O2"],
+                                        build_directory=path, verbose=verbose)
+            except Exception as err:  # noqa: BLE001 - whatever failed, the Python blocks still run
+                _STATE["module"], _STATE["error"] = None, err
+                warnings.warn(f"native blocks are off, the Python blocks run: building {SOURCE} failed "
+                              f"({type(err).__name__}: {str(err).strip()[-500:]})", RuntimeWarning, stacklevel=2)
+        return _STATE["module"]
+
+
+def build_error() -> BaseException | None:
+    """Why :func:`extension` returned None (None if it built or was not tried)."""
+    return _STATE.get("error")
+
+
+def available() -> bool:
+    """Whether the setting allows native blocks and the extension is built (building it if needed)."""
+    return blocks_setting() != "python" and extension() is not None
+
+
+def _layer_params(block) -> list[torch.Tensor]:
+    """One block's parameters in the order of ``enum W`` in native_blocks.cpp (an absent one: an empty tensor)."""
+    a1, a2, ffn = block.attn1, block.attn2, block.ffn
+    norm2 = block.norm2 if isinstance(block.norm2, torch.nn.LayerNorm) else None
+    empty = torch.empty(0)
+
+    def opt(t):
+        return empty if t is None else t
+
+    return [
+        block.scale_shift_table,
+        a1.to_q.weight, a1.to_q.bias, a1.to_k.weight, a1.to_k.bias, a1.to_v.weight, a1.to_v.bias,
+        a1.to_out[0].weight, a1.to_out[0].bias, opt(a1.norm_q.weight), opt(a1.norm_k.weight),
+        opt(None if norm2 is None else norm2.weight), opt(None if norm2 is None else norm2.bias),
+        a2.to_q.weight, a2.to_q.bias, a2.to_out[0].weight, a2.to_out[0].bias, opt(a2.norm_q.weight),
+        ffn.net[0].proj.weight, ffn.net[0].proj.bias, ffn.net[2].weight, ffn.net[2].bias,
+    ]
+
+
+def _params(model) -> list[torch.Tensor]:
+    """All blocks' parameters, flat; rebuilt only when a parameter tensor was replaced (``model.to``, a load)."""
+    ids = tuple(id(p) for p in model.blocks.parameters())
+    cached = getattr(model, "_native_block_params", None)
+    if cached is None or cached[0] != ids:
+        cached = (ids, [t for blk in model.blocks for t in _layer_params(blk)])
+        model._native_block_params = cached
+    return cached[1]
+
+
+def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor, hows: list, cross: list,
+               tokens_per_frame: int, kv_only: bool, ffn_onednn: bool) -> torch.Tensor | None:
+    """``model``'s blocks over ``tokens`` [B, F*T, D], as the Python loop of ``CausalWanModel.forward`` runs them on a
+    cached no-grad forward: ``hows`` its per-block :class:`~selfforcing.models.causal_wan.CachedAttention` (the same
+    cache, plan and fused finished chunk for every block), ``cross`` its filled cross-attention slots, ``e`` [B, F, 6,
+    D] the modulation, ``rope`` [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel. Returns the output
+    tokens [B, F'*T, D] (F' = F less a fused finished chunk's frames), or None for ``kv_only``."""
+    from .attention import _SHORT_KEYS
+    from .causal_wan import _GELU_K, _gelu_k, _unit_gain
+
+    how = hows[0]
+    cache, plan, pending = how.cache, how.plan, how.pending
+    kvs = [slot.get() for slot in cross]
+    if any(kv is None for kv in kvs):
+        raise RuntimeError("native blocks need every block's cross-attention K/V cached first")
+    blk = model.blocks[0]
+    eps = blk.attn1.norm_q.eps if blk.attn1.norm_q.eps is not None else torch.finfo(tokens.dtype).eps
+    empty = torch.empty(0, dtype=torch.long)
+
+    def opt(t):
+        return empty if t is None else t
+
+    out = extension().run_blocks(
+        tokens, e.float(), rope, _params(model), [k for k, _ in kvs], [v for _, v in kvs], cache.k, cache.v,
+        plan.slot_index, plan.visible_tokens, opt(plan.read_index),
+        empty if pending is None else pending.slot_index, 0 if pending is None else pending.visible_tokens,
+        empty if pending is None else opt(pending.read_index),
+        tokens_per_frame, kv_only, blk.attn1.heads, blk.norm1.eps, eps, _GELU_K * 0.044715,
+        _unit_gain((tokens.shape[-1],), str(tokens.device)), _gelu_k(str(tokens.device)), _SHORT_KEYS,
+        isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn)
+    return None if kv_only else out
+
+
+def main() -> int:
+    """Build the extension now, if it is not cached (``make install`` runs this)."""
+    ext = extension(verbose=False)
+    if ext is None:
+        print(f"native blocks: not built ({build_error()}); the Python blocks will run")
+        return 0
+    print(f"native blocks: built in {build_directory()}")
+    return 0
+

@@ -1,0 +1,146 @@
+"""The C++ blocks (selfforcing/models/native_blocks.py) compute the Python blocks' numbers bit for bit on every path
+a cached CPU inference forward takes, run only where they are meant to, and fail safe: a bad setting is a clear
+error, a failed build falls back to Python with a warning, an error inside C++ reaches Python as an exception."""
+
+import pytest
+import torch
+
+from selfforcing.models import CausalWanModel, native_blocks
+from selfforcing.models.causal_wan import onednn_linear_available
+from selfforcing.perf import timed_kernel_choice
+
+pytestmark = pytest.mark.skipif(native_blocks.extension() is None, reason="the C++ extension did not build here")
+
+
+def _count_calls(monkeypatch) -> list:
+    calls = []
+    real = native_blocks.run_blocks
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("kv_only", args[7] if len(args) > 7 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native_blocks, "run_blocks", counted)
+    return calls
+
+
+def _stream(model, *, fused: bool, cache, chunks: int, batch: int = 1, text_len: int = 16, skip_to: int | None = None):
+    """Every output of a short stream (4 denoising steps per chunk, the cache pass fused or not) and the cache."""
+    g = torch.Generator().manual_seed(0)
+    c = model.config
+    ctx = torch.randn(batch, text_len, c.text_dim, generator=g)
+    outs, pending, start = [], None, 0
+    with torch.no_grad(), timed_kernel_choice():
+        for i in range(chunks):
+            if skip_to is not None and i == 1:  # re-cached window: the chunk reads sinks + itself (a gathered view)
+                start, pending = skip_to, None
+                cache.skip_to(skip_to)
+            x = torch.randn(batch, 3, c.in_channels, 16, 16, generator=g)
+            for j, t in enumerate((1000.0, 750.0, 500.0, 250.0)):
+                fuse = fused and j == 0 and pending is not None
+                out = model(x, torch.full((batch, 3), t), ctx, kv_cache=cache, start_frame=start,
+                            pending_x=pending if fuse else None)
+                outs.append(out)
+                x = out * 0.5 + x * 0.5  # any update that depends on the output
+            if fused:
+                pending = x
+            else:
+                assert model(x, torch.zeros(batch, 3), ctx, kv_cache=cache, start_frame=start, kv_only=True) is None
+            start += 3
+    return torch.stack(outs), cache
+
+
+def _both(monkeypatch, make_model, make_cache, **kw):
+    """The stream with the Python blocks and with the C++ blocks, on the same weights."""
+    model = make_model()
+    results = {}
+    for setting in ("python", "native"):
+        monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", setting)
+        results[setting] = _stream(model, cache=make_cache(model), **kw)
+    return results["python"], results["native"]
+
+
+@pytest.mark.parametrize("ffn", ["feature_major", "onednn"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_native_blocks_equal_python_blocks_on_a_rolling_stream(monkeypatch, ffn, fused):
+    """A rolling window with a sink that evicts frames while the stream runs: outputs and cache bit for bit."""
+    if ffn == "onednn" and not onednn_linear_available():
+        pytest.skip("no oneDNN linear in this torch build")
+    monkeypatch.setenv("SELFFORCING_CPU_FFN", ffn)
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(0)
+    (out_py, cache_py), (out_c, cache_c) = _both(
+        monkeypatch, lambda: CausalWanModel.from_preset("tiny", num_layers=3).eval(),
+        lambda m: m.new_kv_cache(1, 16, 16, window_frames=7, sink_frames=1), fused=fused, chunks=5)
+    assert len(calls) == 5 * 4 + (0 if fused else 5)  # every forward of the native run went through C++
+    assert torch.equal(out_py, out_c)
+    assert torch.equal(cache_py.k, cache_c.k) and torch.equal(cache_py.v, cache_c.v)
+
+
+def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_and_gathered_reads(monkeypatch):
+    """No norm before cross-attention, 80 text tokens (SDPA instead of the short-key path), batch 2, and a chunk
+    after skip_to (its keys gathered through read_index)."""
+    monkeypatch.setenv("SELFFORCING_CPU_FFN", "feature_major")
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(1)
+
+    def model():
+        return CausalWanModel.from_preset("tiny", num_layers=2, cross_attn_norm=False).eval()
+
+    (out_py, cache_py), (out_c, cache_c) = _both(
+        monkeypatch, model, lambda m: m.new_kv_cache(2, 16, 16, window_frames=7, sink_frames=1), fused=True,
+        chunks=3, batch=2, text_len=80, skip_to=9)
+    assert calls and torch.equal(out_py, out_c)
+    assert torch.equal(cache_py.k, cache_c.k) and torch.equal(cache_py.v, cache_c.v)
+
+
+def test_native_blocks_run_only_in_streaming_inference(monkeypatch):
+    """Not outside timed_kernel_choice (training keeps its path), not with gradients, not with
+    SELFFORCING_CPU_BLOCKS=python; a bad setting names the variable."""
+    calls = _count_calls(monkeypatch)
+    model = CausalWanModel.from_preset("tiny", num_layers=1).eval()
+    x, t, ctx = torch.randn(1, 3, 8, 16, 16), torch.full((1, 3), 500.0), torch.randn(1, 16, 384)
+    with torch.no_grad():
+        model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))  # a training rollout's cache pass
+    model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))  # with gradients
+    monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", "python")
+    with torch.no_grad(), timed_kernel_choice():
+        model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+    assert calls == []
+    monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", "auto")
+    with torch.no_grad(), timed_kernel_choice():
+        model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+    assert len(calls) == 1
+    monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", "fast")
+    with pytest.raises(ValueError, match="SELFFORCING_CPU_BLOCKS='fast'"), torch.no_grad(), timed_kernel_choice():
+        model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+
+
+def test_a_failed_build_warns_once_and_the_python_blocks_run(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken_load(**kwargs):
+        raise OSError("no C++ compiler (simulated)")
+
+    monkeypatch.setattr(native_blocks, "_STATE", {})
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    model = CausalWanModel.from_preset("tiny", num_layers=1).eval()
+    x, t, ctx = torch.randn(1, 3, 8, 16, 16), torch.full((1, 3), 500.0), torch.randn(1, 16, 384)
+    with torch.no_grad():
+        expected = model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+        with pytest.warns(RuntimeWarning, match="no C.. compiler"), timed_kernel_choice():
+            out = model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+        with timed_kernel_choice():  # warned once: no second warning (pytest turns warnings into errors if asked)
+            model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+    assert torch.allclose(out, expected, atol=1e-5)  # the Python blocks ran (FFN kernel may differ: rounding only)
+    assert isinstance(native_blocks.build_error(), OSError)
+
+
+def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
+    """A malformed call fails with a message that names the problem, not a crash (the GIL is released inside)."""
+    ext = native_blocks.extension()
+    empty = torch.empty(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="tensors per block"):
+        ext.run_blocks(torch.zeros(1, 64, 8), torch.zeros(1, 1, 6, 8), torch.zeros(64, 2, 2), [torch.zeros(1)] * 5,
+                       [], [], torch.zeros(1), torch.zeros(1), empty, 0, empty, empty, 0, empty, 64, False, 2, 1e-6,
+                       1e-6, 0.1, torch.ones(8), torch.tensor(1.0), 64, True, False)
