@@ -72,7 +72,8 @@ def ab(variants: list[dict[str, str]], rounds: int, repeats: int, extra: list[st
             this_round[name] = res["seconds"]
             runs[name].append({"round": r, "seconds": res["seconds"], "fraction_of_peak": res["fraction_of_peak"],
                                "fraction_of_local_peak": res["fraction_of_local_peak"],
-                               "matmul_peak_gflops": res["matmul_peak_gflops"], "cpu_ffn": res.get("cpu_ffn")})
+                               "matmul_peak_gflops": res["matmul_peak_gflops"], "cpu_ffn": res.get("cpu_ffn"),
+                               "cpu_blocks": res.get("cpu_blocks")})
             print(f"round {r + 1}/{rounds} {name}: {1e3 * res['seconds']:.1f} ms, "
                   f"{100 * res['fraction_of_peak']:.0f}% of peak", flush=True)
         wins[min(this_round, key=this_round.get)] += 1

@@ -1,6 +1,7 @@
-"""The C++ blocks (selfforcing/models/native_blocks.py) compute the Python blocks' numbers bit for bit on every path
-a cached CPU inference forward takes, run only where they are meant to, and fail safe: a bad setting is a clear
-error, a failed build falls back to Python with a warning, an error inside C++ reaches Python as an exception."""
+"""The C++ blocks (selfforcing/models/native_blocks.py) compute the Python blocks' numbers on every path a cached CPU
+inference forward takes (bit for bit with oneDNN's FFN; with the feature-major FFN, whose bias and GELU the C++ fuses
+into one pass, to float rounding), run only where they are meant to, and fail safe: a bad setting is a clear error,
+a failed build falls back to Python with a warning, an error inside C++ reaches Python as an exception."""
 
 import pytest
 import torch
@@ -73,8 +74,17 @@ def test_native_blocks_equal_python_blocks_on_a_rolling_stream(monkeypatch, ffn,
         monkeypatch, lambda: CausalWanModel.from_preset("tiny", num_layers=3).eval(),
         lambda m: m.new_kv_cache(1, 16, 16, window_frames=7, sink_frames=1), fused=fused, chunks=5)
     assert len(calls) == 5 * 4 + (0 if fused else 5)  # every forward of the native run went through C++
-    assert torch.equal(out_py, out_c)
-    assert torch.equal(cache_py.k, cache_c.k) and torch.equal(cache_py.v, cache_c.v)
+    _assert_same(ffn, (out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
+
+
+def _assert_same(ffn: str, expected: tuple, actual: tuple) -> None:
+    """Bit for bit with oneDNN's FFN (the same ops); with the fused feature-major FFN to float rounding, through a
+    whole stream (outputs are O(1): a wrong op, eps or order would be off by far more)."""
+    for e, a in zip(expected, actual):
+        if ffn == "onednn":
+            assert torch.equal(e, a)
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5)
 
 
 def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_and_gathered_reads(monkeypatch):
@@ -90,8 +100,8 @@ def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_an
     (out_py, cache_py), (out_c, cache_c) = _both(
         monkeypatch, model, lambda m: m.new_kv_cache(2, 16, 16, window_frames=7, sink_frames=1), fused=True,
         chunks=3, batch=2, text_len=80, skip_to=9)
-    assert calls and torch.equal(out_py, out_c)
-    assert torch.equal(cache_py.k, cache_c.k) and torch.equal(cache_py.v, cache_c.v)
+    assert calls
+    _assert_same("feature_major", (out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
 
 
 def test_native_blocks_run_only_in_streaming_inference(monkeypatch):
@@ -143,4 +153,28 @@ def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
     with pytest.raises(RuntimeError, match="tensors per block"):
         ext.run_blocks(torch.zeros(1, 64, 8), torch.zeros(1, 1, 6, 8), torch.zeros(64, 2, 2), [torch.zeros(1)] * 5,
                        [], [], torch.zeros(1), torch.zeros(1), empty, 0, empty, empty, 0, empty, 64, False, 2, 1e-6,
-                       1e-6, 0.1, torch.ones(8), torch.tensor(1.0), 64, True, False)
+                       1e-6, torch.ones(8), 64, True, False)
+
+
+def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():
+    """The feature-major FFN's one-pass bias + tanh-GELU: within 1e-6 of torch's GELU(tanh) from -60 to 60 (the
+    rational tanh saturates correctly), in place, parallel over rows with any thread count; a bad input is an error
+    that says what it must be, and the extension shares torch's OpenMP runtime rather than loading a second one."""
+    ext = native_blocks.extension()
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.linspace(-60, 60, 1536 * 7).view(1536, 7), torch.randn(1536, 185, generator=g) * 4], 1)
+    h = h.contiguous()
+    bias = torch.randn(1536, generator=g)
+    expected = torch.nn.functional.gelu(h + bias[:, None], approximate="tanh")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = h.clone()
+        assert ext.bias_gelu_tanh_(out, bias).data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 * max(1.0, float(expected.abs().max()) / 60))
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU matrix"):
+        ext.bias_gelu_tanh_(h.t(), bias)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        ext.bias_gelu_tanh_(h.clone(), bias[:10])
+    with open("/proc/self/maps") as fh:
+        gomp = {line.split()[-1] for line in fh if "libgomp" in line}
+    assert len(gomp) <= 1, gomp

@@ -422,8 +422,8 @@ def _cpu_ffn_report() -> dict:
     from selfforcing.models.causal_wan import cpu_ffn_setting
     from selfforcing.perf import chosen_paths
 
-    chosen = {f"{k[1]} tokens x {k[2]}->{k[3]}, {k[4]} threads": v for k, v in chosen_paths().items()
-              if k[0] == "cpu_ffn"}
+    chosen = {f"{'C++ blocks, ' if k[0] == 'native_ffn' else ''}{k[1]} tokens x {k[2]}->{k[3]}, {k[4]} threads": v
+              for k, v in chosen_paths().items() if k[0] in ("cpu_ffn", "native_ffn")}
     return {"setting": cpu_ffn_setting(), "chosen": chosen}
 
 

@@ -850,7 +850,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             for blk, ckv in zip(self.blocks, cross):  # the text K/V of a new prompt, which the C++ blocks read
                 if ckv.get() is None:
                     ckv.set(blk.attn2.project_kv(ctx))
-            onednn = self.blocks[0].ffn.cpu_kernel(tokens) == "onednn"
+            onednn = native_blocks.ffn_uses_onednn(self.blocks[0].ffn, tokens)
             tokens = native_blocks.run_blocks(self, tokens, e, rope, hows, cross, tpf, kv_only, onednn)
         else:
             for i, (blk, how, ckv) in enumerate(zip(self.blocks, hows, cross)):

@@ -30,6 +30,10 @@ import torch
 BLOCKS_ENV = "SELFFORCING_CPU_BLOCKS"
 BLOCKS_SETTINGS = ("auto", "native", "python")
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "native_blocks.cpp")
+# -fno-trapping-math lets the fused GELU loop vectorise (no -ffast-math: GCC < 13 would link crtfastmath.o and flush
+# denormals to zero for the whole process); -fopenmp makes at::parallel_for parallel, on the libgomp.so.1 that torch
+# has already loaded (same soname, so the loader binds the extension to it)
+_CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
@@ -60,7 +64,7 @@ def extension(verbose: bool = False):
 
                 path = build_directory()
                 os.makedirs(path, exist_ok=True)
-                _STATE["module"] = load(name="selfforcing_native_blocks", sources=[SOURCE], extra_cflags=["-O2"],
+                _STATE["module"] = load(name="selfforcing_native_blocks", sources=[SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                                         build_directory=path, verbose=verbose)
             except Exception as err:  # noqa: BLE001 - whatever failed, the Python blocks still run
                 _STATE["module"], _STATE["error"] = None, err
@@ -77,6 +81,25 @@ def build_error() -> BaseException | None:
 def available() -> bool:
     """Whether the setting allows native blocks and the extension is built (building it if needed)."""
     return blocks_setting() != "python" and extension() is not None
+
+
+def ffn_uses_onednn(ffn, x: torch.Tensor) -> bool:
+    """Which FFN kernel the C++ blocks run for input ``x`` [..., D]: oneDNN's (True) or the feature-major one with
+    the fused bias + GELU. ``SELFFORCING_CPU_FFN`` as for the Python FFN; under ``auto`` the two C++ FFNs are timed at
+    the first call of each shape (:func:`selfforcing.perf.fastest_name`, key ``native_ffn``)."""
+    from ..perf import fastest_name
+    from .causal_wan import cpu_ffn_setting, onednn_linear_available
+
+    setting = cpu_ffn_setting()
+    if setting == "feature_major" or not onednn_linear_available():
+        return False
+    if setting == "onednn":
+        return True
+    ext, up, down = extension(), ffn.net[0].proj, ffn.net[2]
+    candidates = {name: (lambda h, o=onednn: ext.feed_forward(h, up.weight, up.bias, down.weight, down.bias, o))
+                  for name, onednn in (("onednn", True), ("feature_major", False))}
+    key = ("native_ffn", x.numel() // x.shape[-1], up.in_features, up.out_features, torch.get_num_threads())
+    return fastest_name(key, candidates, (x,)) == "onednn"
 
 
 def _layer_params(block) -> list[torch.Tensor]:
@@ -116,7 +139,7 @@ def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
     D] the modulation, ``rope`` [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel. Returns the output
     tokens [B, F'*T, D] (F' = F less a fused finished chunk's frames), or None for ``kv_only``."""
     from .attention import _SHORT_KEYS
-    from .causal_wan import _GELU_K, _gelu_k, _unit_gain
+    from .causal_wan import _unit_gain
 
     how = hows[0]
     cache, plan, pending = how.cache, how.plan, how.pending
@@ -135,9 +158,9 @@ def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
         plan.slot_index, plan.visible_tokens, opt(plan.read_index),
         empty if pending is None else pending.slot_index, 0 if pending is None else pending.visible_tokens,
         empty if pending is None else opt(pending.read_index),
-        tokens_per_frame, kv_only, blk.attn1.heads, blk.norm1.eps, eps, _GELU_K * 0.044715,
-        _unit_gain((tokens.shape[-1],), str(tokens.device)), _gelu_k(str(tokens.device)), _SHORT_KEYS,
-        isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn)
+        tokens_per_frame, kv_only, blk.attn1.heads, blk.norm1.eps, eps,
+        _unit_gain((tokens.shape[-1],), str(tokens.device)), _SHORT_KEYS, isinstance(blk.norm2, torch.nn.LayerNorm),
+        ffn_onednn)
     return None if kv_only else out
 
 
