@@ -1,7 +1,7 @@
-"""The C++ blocks (selfforcing/models/native_blocks.py) compute the Python blocks' numbers on every path a cached CPU
-inference forward takes (bit for bit with oneDNN's FFN; with the feature-major FFN, whose bias and GELU the C++ fuses
-into one pass, to float rounding), run only where they are meant to, and fail safe: a bad setting is a clear error,
-a failed build falls back to Python with a warning, an error inside C++ reaches Python as an exception."""
+"""The C++ blocks (selfforcing/models/native_blocks.py) compute the Python blocks' numbers, to float rounding, on every
+path a cached CPU inference forward takes, run only where they are meant to, and fail safe: a bad setting is a clear
+error, a failed build falls back to Python with a warning, an error inside C++ reaches Python as an exception. Their
+two fused kernels are checked against torch's own ops directly."""
 
 import pytest
 import torch
@@ -74,17 +74,14 @@ def test_native_blocks_equal_python_blocks_on_a_rolling_stream(monkeypatch, ffn,
         monkeypatch, lambda: CausalWanModel.from_preset("tiny", num_layers=3).eval(),
         lambda m: m.new_kv_cache(1, 16, 16, window_frames=7, sink_frames=1), fused=fused, chunks=5)
     assert len(calls) == 5 * 4 + (0 if fused else 5)  # every forward of the native run went through C++
-    _assert_same(ffn, (out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
+    _assert_same((out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
 
 
-def _assert_same(ffn: str, expected: tuple, actual: tuple) -> None:
-    """Bit for bit with oneDNN's FFN (the same ops); with the fused feature-major FFN to float rounding, through a
-    whole stream (outputs are O(1): a wrong op, eps or order would be off by far more)."""
+def _assert_same(expected: tuple, actual: tuple) -> None:
+    """Equal to float rounding through a whole stream (the C++ fuses the q/k norm with RoPE, and the feature-major
+    FFN's bias with its GELU). Outputs and keys are O(1): a wrong op, eps, gain or order is off by far more."""
     for e, a in zip(expected, actual):
-        if ffn == "onednn":
-            assert torch.equal(e, a)
-        else:
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5)
 
 
 def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_and_gathered_reads(monkeypatch):
@@ -101,7 +98,7 @@ def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_an
         monkeypatch, model, lambda m: m.new_kv_cache(2, 16, 16, window_frames=7, sink_frames=1), fused=True,
         chunks=3, batch=2, text_len=80, skip_to=9)
     assert calls
-    _assert_same("feature_major", (out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
+    _assert_same((out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
 
 
 def test_native_blocks_run_only_in_streaming_inference(monkeypatch):
@@ -178,3 +175,29 @@ def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():
     with open("/proc/self/maps") as fh:
         gomp = {line.split()[-1] for line in fh if "libgomp" in line}
     assert len(gomp) <= 1, gomp
+
+
+def test_fused_rms_rope_equals_the_python_norm_and_rotation():
+    """rms_rope_ = _rms_normed then apply_rope_cis (batch 2, 3 heads, a gain or none, a table or none), in place."""
+    from selfforcing.models.causal_wan import _rms_normed, apply_rope_cis
+
+    ext = native_blocks.extension()
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
+        y = torch.randn(2, 40, 96, generator=g) * 3
+        cs = torch.randn(40, 16, 2, generator=g)
+        for gain, table in ((norm.weight, cs), (norm.weight, None), (None, cs)):
+            ref = torch.nn.RMSNorm(96, eps=1e-6, elementwise_affine=gain is not None)
+            if gain is not None:
+                ref.weight.copy_(gain)
+            expected = _rms_normed(ref, y.clone())
+            if table is not None:
+                expected = apply_rope_cis(expected.unflatten(2, (3, 32)), table).flatten(2)
+            out = y.clone()
+            ext.rms_rope_(out, torch.empty(0) if gain is None else gain, torch.empty(0) if table is None else table,
+                          1e-6)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="RoPE table must be"):
+            ext.rms_rope_(y.clone(), norm.weight, torch.randn(7, 16, 2), 1e-6)

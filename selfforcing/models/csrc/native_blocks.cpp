@@ -2,8 +2,9 @@
 //
 // Each step is the ATen op that CausalWanBlock.forward runs on that path (CPU inference shortcuts, CachedAttention),
 // with the same arguments and in the same order, so the result is the Python blocks' bit for bit
-// (tests/test_native_blocks.py) except in one place: the feature-major FFN's bias and GELU run as one fused pass
-// (bias_gelu_tanh_), equal to the Python GELU to float rounding. Change one, change the other.
+// (tests/test_native_blocks.py) except in two fused passes, equal to the Python ops to float rounding: the q/k
+// RMSNorm with the RoPE rotation (rms_rope_), and the feature-major FFN's bias and GELU (bias_gelu_tanh_). Change
+// one, change the other.
 
 #include <torch/extension.h>
 
@@ -35,18 +36,6 @@ struct Config {
 };
 
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
-
-Tensor rms_normed(Tensor y, const Tensor& gain, double eps) {  // _rms_normed (in place on a fresh projection)
-  auto inv = at::linalg_vector_norm(y, 2, at::IntArrayRef{-1}, /*keepdim=*/true)
-                 .square_().div_(y.size(-1)).add_(eps).rsqrt_();
-  y.mul_(inv);
-  return present(gain) ? y.mul_(gain) : y;
-}
-
-Tensor apply_rope_cis(const Tensor& x, const Tensor& cs) {  // apply_rope_cis: x [B, N, H, Dh], cs [N, Dh/2, 2]
-  auto xc = at::view_as_complex(x.unflatten(-1, {-1, 2}));
-  return at::view_as_real(xc * at::view_as_complex(cs).unsqueeze(0).unsqueeze(2)).flatten(-2);
-}
 
 Tensor layer_norm(const Tensor& x, const Tensor& gain, const Tensor& bias, const Config& c) {  // _fp32_layer_norm
   // the unit gain only when the norm has neither gain nor bias
@@ -115,7 +104,59 @@ void bias_gelu_tanh_rows(float* h, const float* bias, int64_t rows, int64_t n) {
   }
 }
 
+// RMSNorm over each row of y [R, D] with gain g [D] (or none), then, with a RoPE table cs [N, Dh/2, 2] (or none),
+// each head's consecutive pairs (a, b) of row r rotated by the angle of token r % N: (a c - b s, a s + b c). In place,
+// two passes over a row (sum of squares; scale, gain and rotation) instead of seven kernels for the norm and one more
+// for the rotation.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void rms_rope_rows(float* y, const float* g, const float* cs, int64_t r0, int64_t r1, int64_t d, int64_t head_dim,
+                   int64_t tokens, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = y + r * d;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; ++i) ss += row[i] * row[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    if (g != nullptr)
+      for (int64_t i = 0; i < d; ++i) row[i] *= inv * g[i];
+    else
+      for (int64_t i = 0; i < d; ++i) row[i] *= inv;
+    if (cs == nullptr) continue;
+    const float* t = cs + (r % tokens) * head_dim;  // [Dh/2, 2] of this token
+    for (int64_t h0 = 0; h0 < d; h0 += head_dim)
+      for (int64_t i = 0; i < head_dim / 2; ++i) {
+        const float a = row[h0 + 2 * i], b = row[h0 + 2 * i + 1], c = t[2 * i], sn = t[2 * i + 1];
+        row[h0 + 2 * i] = a * c - b * sn;
+        row[h0 + 2 * i + 1] = a * sn + b * c;
+      }
+  }
+}
+
 }  // namespace
+
+// y [..., D] float32 contiguous (a fresh projection): RMS-normalised over D with gain g [D] (empty: none), then, if
+// cs [N, Dh/2, 2] is given (not empty), rotated per head of Dh = 2 cs.size(1) with token r % N's angles; in place.
+// _rms_normed followed by apply_rope_cis, to float rounding.
+static Tensor rms_rope_(Tensor y, const Tensor& gain, const Tensor& cs, double eps) {
+  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kFloat && y.device().is_cpu(),
+              "rms_rope_: y must be a contiguous float32 CPU tensor [..., D]");
+  const int64_t d = y.size(-1), rows = y.numel() / std::max<int64_t>(d, 1);
+  const bool rope = present(cs);
+  TORCH_CHECK(!present(gain) || (gain.numel() == d && gain.is_contiguous()), "rms_rope_: gain must be [D]");
+  TORCH_CHECK(!rope || (cs.dim() == 3 && cs.size(2) == 2 && cs.is_contiguous() && d % (2 * cs.size(1)) == 0 &&
+                        rows % cs.size(0) == 0),
+              "rms_rope_: the RoPE table must be [N, Dh/2, 2] with Dh dividing D and N dividing the rows");
+  float* data = y.data_ptr<float>();
+  const float* g = present(gain) ? gain.data_ptr<float>() : nullptr;
+  const float* t = rope ? cs.data_ptr<float>() : nullptr;
+  const int64_t head_dim = rope ? 2 * cs.size(1) : d, tokens = rope ? cs.size(0) : 1;
+  at::parallel_for(0, rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     rms_rope_rows(data, g, t, r0, r1, d, head_dim, tokens, static_cast<float>(eps));
+                   });
+  return y;
+}
 
 // h [F, N] float32 contiguous, bias [F]: h <- GELU_tanh(h + bias[:, None]), in place; returns h.
 static Tensor bias_gelu_tanh_(Tensor h, const Tensor& bias) {
@@ -200,16 +241,15 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
     Tensor shift = m[0], scale = m[1], gate = m[2], c_shift = m[3], c_scale = m[4], c_gate = m[5];
     auto xf = x.view({b, nf, t, d});
     auto h = modulated_norm(xf, c, scale, shift).view({b, n, d});
-    auto k = rms_normed(at::linear(h, w[K_W], w[K_B]), w[NK_G], c.rms_eps).unflatten(2, {c.heads, -1});
+    // q and k normalised and rotated in one fused pass each (rms_rope_); v as it is
+    auto k = rms_rope_(at::linear(h, w[K_W], w[K_B]), w[NK_G], rope, c.rms_eps).unflatten(2, {c.heads, -1});
     auto v = at::linear(h, w[V_W], w[V_B]).unflatten(2, {c.heads, -1});
     if (kv_only && last) {  // a cache pass's last block: its K/V only
-      cache.write(layer, chunk, apply_rope_cis(k, rope), v);
+      cache.write(layer, chunk, k, v);
       return Tensor();
     }
     // ---- self-attention over the cache (CachedAttention.attend)
-    auto q = rms_normed(at::linear(h, w[Q_W], w[Q_B]), w[NQ_G], c.rms_eps).unflatten(2, {c.heads, -1});
-    q = apply_rope_cis(q, rope);
-    k = apply_rope_cis(k, rope);
+    auto q = rms_rope_(at::linear(h, w[Q_W], w[Q_B]), w[NQ_G], rope, c.rms_eps).unflatten(2, {c.heads, -1});
     auto attend_one = [&](const Chunk& ch, const Tensor& qq, const Tensor& kk, const Tensor& vv, bool queries) {
       cache.write(layer, ch, kk, vv);
       if (!queries) return Tensor();
@@ -239,7 +279,7 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
     xf = at::addcmul(xf, a.view({b, nf, t, d}), gate);
     // ---- cross-attention to the cached text K/V (WanAttention.cross_attention)
     auto h2 = (c.cross_norm ? layer_norm(xf, w[N2_W], w[N2_B], c) : xf).view({b, nn, d});
-    auto cq = rms_normed(at::linear(h2, w[CQ_W], w[CQ_B]), w[CNQ_G], c.rms_eps).unflatten(2, {c.heads, -1});
+    auto cq = rms_rope_(at::linear(h2, w[CQ_W], w[CQ_B]), w[CNQ_G], Tensor(), c.rms_eps).unflatten(2, {c.heads, -1});
     auto ca = attention(cq, cross_k[layer], cross_v[layer], c.short_keys);
     xf.add_(at::linear(ca.flatten(2), w[CO_W], w[CO_B]).view({b, nf, t, d}));
     // ---- feed-forward
@@ -254,6 +294,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_blocks", &run_blocks, "the transformer blocks of a cached no-grad CPU forward",
         py::call_guard<py::gil_scoped_release>());
   m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_rope_", &rms_rope_, "y [..., D] <- RoPE(RMSNorm(y) * gain) in place (empty gain / table: none)",
         py::call_guard<py::gil_scoped_release>());
   m.def("bias_gelu_tanh_", &bias_gelu_tanh_, "h [F, N] <- GELU_tanh(h + bias[:, None]) in place",
         py::call_guard<py::gil_scoped_release>());
