@@ -201,3 +201,23 @@ def test_fused_rms_rope_equals_the_python_norm_and_rotation():
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         with pytest.raises(RuntimeError, match="RoPE table must be"):
             ext.rms_rope_(y.clone(), norm.weight, torch.randn(7, 16, 2), 1e-6)
+
+
+def test_fused_layer_norm_modulation_equals_the_python_one():
+    """layer_norm_modulate = _modulated_norm of a LayerNorm without gain or bias (batch 2, per-frame scale and shift
+    taken as the strided views the block passes), a new tensor; a bad shape is an error that says so."""
+    from selfforcing.models.causal_wan import _modulated_norm
+
+    ext = native_blocks.extension()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, 64, generator=g) * 2 + 0.5
+    mod = torch.randn(2, 3, 6, 1, 64, generator=g)
+    shift, scale = mod[:, :, 0], mod[:, :, 1]  # [2, 3, 1, 64] views with the stride of the 6 vectors
+    norm = torch.nn.LayerNorm(64, eps=1e-6, elementwise_affine=False)
+    with torch.no_grad():
+        expected = _modulated_norm(x, norm, scale, shift)
+        out = ext.layer_norm_modulate(x, scale, shift, 1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.data_ptr() != x.data_ptr()
+    with pytest.raises(RuntimeError, match=r"scale and shift must be \[B, F, 1, D\]"):
+        ext.layer_norm_modulate(x, scale[:, :2], shift[:, :2], 1e-6)

@@ -2,9 +2,9 @@
 //
 // Each step is the ATen op that CausalWanBlock.forward runs on that path (CPU inference shortcuts, CachedAttention),
 // with the same arguments and in the same order, so the result is the Python blocks' bit for bit
-// (tests/test_native_blocks.py) except in two fused passes, equal to the Python ops to float rounding: the q/k
-// RMSNorm with the RoPE rotation (rms_rope_), and the feature-major FFN's bias and GELU (bias_gelu_tanh_). Change
-// one, change the other.
+// (tests/test_native_blocks.py) except in three fused passes, equal to the Python ops to float rounding: the adaLN
+// LayerNorm with its modulation (layer_norm_modulate), the q/k RMSNorm with the RoPE rotation (rms_rope_), and the
+// feature-major FFN's bias and GELU (bias_gelu_tanh_). Change one, change the other.
 
 #include <torch/extension.h>
 
@@ -41,11 +41,6 @@ Tensor layer_norm(const Tensor& x, const Tensor& gain, const Tensor& bias, const
   // the unit gain only when the norm has neither gain nor bias
   const Tensor g = present(gain) ? gain : present(bias) ? Tensor() : c.unit_gain;
   return at::layer_norm(x, {x.size(-1)}, g, present(bias) ? bias : Tensor(), c.ln_eps);
-}
-
-Tensor modulated_norm(const Tensor& x, const Config& c, const Tensor& scale, const Tensor& shift) {  // _modulated_norm
-  auto h = layer_norm(x, Tensor(), Tensor(), c);
-  return at::addcmul_out(h, shift, h, scale + 1);
 }
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t short_keys) {  // attention.attention
@@ -133,7 +128,51 @@ void rms_rope_rows(float* y, const float* g, const float* cs, int64_t r0, int64_
   }
 }
 
+// LayerNorm without gain or bias over each row of x [R, D], then h = n (1 + scale) + shift with the scale and shift
+// rows [D] of the row's frame (rows_per_frame rows each); h written to out. One read of x for the moments (two
+// accumulators, then the variance as E[(x - mean)^2] in a second pass over the row while it is in L1) and one write.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void layer_norm_modulate_rows(const float* x, const float* scale, const float* shift, float* out, int64_t r0,
+                              int64_t r1, int64_t d, int64_t rows_per_frame, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = x + r * d;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < d; ++i) sum += row[i];
+    const float mean = sum / static_cast<float>(d);
+    float var = 0.0f;
+    for (int64_t i = 0; i < d; ++i) var += (row[i] - mean) * (row[i] - mean);
+    const float rstd = 1.0f / std::sqrt(var / static_cast<float>(d) + eps);
+    const int64_t f = r / rows_per_frame;
+    const float* sc = scale + f * d;
+    const float* sh = shift + f * d;
+    float* o = out + r * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = (row[i] - mean) * rstd * (1.0f + sc[i]) + sh[i];
+  }
+}
+
 }  // namespace
+
+// x [B, F, T, D] float32, scale / shift [B, F, 1, D] (any strides): LayerNorm(x) (1 + scale) + shift, as
+// _modulated_norm with a norm that has no gain or bias, to float rounding; a new tensor [B, F, T, D].
+static Tensor layer_norm_modulate(const Tensor& x, const Tensor& scale, const Tensor& shift, double eps) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "layer_norm_modulate: x must be a float32 CPU tensor [B, F, T, D]");
+  const int64_t b = x.size(0), f = x.size(1), t = x.size(2), d = x.size(3);
+  TORCH_CHECK(scale.sizes() == at::IntArrayRef({b, f, 1, d}) && shift.sizes() == scale.sizes(),
+              "layer_norm_modulate: scale and shift must be [B, F, 1, D]");
+  auto xc = x.contiguous();
+  auto sc = scale.contiguous(), sh = shift.contiguous();
+  auto out = at::empty_like(xc);
+  const float *px = xc.data_ptr<float>(), *ps = sc.data_ptr<float>(), *pt = sh.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, b * f * t, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     layer_norm_modulate_rows(px, ps, pt, po, r0, r1, d, t, static_cast<float>(eps));
+                   });
+  return out;
+}
 
 // y [..., D] float32 contiguous (a fresh projection): RMS-normalised over D with gain g [D] (empty: none), then, if
 // cs [N, Dh/2, 2] is given (not empty), rotated per head of Dh = 2 cs.size(1) with token r % N's angles; in place.
@@ -240,7 +279,7 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
     auto m = (w[SST].unsqueeze(0) + e).unsqueeze(3).unbind(2);  // each [B, F, 1, D]
     Tensor shift = m[0], scale = m[1], gate = m[2], c_shift = m[3], c_scale = m[4], c_gate = m[5];
     auto xf = x.view({b, nf, t, d});
-    auto h = modulated_norm(xf, c, scale, shift).view({b, n, d});
+    auto h = layer_norm_modulate(xf, scale, shift, c.ln_eps).view({b, n, d});
     // q and k normalised and rotated in one fused pass each (rms_rope_); v as it is
     auto k = rms_rope_(at::linear(h, w[K_W], w[K_B]), w[NK_G], rope, c.rms_eps).unflatten(2, {c.heads, -1});
     auto v = at::linear(h, w[V_W], w[V_B]).unflatten(2, {c.heads, -1});
@@ -283,7 +322,7 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
     auto ca = attention(cq, cross_k[layer], cross_v[layer], c.short_keys);
     xf.add_(at::linear(ca.flatten(2), w[CO_W], w[CO_B]).view({b, nf, t, d}));
     // ---- feed-forward
-    xf.addcmul_(feed_forward(modulated_norm(xf, c, c_scale, c_shift), w[F1_W], w[F1_B], w[F2_W], w[F2_B],
+    xf.addcmul_(feed_forward(layer_norm_modulate(xf, c_scale, c_shift, c.ln_eps), w[F1_W], w[F1_B], w[F2_W], w[F2_B],
                              c.ffn_onednn), c_gate);
     x = xf.view({b, nn, d});
   }
@@ -294,6 +333,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_blocks", &run_blocks, "the transformer blocks of a cached no-grad CPU forward",
         py::call_guard<py::gil_scoped_release>());
   m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layer_norm_modulate", &layer_norm_modulate, "LayerNorm(x) * (1 + scale) + shift, per frame",
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_rope_", &rms_rope_, "y [..., D] <- RoPE(RMSNorm(y) * gain) in place (empty gain / table: none)",
         py::call_guard<py::gil_scoped_release>());
