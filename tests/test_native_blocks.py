@@ -141,6 +141,10 @@ def test_a_failed_build_warns_once_and_the_python_blocks_run(monkeypatch):
             model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
     assert torch.allclose(out, expected, atol=1e-5)  # the Python blocks ran (FFN kernel may differ: rounding only)
     assert isinstance(native_blocks.build_error(), OSError)
+    monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", "native")  # asked for explicitly: an error, not a fallback
+    with pytest.raises(RuntimeError, match="native, but the C.. blocks could not be built: no C.. compiler"), \
+            torch.no_grad(), timed_kernel_choice():
+        model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
 
 
 def test_an_error_inside_the_cpp_blocks_is_a_python_exception():

@@ -2,21 +2,23 @@
 
 Why. The small preset's chunk step is ~3,500 short torch ops. Run from Python, each one pays the interpreter,
 module calls and argument parsing on top of the kernel; on this project's 2-core VM that was 30-70 ms of a
-250-450 ms step (README, Performance). ``csrc/native_blocks.cpp`` runs the same ATen ops, with the same arguments
-and in the same order, from C++ with the GIL released: the same numbers bit for bit (tests/test_native_blocks.py),
-without the Python in between. The time embedding, patch embedding, head and sampler stay in Python (a few ops per
-forward).
+250-450 ms step (README, Performance). ``csrc/native_blocks.cpp`` runs the same ATen ops, in the same order, from
+C++ with the GIL released, and fuses the three elementwise chains that cost the most passes over memory: the adaLN
+LayerNorm with its modulation, the q/k RMSNorm with the RoPE rotation, and the feature-major FFN's bias with its
+tanh-GELU (one vectorised pass instead of five over a hidden state too big for L2). The result equals the Python
+blocks to float rounding (tests/test_native_blocks.py). The time embedding, patch embedding, head and sampler stay
+in Python (a few ops per forward).
 
 Built with torch's extension builder (``torch.utils.cpp_extension.load``, the machine's C++ compiler) at the first
 use in a process, about a minute on a 2-core machine, and cached under :func:`build_directory` for later processes
 (``make install`` builds it). If it cannot be built, a warning says why once and the Python blocks run.
 
 Where. Like the timed FFN choice, only within :func:`selfforcing.perf.timed_kernel_choice` (streaming inference,
-the benchmarks), for a cached float32 CPU forward without gradients: training keeps the path it has always taken.
-``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native`` | ``python``.
+the benchmarks), for a cached float32 CPU forward without gradients: training keeps the path it has always taken,
+bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native`` | ``python``.
 
 The C++ mirrors ``CausalWanBlock.forward`` on that path op for op; a change to one must be made to the other, and
-the bit-for-bit test fails if they drift apart.
+the equality test fails if they drift apart.
 """
 
 from __future__ import annotations
@@ -79,8 +81,14 @@ def build_error() -> BaseException | None:
 
 
 def available() -> bool:
-    """Whether the setting allows native blocks and the extension is built (building it if needed)."""
-    return blocks_setting() != "python" and extension() is not None
+    """Whether the setting allows native blocks and the extension is built (building it if needed). With
+    ``SELFFORCING_CPU_BLOCKS=native`` a failed build is a RuntimeError that says why (``auto`` warns and falls back)."""
+    setting = blocks_setting()
+    if setting == "python":
+        return False
+    if extension() is None and setting == "native":
+        raise RuntimeError(f"{BLOCKS_ENV}=native, but the C++ blocks could not be built: {build_error()}")
+    return extension() is not None
 
 
 def ffn_uses_onednn(ffn, x: torch.Tensor) -> bool:

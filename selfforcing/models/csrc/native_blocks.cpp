@@ -1,10 +1,10 @@
 // The transformer blocks of a cached, no-grad float32 CPU forward, without Python (see native_blocks.py for why).
 //
 // Each step is the ATen op that CausalWanBlock.forward runs on that path (CPU inference shortcuts, CachedAttention),
-// with the same arguments and in the same order, so the result is the Python blocks' bit for bit
-// (tests/test_native_blocks.py) except in three fused passes, equal to the Python ops to float rounding: the adaLN
-// LayerNorm with its modulation (layer_norm_modulate), the q/k RMSNorm with the RoPE rotation (rms_rope_), and the
-// feature-major FFN's bias and GELU (bias_gelu_tanh_). Change one, change the other.
+// with the same arguments and in the same order, except three fused passes that compute the same functions to float
+// rounding: the adaLN LayerNorm with its modulation (layer_norm_modulate), the q/k RMSNorm with the RoPE rotation
+// (rms_rope_), and the feature-major FFN's bias and GELU (bias_gelu_tanh_). The forward equals the Python blocks to
+// float rounding (tests/test_native_blocks.py). Change one, change the other.
 
 #include <torch/extension.h>
 
