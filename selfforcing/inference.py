@@ -75,6 +75,10 @@ class StreamingGenerator:
         self.device, self.dtype = p.device, p.dtype
         self.cache = model.new_kv_cache(batch_size, *self.latent_size, max_frames=max_frames,
                                         window_frames=self.window, sink_frames=self.sink)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            from .models import native_blocks
+
+            native_blocks.available()  # load (or build) the C++ blocks now, not inside the first chunk's latency
         self._reset_state()
 
     # ------------------------------------------------------------------ state
