@@ -71,7 +71,7 @@ def timed_choice_enabled() -> bool:
 
 
 def timed_kernel_choice():
-    """Within this block the model may choose between equivalent kernels by timing them (:func:`fastest_path`).
+    """Within this block the model may choose between equivalent kernels by timing them (:func:`fastest_name`).
 
     Why only within a block: two kernels agree to float rounding, not bit for bit, and a timing can pick either, so
     two processes may compute different bits. Streaming inference (``StreamingGenerator``, the benchmarks) opts in
@@ -81,13 +81,6 @@ def timed_kernel_choice():
 
 # ---------------------------------------------------------------------------------------------- path choice
 _FASTEST: dict[tuple, str] = {}
-
-
-def fastest_path(key: tuple, candidates: dict, args: tuple, repeats: int = 5):
-    """Run ``candidates[name](*args)`` and return ``(name, output)`` of the fastest implementation for ``key``
-    (:func:`fastest_name`)."""
-    name = fastest_name(key, candidates, args, repeats)
-    return name, candidates[name](*args)
 
 
 def fastest_name(key: tuple, candidates: dict, args: tuple, repeats: int = 5) -> str:
@@ -119,7 +112,7 @@ def fastest_name(key: tuple, candidates: dict, args: tuple, repeats: int = 5) ->
 
 
 def chosen_paths() -> dict[tuple, str]:
-    """The choices :func:`fastest_path` made in this process, key -> implementation (for benchmark reports)."""
+    """The choices :func:`fastest_name` made in this process, key -> implementation (for benchmark reports)."""
     return dict(_FASTEST)
 
 

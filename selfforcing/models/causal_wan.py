@@ -200,16 +200,18 @@ class FeedForward(nn.Module):
             del paths["onednn"]
         return paths
 
-    def cpu_kernel(self, x: torch.Tensor) -> str:
+    def cpu_kernel(self, x: torch.Tensor, paths: dict | None = None, kind: str = "cpu_ffn") -> str:
         """The kernel that CPU float32 inference runs on ``x`` [..., D]: ``onednn`` or ``feature_major`` (see
-        :meth:`_forward_cpu_inference`; timed at the first call of a shape within timed_kernel_choice)."""
-        paths = self._paths()
+        :meth:`_forward_cpu_inference`; timed at the first call of a shape within timed_kernel_choice). ``paths``:
+        the implementations to time, by those names (default: this module's; the C++ blocks pass theirs, under
+        another ``kind`` of key)."""
+        paths = self._paths() if paths is None else paths
         setting = cpu_ffn_setting()
         if setting == "auto" and not timed_choice_enabled():
             setting = "onednn"
         if setting != "auto":
             return setting if setting in paths else "feature_major"
-        key = ("cpu_ffn", x.numel() // x.shape[-1], self.net[0].proj.in_features, self.net[0].proj.out_features,
+        key = (kind, x.numel() // x.shape[-1], self.net[0].proj.in_features, self.net[0].proj.out_features,
                torch.get_num_threads())
         return fastest_name(key, paths, (x,))
 

@@ -93,21 +93,13 @@ def available() -> bool:
 
 def ffn_uses_onednn(ffn, x: torch.Tensor) -> bool:
     """Which FFN kernel the C++ blocks run for input ``x`` [..., D]: oneDNN's (True) or the feature-major one with
-    the fused bias + GELU. ``SELFFORCING_CPU_FFN`` as for the Python FFN; under ``auto`` the two C++ FFNs are timed at
-    the first call of each shape (:func:`selfforcing.perf.fastest_name`, key ``native_ffn``)."""
-    from ..perf import fastest_name
-    from .causal_wan import cpu_ffn_setting, onednn_linear_available
-
-    setting = cpu_ffn_setting()
-    if setting == "feature_major" or not onednn_linear_available():
-        return False
-    if setting == "onednn":
-        return True
+    the fused bias + GELU, chosen as the Python FFN chooses (:meth:`FeedForward.cpu_kernel`: ``SELFFORCING_CPU_FFN``,
+    or under ``auto`` the faster of the two C++ FFNs, timed at the first call of each shape, key ``native_ffn``)."""
     ext, up, down = extension(), ffn.net[0].proj, ffn.net[2]
-    candidates = {name: (lambda h, o=onednn: ext.feed_forward(h, up.weight, up.bias, down.weight, down.bias, o))
-                  for name, onednn in (("onednn", True), ("feature_major", False))}
-    key = ("native_ffn", x.numel() // x.shape[-1], up.in_features, up.out_features, torch.get_num_threads())
-    return fastest_name(key, candidates, (x,)) == "onednn"
+    candidates = {name: (lambda h, o=(name == "onednn"): ext.feed_forward(h, up.weight, up.bias, down.weight,
+                                                                           down.bias, o))
+                  for name in ffn._paths()}  # oneDNN only where this torch build has it
+    return ffn.cpu_kernel(x, candidates, "native_ffn") == "onednn"
 
 
 def _layer_params(block) -> list[torch.Tensor]:
