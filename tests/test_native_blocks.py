@@ -225,3 +225,21 @@ def test_fused_layer_norm_modulation_equals_the_python_one():
     assert out.data_ptr() != x.data_ptr()
     with pytest.raises(RuntimeError, match=r"scale and shift must be \[B, F, 1, D\]"):
         ext.layer_norm_modulate(x, scale[:, :2], shift[:, :2], 1e-6)
+
+
+def test_native_blocks_see_a_replaced_parameter(monkeypatch):
+    """The C++ blocks keep the parameter list between forwards; a parameter replaced by a new tensor (a load with
+    assign=True, say) is used from the next forward on, as the Python blocks use it."""
+    model = CausalWanModel.from_preset("tiny", num_layers=2).eval()
+    x, t, ctx = torch.randn(1, 3, 8, 16, 16), torch.full((1, 3), 500.0), torch.randn(1, 16, 384)
+
+    def forward(setting):
+        monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", setting)
+        with torch.no_grad(), timed_kernel_choice():
+            return model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+
+    before = forward("native")
+    model.blocks[1].ffn.net[2].weight = torch.nn.Parameter(torch.randn(128, 512) * 0.05)
+    after = forward("native")
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, forward("python"), rtol=1e-5, atol=2e-5)
