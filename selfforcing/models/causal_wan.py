@@ -192,7 +192,8 @@ class FeedForward(nn.Module):
         :meth:`_forward_feature_major` for this shape and thread count, timed once per process
         (:func:`selfforcing.perf.fastest_name`): which one wins changes with the state of a shared machine (README,
         Performance). Elsewhere oneDNN. ``SELFFORCING_CPU_FFN=onednn|feature_major`` fixes the choice."""
-        return self._paths()[self.cpu_kernel(x)](x)
+        paths = self._paths()
+        return paths[self.cpu_kernel(x, paths)](x)
 
     def _paths(self) -> dict:
         paths = {"onednn": self._forward_onednn, "feature_major": self._forward_feature_major}
@@ -363,6 +364,11 @@ class ContextAttention:
     v: torch.Tensor
 
 
+def rms_norm_eps(norm: nn.RMSNorm, dtype: torch.dtype) -> float:
+    """The eps that ``norm`` adds: its own, or (None) the dtype's machine epsilon, as torch's RMSNorm does."""
+    return norm.eps if norm.eps is not None else torch.finfo(dtype).eps
+
+
 def _rms_normed(norm: nn.RMSNorm, y: torch.Tensor) -> torch.Tensor:
     """norm(y) = y / sqrt(mean(y^2, -1) + eps) * g for y [..., D], a fresh projection output that nothing else holds.
 
@@ -371,7 +377,7 @@ def _rms_normed(norm: nn.RMSNorm, y: torch.Tensor) -> torch.Tensor:
     function to float rounding (tests/test_perf.py)."""
     if not _cpu_inference(y):
         return norm(y)
-    eps = norm.eps if norm.eps is not None else torch.finfo(y.dtype).eps
+    eps = rms_norm_eps(norm, y.dtype)
     inv = torch.linalg.vector_norm(y, dim=-1, keepdim=True).square_().div_(y.shape[-1]).add_(eps).rsqrt_()
     y = y.mul_(inv)
     return y.mul_(norm.weight) if norm.weight is not None else y

@@ -66,8 +66,8 @@ def extension(verbose: bool = False):
 
                 path = build_directory()
                 os.makedirs(path, exist_ok=True)
-                _STATE["module"] = load(name="selfforcing_native_blocks", sources=[SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                                        build_directory=path, verbose=verbose)
+                _STATE["module"] = load(name="selfforcing_native_blocks", sources=[SOURCE], extra_cflags=_CFLAGS,
+                                        extra_ldflags=["-fopenmp"], build_directory=path, verbose=verbose)
             except Exception as err:  # noqa: BLE001 - whatever failed, the Python blocks still run
                 _STATE["module"], _STATE["error"] = None, err
                 warnings.warn(f"native blocks are off, the Python blocks run: building {SOURCE} failed "
@@ -86,9 +86,10 @@ def available() -> bool:
     setting = blocks_setting()
     if setting == "python":
         return False
-    if extension() is None and setting == "native":
+    built = extension() is not None
+    if not built and setting == "native":
         raise RuntimeError(f"{BLOCKS_ENV}=native, but the C++ blocks could not be built: {build_error()}")
-    return extension() is not None
+    return built
 
 
 def ffn_uses_onednn(ffn, x: torch.Tensor) -> bool:
@@ -140,7 +141,7 @@ def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
     D] the modulation, ``rope`` [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel. Returns the output
     tokens [B, F'*T, D] (F' = F less a fused finished chunk's frames), or None for ``kv_only``."""
     from .attention import _SHORT_KEYS
-    from .causal_wan import _unit_gain
+    from .causal_wan import _unit_gain, rms_norm_eps
 
     how = hows[0]
     cache, plan, pending = how.cache, how.plan, how.pending
@@ -148,7 +149,7 @@ def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
     if any(kv is None for kv in kvs):
         raise RuntimeError("native blocks need every block's cross-attention K/V cached first")
     blk = model.blocks[0]
-    eps = blk.attn1.norm_q.eps if blk.attn1.norm_q.eps is not None else torch.finfo(tokens.dtype).eps
+    eps = rms_norm_eps(blk.attn1.norm_q, tokens.dtype)
     empty = torch.empty(0, dtype=torch.long)
 
     def opt(t):
