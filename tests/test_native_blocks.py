@@ -154,7 +154,7 @@ def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
     with pytest.raises(RuntimeError, match="tensors per block"):
         ext.run_blocks(torch.zeros(1, 64, 8), torch.zeros(1, 1, 6, 8), torch.zeros(64, 2, 2), [torch.zeros(1)] * 5,
                        [], [], torch.zeros(1), torch.zeros(1), empty, 0, empty, empty, 0, empty, 64, False, 2, 1e-6,
-                       1e-6, torch.ones(8), 64, True, False)
+                       1e-6, 64, True, False)
 
 
 def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():
@@ -181,8 +181,9 @@ def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():
     assert len(gomp) <= 1, gomp
 
 
-def test_fused_rms_rope_equals_the_python_norm_and_rotation():
-    """rms_rope_ = _rms_normed then apply_rope_cis (batch 2, 3 heads, a gain or none, a table or none), in place."""
+def test_fused_rms_rope_equals_the_python_bias_norm_and_rotation():
+    """rms_rope_ = the projection's bias, _rms_normed, then apply_rope_cis (batch 2, 3 heads, with or without each of
+    bias, gain and table), in place."""
     from selfforcing.models.causal_wan import _rms_normed, apply_rope_cis
 
     ext = native_blocks.extension()
@@ -191,40 +192,135 @@ def test_fused_rms_rope_equals_the_python_norm_and_rotation():
     with torch.no_grad():
         norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
         y = torch.randn(2, 40, 96, generator=g) * 3
+        bias = torch.randn(96, generator=g)
         cs = torch.randn(40, 16, 2, generator=g)
-        for gain, table in ((norm.weight, cs), (norm.weight, None), (None, cs)):
+        for b, gain, table in ((bias, norm.weight, cs), (None, norm.weight, None), (bias, None, cs), (None, None, cs)):
             ref = torch.nn.RMSNorm(96, eps=1e-6, elementwise_affine=gain is not None)
             if gain is not None:
                 ref.weight.copy_(gain)
-            expected = _rms_normed(ref, y.clone())
+            expected = _rms_normed(ref, y.clone() if b is None else y + b)
             if table is not None:
                 expected = apply_rope_cis(expected.unflatten(2, (3, 32)), table).flatten(2)
             out = y.clone()
-            ext.rms_rope_(out, torch.empty(0) if gain is None else gain, torch.empty(0) if table is None else table,
-                          1e-6)
+            assert ext.rms_rope_(out, _opt(b), _opt(gain), _opt(table), 1e-6).data_ptr() == out.data_ptr()
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         with pytest.raises(RuntimeError, match="RoPE table must be"):
-            ext.rms_rope_(y.clone(), norm.weight, torch.randn(7, 16, 2), 1e-6)
+            ext.rms_rope_(y.clone(), bias, norm.weight, torch.randn(7, 16, 2), 1e-6)
+        with pytest.raises(RuntimeError, match="bias must be"):
+            ext.rms_rope_(y.clone(), bias[:5], norm.weight, cs, 1e-6)
 
 
-def test_fused_layer_norm_modulation_equals_the_python_one():
-    """layer_norm_modulate = _modulated_norm of a LayerNorm without gain or bias (batch 2, per-frame scale and shift
-    taken as the strided views the block passes), a new tensor; a bad shape is an error that says so."""
+def _opt(t):
+    return torch.empty(0) if t is None else t
+
+
+def _modulation(batch=2, frames=3, d=64, seed=0):
+    """A block's scale_shift_table [1, 6, D], e [B, F, 6, D], and the six [B, F, 1, D] vectors the block unbinds."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(1, 6, d, generator=g) / d**0.5
+    e = torch.randn(batch, frames, 6, d, generator=g)
+    return table, e, (table[None] + e).unsqueeze(3).unbind(2)
+
+
+def test_fused_modulated_norm_equals_the_python_one():
+    """modulated_norm = _modulated_norm of a LayerNorm without gain or bias, with the shift and scale of frames f0..
+    taken from the block's table and e (batch 2; before the attention and before the FFN), a new tensor; a bad shape
+    is an error that says so."""
     from selfforcing.models.causal_wan import _modulated_norm
 
     ext = native_blocks.extension()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 40, 64, generator=g) * 2 + 0.5
-    mod = torch.randn(2, 3, 6, 1, 64, generator=g)
-    shift, scale = mod[:, :, 0], mod[:, :, 1]  # [2, 3, 1, 64] views with the stride of the 6 vectors
+    x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    table, e, (shift, scale, _, c_shift, c_scale, _) = _modulation(frames=4)
     norm = torch.nn.LayerNorm(64, eps=1e-6, elementwise_affine=False)
     with torch.no_grad():
-        expected = _modulated_norm(x, norm, scale, shift)
-        out = ext.layer_norm_modulate(x, scale, shift, 1e-6)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert out.data_ptr() != x.data_ptr()
-    with pytest.raises(RuntimeError, match=r"scale and shift must be \[B, F, 1, D\]"):
-        ext.layer_norm_modulate(x, scale[:, :2], shift[:, :2], 1e-6)
+        for j, f0, sh, sc in ((0, 0, shift[:, :3], scale[:, :3]), (3, 1, c_shift[:, 1:], c_scale[:, 1:])):
+            expected = _modulated_norm(x, norm, sc, sh)
+            out = ext.modulated_norm(x, table, e, j, f0, 1e-6)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert out.data_ptr() != x.data_ptr()
+    with pytest.raises(RuntimeError, match=r"must match e \[B"):
+        ext.modulated_norm(x, table, e, 0, 2, 1e-6)
+    with pytest.raises(RuntimeError, match=r"e must be a contiguous \[B, F, 6, D\]"):
+        ext.modulated_norm(x, table, e[:, :, :5], 0, 0, 1e-6)
+
+
+@pytest.mark.parametrize("t", [40, 37])
+def test_fused_residual_updates_equal_the_python_block_steps(t):
+    """The three residual updates of CausalWanBlock.forward with their norms: after the self-attention (a fused
+    finished chunk's frame dropped, with and without the cross-attention norm), after the cross-attention, and after
+    the FFN (its output row-major with bias, or feature-major with the bias added in the update; 37 tokens per frame
+    leave rows outside the 8 x 8 tiles of the AVX2 form)."""
+    from selfforcing.models.causal_wan import _fp32_layer_norm, _modulated_norm
+
+    ext = native_blocks.extension()
+    g = torch.Generator().manual_seed(2)
+    b, nf, d, drop = 2, 3, 64, 1
+    table, e, (_, _, gate, c_shift, c_scale, c_gate) = _modulation(frames=nf + drop)
+    x = torch.randn(b, nf + drop, t, d, generator=g)
+    a, c, f = (torch.randn(b, nf * t, d, generator=g) for _ in range(3))
+    ob, cb, fb = (torch.randn(d, generator=g) for _ in range(3))
+    norm2 = torch.nn.LayerNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm2.weight.copy_(torch.rand(d, generator=g) + 0.5)
+        norm2.bias.copy_(torch.randn(d, generator=g))
+        y_ref = x[:, drop:] + (a + ob).view(b, nf, t, d) * gate[:, drop:]
+        for use_norm in (True, False):
+            y, h = ext.gate_residual_norm(x, a, ob, table, e, drop, use_norm, norm2.weight, norm2.bias, 1e-6)
+            torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+            expected_h = _fp32_layer_norm(y_ref, norm2) if use_norm else y_ref
+            torch.testing.assert_close(h, expected_h, rtol=1e-5, atol=1e-5)
+        norm3 = torch.nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        y2_ref = y_ref + (c + cb).view(b, nf, t, d)
+        h3 = ext.residual_modulated_norm_(y, c, cb, table, e, drop, 1e-6)
+        torch.testing.assert_close(y, y2_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h3, _modulated_norm(y2_ref, norm3, c_scale[:, drop:], c_shift[:, drop:]),
+                                   rtol=1e-5, atol=1e-5)
+        y3_ref = y2_ref + (f + fb).view(b, nf, t, d) * c_gate[:, drop:]
+        row_major = ext.gate_residual_ffn_(y.clone(), (f + fb).view(-1, d), False, torch.empty(0), table, e, drop)
+        feature_major = ext.gate_residual_ffn_(y.clone(), f.view(-1, d).t().contiguous(), True, fb, table, e, drop)
+        for out in (row_major, feature_major):
+            torch.testing.assert_close(out, y3_ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="must be \\[rows, D\\]"):
+        ext.gate_residual_ffn_(y, f.view(-1, d).t(), False, fb, table, e, drop)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("keys", [1, 13, 16, 64])
+def test_short_attention_equals_the_explicit_softmax(keys, portable):
+    """short_attention = attention._short_key_attention for q a strided view (as the projections give it), 1 to 64
+    keys (a partial tile of 16 among them) and 50 queries (a partial tile of 4), scores large enough that the
+    softmax's max shift matters, in the AVX2 and the portable form; more than 64 keys is an error."""
+    from selfforcing.models.attention import _short_key_attention
+
+    g = torch.Generator().manual_seed(keys)
+    q = (torch.randn(2, 50, 3 * 32 + 8, generator=g) * 4)[..., :96].unflatten(2, (3, 32))
+    k, v = (torch.randn(2, keys, 3, 32, generator=g) * 2 for _ in range(2))
+    ext = native_blocks.extension()
+    torch.testing.assert_close(ext.short_attention(q, k, v, portable=portable), _short_key_attention(q, k, v),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="1 <= L <= 64"):
+        ext.short_attention(q, torch.randn(2, 65, 3, 32), torch.randn(2, 65, 3, 32))
+
+
+def test_write_kv_equals_the_cache_write():
+    """write_kv = KVCache.write (index_copy_ of the transposed K and V into the slots) with the value bias added, for
+    rows narrowed out of a bigger projection; a slot out of range is an error, and nothing is written."""
+    g = torch.Generator().manual_seed(3)
+    cache_k, cache_v = torch.zeros(2, 2, 3, 20, 16), torch.zeros(2, 2, 3, 20, 16)
+    k, v = (torch.randn(2, 12, 3, 16, generator=g) for _ in range(2))
+    vb = torch.randn(48, generator=g)
+    slots = torch.tensor([7, 3, 19, 0, 11])
+    ext = native_blocks.extension()
+    ext.write_kv(cache_k, cache_v, 1, slots, k.narrow(1, 4, 5), v.narrow(1, 4, 5), vb)
+    expected_k, expected_v = torch.zeros_like(cache_k), torch.zeros_like(cache_v)
+    expected_k[1].index_copy_(2, slots, k[:, 4:9].transpose(1, 2))
+    expected_v[1].index_copy_(2, slots, (v[:, 4:9] + vb.view(3, 16)).transpose(1, 2))
+    assert torch.equal(cache_k, expected_k)
+    torch.testing.assert_close(cache_v, expected_v, rtol=0, atol=0)
+    before = cache_k.clone()
+    with pytest.raises(RuntimeError, match="slot 20 out of range"):
+        ext.write_kv(cache_k, cache_v, 0, torch.tensor([1, 2, 20, 4, 5]), k[:, :5], v[:, :5], vb)
+    assert torch.equal(cache_k, before)
 
 
 def test_native_blocks_see_a_replaced_parameter(monkeypatch):

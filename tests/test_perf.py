@@ -28,6 +28,7 @@ def test_forward_flops_match_torch_flop_counter(monkeypatch):
             model(torch.randn(1, 3, 8, 16, 16), torch.zeros(1, 3), ctx, kv_cache=cache, start_frame=s)
         with FlopCounterMode(display=False) as counter:
             model(torch.randn(1, 3, 8, 16, 16), torch.full((1, 3), 500.0), ctx, kv_cache=cache, start_frame=6)
+    model.condition_embedder._time_cache.clear()  # t = 0 was embedded above: count its MLPs below, as at t = 500
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
     expected = forward_flops(model.config, 3 * 64, 9 * 64, 16)
     d, layers, n = 128, 2, 3 * 64
@@ -201,3 +202,42 @@ def test_fastest_name_times_once_and_keeps_the_faster_implementation():
         mp.setenv("SELFFORCING_CPU_FFN", "mkl")
         with pytest.raises(ValueError, match="SELFFORCING_CPU_FFN='mkl'"):
             FeedForward(8, 16)(torch.randn(3, 8))
+
+
+def test_time_embedding_cache_returns_what_the_layers_compute_and_follows_the_weights():
+    """Without autograd on CPU, ConditionEmbedder.embed_time keeps its result per timestep vector. A repeated call
+    returns the same numbers as the layers compute; an in-place update of a weight (an optimizer step, a
+    load_state_dict), a replaced parameter and a dtype conversion each give fresh numbers; with autograd nothing is
+    cached (the result has a graph)."""
+    model = CausalWanModel.from_preset("tiny", num_layers=1).eval()
+    ce = model.condition_embedder
+    t = torch.tensor([1000.0, 1000.0, 500.0])
+
+    def computed():
+        from selfforcing.models.causal_wan import timestep_sinusoid
+
+        with torch.no_grad():
+            temb = ce.time_embedder(timestep_sinusoid(t, ce.freq_dim).to(ce.time_proj.weight.dtype))
+            return temb, ce.time_proj(ce.act_fn(temb))
+
+    def check():
+        with torch.no_grad():
+            first, again = ce.embed_time(t), ce.embed_time(t)
+        assert again[0] is first[0] and again[1] is first[1]  # the second call was served from the cache
+        for got, want in zip(again, computed()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return again
+
+    before = check()
+    with torch.no_grad():
+        ce.time_proj.weight.mul_(2.0)  # in place
+    after = check()
+    assert not torch.allclose(after[1], before[1])
+    ce.time_embedder.linear_1.weight = torch.nn.Parameter(torch.randn_like(ce.time_embedder.linear_1.weight))
+    replaced = check()
+    assert not torch.allclose(replaced[0], after[0])
+    model.double()
+    assert check()[0].dtype == torch.float64
+    model.float()
+    grad = ce.embed_time(t)
+    assert grad[0].requires_grad and grad[0] is not ce.embed_time(t)[0]

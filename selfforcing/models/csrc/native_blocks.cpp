@@ -1,10 +1,15 @@
 // The transformer blocks of a cached, no-grad float32 CPU forward, without Python (see native_blocks.py for why).
 //
-// Each step is the ATen op that CausalWanBlock.forward runs on that path (CPU inference shortcuts, CachedAttention),
-// with the same arguments and in the same order, except three fused passes that compute the same functions to float
-// rounding: the adaLN LayerNorm with its modulation (layer_norm_modulate), the q/k RMSNorm with the RoPE rotation
-// (rms_rope_), and the feature-major FFN's bias and GELU (bias_gelu_tanh_). The forward equals the Python blocks to
-// float rounding (tests/test_native_blocks.py). Change one, change the other.
+// run_blocks computes what CausalWanBlock.forward computes on that path (CPU inference shortcuts, CachedAttention):
+// the same products through the same BLAS / oneDNN / SDPA calls, in the same order. What lies between the products is
+// fused into one pass over the rows each time, the same functions to float rounding:
+//   - the adaLN LayerNorm with its modulation, read from the table and e where it is used (modulated_norm);
+//   - each projection's bias with whatever reads its output first: the q/k RMSNorm and RoPE rotation (rms_rope_), the
+//     cache write of v (write_kv), the residual updates;
+//   - each residual update with the norm that follows it (gate_residual_norm, residual_modulated_norm_,
+//     gate_residual_ffn_), and the feature-major FFN's bias with its GELU (bias_gelu_tanh_);
+//   - the attention over a few text tokens in registers (short_attention).
+// The forward equals the Python blocks to float rounding (tests/test_native_blocks.py). Change one, change the other.
 
 #include <torch/extension.h>
 
@@ -12,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -26,30 +32,7 @@ enum W {
   CQ_W, CQ_B, CO_W, CO_B, CNQ_G, F1_W, F1_B, F2_W, F2_B, N_W
 };
 
-struct Config {
-  int64_t heads;
-  double ln_eps, rms_eps;
-  Tensor unit_gain;          // gain of the LayerNorms without one (_unit_gain)
-  int64_t short_keys;        // attention over at most this many keys: explicit softmax (attention._SHORT_KEYS)
-  bool cross_norm;           // norm2 is a LayerNorm (cross_attn_norm), not the identity
-  bool ffn_onednn;           // FeedForward._forward_onednn instead of _forward_feature_major
-};
-
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
-
-Tensor layer_norm(const Tensor& x, const Tensor& gain, const Tensor& bias, const Config& c) {  // _fp32_layer_norm
-  // the unit gain only when the norm has neither gain nor bias
-  const Tensor g = present(gain) ? gain : present(bias) ? Tensor() : c.unit_gain;
-  return at::layer_norm(x, {x.size(-1)}, g, present(bias) ? bias : Tensor(), c.ln_eps);
-}
-
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t short_keys) {  // attention.attention
-  if (k.size(1) <= short_keys) {  // _short_key_attention
-    auto scores = at::matmul(q.transpose(1, 2), k.permute({0, 2, 3, 1})).mul_(std::pow(q.size(-1), -0.5));
-    return at::matmul(at::softmax(scores, -1), v.transpose(1, 2)).transpose(1, 2);
-  }
-  return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2);
-}
 
 Tensor linear_pointwise(const Tensor& x, const Tensor& w, const Tensor& b, const std::string& attr,
                         const std::string& algorithm) {  // torch.ops.mkldnn._linear_pointwise
@@ -99,18 +82,21 @@ void bias_gelu_tanh_rows(float* h, const float* bias, int64_t rows, int64_t n) {
   }
 }
 
-// RMSNorm over each row of y [R, D] with gain g [D] (or none), then, with a RoPE table cs [N, Dh/2, 2] (or none),
-// each head's consecutive pairs (a, b) of row r rotated by the angle of token r % N: (a c - b s, a s + b c). In place,
-// two passes over a row (sum of squares; scale, gain and rotation) instead of seven kernels for the norm and one more
-// for the rotation.
+// Row r of y [R, D] (row stride ld): plus the bias b [D] (or none), RMS-normalised with gain g [D] (or none), then,
+// with a RoPE table cs [N, Dh/2, 2] (or none), each head's consecutive pairs (a, b) rotated by the angle of token
+// r % N: (a c - b s, a s + b c). In place, two passes over a row (bias and sum of squares; scale, gain and rotation)
+// instead of the bias copy of addmm, seven kernels for the norm and one more for the rotation.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void rms_rope_rows(float* y, const float* g, const float* cs, int64_t r0, int64_t r1, int64_t d, int64_t head_dim,
-                   int64_t tokens, float eps) {
+void rms_rope_rows(float* y, int64_t ld, const float* bias, const float* g, const float* cs, int64_t r0, int64_t r1,
+                   int64_t d, int64_t head_dim, int64_t tokens, float eps) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* row = y + r * d;
+    float* row = y + r * ld;
+    if (bias != nullptr)
+      for (int64_t i = 0; i < d; ++i) row[i] += bias[i];
     float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < d; ++i) ss += row[i] * row[i];
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
     if (g != nullptr)
@@ -128,73 +114,605 @@ void rms_rope_rows(float* y, const float* g, const float* cs, int64_t r0, int64_
   }
 }
 
-// LayerNorm without gain or bias over each row of x [R, D], then h = n (1 + scale) + shift with the scale and shift
-// rows [D] of the row's frame (rows_per_frame rows each); h written to out. One read of x for the moments (two
-// accumulators, then the variance as E[(x - mean)^2] in a second pass over the row while it is in L1) and one write.
+// The adaLN vectors of one block: vector j in {shift, scale, gate, c_shift, c_scale, c_gate} of frame f of batch b is
+// table[j] + e[b, f0 + f, j] (CausalWanBlock.forward: scale_shift_table + e), read where it is used instead of
+// materialised as six strided [B, F, 1, D] tensors per block. e [B, frames, 6, D] and table [6, D] contiguous.
+struct Mod {
+  const float* table;
+  const float* e;
+  int64_t frames, d, f0;
+  const float* t(int j) const { return table + j * d; }
+  const float* em(int64_t b, int64_t f, int j) const { return e + ((b * frames + f0 + f) * 6 + j) * d; }
+};
+
+// Mean and 1 / std of a row of d floats (LayerNorm's biased variance, as E[(x - mean)^2] in a second pass over the row
+// while it is in L1).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void layer_norm_modulate_rows(const float* x, const float* scale, const float* shift, float* out, int64_t r0,
-                              int64_t r1, int64_t d, int64_t rows_per_frame, float eps) {
+std::pair<float, float> row_moments(const float* row, int64_t d, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += row[i];
+  const float mean = sum / static_cast<float>(d);
+  float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+  for (int64_t i = 0; i < d; ++i) var += (row[i] - mean) * (row[i] - mean);
+  return {mean, 1.0f / std::sqrt(var / static_cast<float>(d) + eps)};
+}
+
+// out row = LayerNorm(x row) (1 + scale) + shift with the shift / scale vectors j, j + 1 of the row's frame (x, out:
+// rows of [B, F, T, D], contiguous).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void modulated_norm_rows(const float* x, float* out, const Mod& m, int j, int64_t r0, int64_t r1, int64_t t,
+                         int64_t nf, float eps) {
+  const int64_t d = m.d;
+  const float *tsh = m.t(j), *tsc = m.t(j + 1);
   for (int64_t r = r0; r < r1; ++r) {
     const float* row = x + r * d;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < d; ++i) sum += row[i];
-    const float mean = sum / static_cast<float>(d);
-    float var = 0.0f;
-    for (int64_t i = 0; i < d; ++i) var += (row[i] - mean) * (row[i] - mean);
-    const float rstd = 1.0f / std::sqrt(var / static_cast<float>(d) + eps);
-    const int64_t f = r / rows_per_frame;
-    const float* sc = scale + f * d;
-    const float* sh = shift + f * d;
+    const auto [mean, rstd] = row_moments(row, d, eps);
+    const int64_t b = r / (nf * t), f = (r / t) % nf;
+    const float *esh = m.em(b, f, j), *esc = m.em(b, f, j + 1);
     float* o = out + r * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = (row[i] - mean) * rstd * (1.0f + sc[i]) + sh[i];
+    for (int64_t i = 0; i < d; ++i) o[i] = (row[i] - mean) * rstd * (1.0f + (tsc[i] + esc[i])) + (tsh[i] + esh[i]);
   }
 }
 
+// After the self-attention: y = x + (a + ob) gate (the gate of the row's frame, vector 2), then h = LayerNorm(y) w + nb
+// (the cross-attention norm; none if w is null: h unused). x rows: frame `drop + f` of [B, drop + nf, T, D]; a, y, h:
+// rows of [B, nf, T, D].
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void gate_residual_norm_rows(const float* x, const float* a, const float* ob, float* y, float* h, const float* w,
+                             const float* nb, const Mod& m, int64_t drop, int64_t r0, int64_t r1, int64_t t,
+                             int64_t nf, float eps) {
+  const int64_t d = m.d;
+  const float* tg = m.t(2);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / (nf * t), f = (r / t) % nf;
+    const float* xr = x + (r + (b + 1) * drop * t) * d;  // skip the dropped frames of this and every earlier batch
+    const float *ar = a + r * d, *eg = m.em(b, f, 2);
+    float* yr = y + r * d;
+    if (ob != nullptr)
+      for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] + (ar[i] + ob[i]) * (tg[i] + eg[i]);
+    else
+      for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] + ar[i] * (tg[i] + eg[i]);
+    if (h == nullptr) continue;
+    const auto [mean, rstd] = row_moments(yr, d, eps);
+    float* hr = h + r * d;
+    if (w != nullptr && nb != nullptr)
+      for (int64_t i = 0; i < d; ++i) hr[i] = (yr[i] - mean) * rstd * w[i] + nb[i];
+    else if (w != nullptr)
+      for (int64_t i = 0; i < d; ++i) hr[i] = (yr[i] - mean) * rstd * w[i];
+    else if (nb != nullptr)
+      for (int64_t i = 0; i < d; ++i) hr[i] = (yr[i] - mean) * rstd + nb[i];
+    else
+      for (int64_t i = 0; i < d; ++i) hr[i] = (yr[i] - mean) * rstd;
+  }
+}
+
+// After the cross-attention: y += c + cb in place, then h = LayerNorm(y) (1 + c_scale) + c_shift (vectors 3, 4).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void residual_modulated_norm_rows(float* y, const float* c, const float* cb, float* h, const Mod& m, int64_t r0,
+                                  int64_t r1, int64_t t, int64_t nf, float eps) {
+  const int64_t d = m.d;
+  const float *tsh = m.t(3), *tsc = m.t(4);
+  for (int64_t r = r0; r < r1; ++r) {
+    float* yr = y + r * d;
+    const float* cr = c + r * d;
+    if (cb != nullptr)
+      for (int64_t i = 0; i < d; ++i) yr[i] += cr[i] + cb[i];
+    else
+      for (int64_t i = 0; i < d; ++i) yr[i] += cr[i];
+    const auto [mean, rstd] = row_moments(yr, d, eps);
+    const int64_t b = r / (nf * t), f = (r / t) % nf;
+    const float *esh = m.em(b, f, 3), *esc = m.em(b, f, 4);
+    float* hr = h + r * d;
+    for (int64_t i = 0; i < d; ++i) hr[i] = (yr[i] - mean) * rstd * (1.0f + (tsc[i] + esc[i])) + (tsh[i] + esh[i]);
+  }
+}
+
+// After the FFN: y += (f + fb) c_gate (vector 5), f row-major [R, D] (with its bias: fb null) or feature-major [D, R]
+// (ld: its row stride), read in tiles of 16 tokens so that both sides stay in L1.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void gate_residual_ffn_rows(float* y, const float* f, bool feature_major, int64_t ld, const float* fb, const Mod& m,
+                            int64_t r0, int64_t r1, int64_t t, int64_t nf) {
+  const int64_t d = m.d;
+  const float* tg = m.t(5);
+  constexpr int64_t kTile = 16;
+  float tile[kTile * 512];
+  for (int64_t s = r0; s < r1; s += kTile) {
+    const int64_t e = std::min(s + kTile, r1);
+    for (int64_t i0 = 0; i0 < d; i0 += 512) {
+      const int64_t i1 = std::min(i0 + 512, d), w = i1 - i0;
+      const float* src;
+      int64_t src_ld;
+      if (feature_major) {  // transpose the [w, e - s] block into tile [e - s, w], bias added
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* fr = f + i * ld + s;
+          const float bi = fb != nullptr ? fb[i] : 0.0f;
+          for (int64_t r = 0; r < e - s; ++r) tile[r * w + (i - i0)] = fr[r] + bi;
+        }
+        src = tile;
+        src_ld = w;
+      } else {
+        src = f + s * ld + i0;
+        src_ld = ld;
+      }
+      for (int64_t r = s; r < e; ++r) {
+        const int64_t b = r / (nf * t), fr = (r / t) % nf;
+        const float *eg = m.em(b, fr, 5) + i0, *tgr = tg + i0, *sr = src + (r - s) * src_ld;
+        float* yr = y + r * d + i0;
+        for (int64_t i = 0; i < w; ++i) yr[i] += sr[i] * (tgr[i] + eg[i]);
+      }
+    }
+  }
+}
+
+// exp(x) for x <= 0 (a softmax's shifted scores): Cephes' expf, 2^n times a degree-6 polynomial of the remainder,
+// within 2 ulp; plain arithmetic that the compiler vectorises (libm's expf does not, without -ffast-math).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);  // exp underflows to (almost) 0 below; keeps 2^n a normal float
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// softmax(q k^T / sqrt(Dh)) v for query rows [i0, i1) of head h of batch b, q [B, N, H, Dh] against k, v [B, L, H, Dh]
+// with L <= 64 (a prompt's text tokens), into out [B, N, H, Dh] contiguous. kt [Dh, Lp]: this head's keys transposed,
+// zero-padded to Lp = L rounded up to 16; Dh a multiple of 16. The explicit-softmax path of attention.attention (two
+// batched matmuls and a softmax) to float rounding; there each of those kernels costs more to launch than to run.
+//
+// Portable form: four queries at a time against 16 keys, and 16 features of the weighted value sum at a time.
+void short_attention_rows(const float* q, const int64_t* qs, const float* kt, const float* v, const int64_t* vs,
+                          float* out, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t n, int64_t heads,
+                          int64_t dh, int64_t l, int64_t lp, float scale) {
+  constexpr int R = 4, K = 16;
+  float s[R][64];
+  for (int64_t i = i0; i < i1; i += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, i1 - i));
+    const float* qr[R];
+    for (int r = 0; r < R; ++r) qr[r] = q + b * qs[0] + (i + std::min(r, rows - 1)) * qs[1] + h * qs[2];
+    for (int64_t j0 = 0; j0 < lp; j0 += K) {
+      float acc[R][K] = {};
+      for (int64_t c = 0; c < dh; ++c)
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < K; ++j) acc[r][j] += qr[r][c] * kt[c * lp + j0 + j];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < K; ++j) s[r][j0 + j] = acc[r][j] * scale;
+    }
+    float inv[R];
+    for (int r = 0; r < R; ++r) {
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < l; ++j) mx = std::max(mx, s[r][j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < l; ++j) {
+        s[r][j] = exp_nonpositive(s[r][j] - mx);
+        sum += s[r][j];
+      }
+      inv[r] = 1.0f / sum;
+    }
+    for (int64_t c0 = 0; c0 < dh; c0 += K) {
+      float acc[R][K] = {};
+      for (int64_t j = 0; j < l; ++j) {
+        const float* vr = v + b * vs[0] + j * vs[1] + h * vs[2] + c0;
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < K; ++c) acc[r][c] += s[r][j] * vr[c];
+      }
+      for (int r = 0; r < rows; ++r) {
+        float* o = out + ((b * n + i + r) * heads + h) * dh + c0;
+        for (int c = 0; c < K; ++c) o[c] = acc[r][c] * inv[r];
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+// exp_nonpositive on eight lanes.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// short_attention_rows with AVX2 tiles: per four queries, the scores of 16 keys in eight accumulators (two vectors of
+// keys per Dh step, one broadcast query element per row), the softmax eight lanes at a time, then 16 features of the
+// value sum in eight accumulators (one broadcast probability per row and key). Same arithmetic as the portable form.
+__attribute__((target("avx2,fma"))) void short_attention_rows_avx2(
+    const float* q, const int64_t* qs, const float* kt, const float* v, const int64_t* vs, float* out, int64_t b,
+    int64_t h, int64_t i0, int64_t i1, int64_t n, int64_t heads, int64_t dh, int64_t l, int64_t lp, float scale) {
+  constexpr int R = 4;
+  alignas(32) float s[R][64];
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t i = i0; i < i1; i += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, i1 - i));
+    const float* qr[R];
+    for (int r = 0; r < R; ++r) qr[r] = q + b * qs[0] + (i + std::min(r, rows - 1)) * qs[1] + h * qs[2];
+    for (int64_t j0 = 0; j0 < lp; j0 += 16) {
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+      const float* kc = kt + j0;
+      for (int64_t c = 0; c < dh; ++c, kc += lp) {
+        const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8);
+        __m256 qb = _mm256_broadcast_ss(qr[0] + c);
+        a00 = _mm256_fmadd_ps(qb, k0, a00);
+        a01 = _mm256_fmadd_ps(qb, k1, a01);
+        qb = _mm256_broadcast_ss(qr[1] + c);
+        a10 = _mm256_fmadd_ps(qb, k0, a10);
+        a11 = _mm256_fmadd_ps(qb, k1, a11);
+        qb = _mm256_broadcast_ss(qr[2] + c);
+        a20 = _mm256_fmadd_ps(qb, k0, a20);
+        a21 = _mm256_fmadd_ps(qb, k1, a21);
+        qb = _mm256_broadcast_ss(qr[3] + c);
+        a30 = _mm256_fmadd_ps(qb, k0, a30);
+        a31 = _mm256_fmadd_ps(qb, k1, a31);
+      }
+      _mm256_store_ps(s[0] + j0, _mm256_mul_ps(a00, vscale));
+      _mm256_store_ps(s[0] + j0 + 8, _mm256_mul_ps(a01, vscale));
+      _mm256_store_ps(s[1] + j0, _mm256_mul_ps(a10, vscale));
+      _mm256_store_ps(s[1] + j0 + 8, _mm256_mul_ps(a11, vscale));
+      _mm256_store_ps(s[2] + j0, _mm256_mul_ps(a20, vscale));
+      _mm256_store_ps(s[2] + j0 + 8, _mm256_mul_ps(a21, vscale));
+      _mm256_store_ps(s[3] + j0, _mm256_mul_ps(a30, vscale));
+      _mm256_store_ps(s[3] + j0 + 8, _mm256_mul_ps(a31, vscale));
+    }
+    float inv[R];
+    const int64_t l8 = l / 8 * 8;
+    for (int r = 0; r < R; ++r) {
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < l; ++j) mx = std::max(mx, s[r][j]);
+      const __m256 vmx = _mm256_set1_ps(mx);
+      __m256 vsum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < l8; j += 8) {
+        const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_load_ps(s[r] + j), vmx));
+        _mm256_store_ps(s[r] + j, p);
+        vsum = _mm256_add_ps(vsum, p);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, vsum);
+      float sum = 0.0f;
+      for (int j = 0; j < 8; ++j) sum += lanes[j];
+      for (int64_t j = l8; j < l; ++j) {
+        s[r][j] = exp_nonpositive(s[r][j] - mx);
+        sum += s[r][j];
+      }
+      inv[r] = 1.0f / sum;
+    }
+    for (int64_t c0 = 0; c0 < dh; c0 += 16) {
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+      const float* vr = v + b * vs[0] + h * vs[2] + c0;
+      for (int64_t j = 0; j < l; ++j, vr += vs[1]) {
+        const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+        __m256 pb = _mm256_broadcast_ss(s[0] + j);
+        a00 = _mm256_fmadd_ps(pb, v0, a00);
+        a01 = _mm256_fmadd_ps(pb, v1, a01);
+        pb = _mm256_broadcast_ss(s[1] + j);
+        a10 = _mm256_fmadd_ps(pb, v0, a10);
+        a11 = _mm256_fmadd_ps(pb, v1, a11);
+        pb = _mm256_broadcast_ss(s[2] + j);
+        a20 = _mm256_fmadd_ps(pb, v0, a20);
+        a21 = _mm256_fmadd_ps(pb, v1, a21);
+        pb = _mm256_broadcast_ss(s[3] + j);
+        a30 = _mm256_fmadd_ps(pb, v0, a30);
+        a31 = _mm256_fmadd_ps(pb, v1, a31);
+      }
+      const __m256 acc[R][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+      for (int r = 0; r < rows; ++r) {
+        float* o = out + ((b * n + i + r) * heads + h) * dh + c0;
+        const __m256 vi = _mm256_set1_ps(inv[r]);
+        _mm256_storeu_ps(o, _mm256_mul_ps(acc[r][0], vi));
+        _mm256_storeu_ps(o + 8, _mm256_mul_ps(acc[r][1], vi));
+      }
+    }
+  }
+}
+
+// gate_residual_ffn_rows for a feature-major f [D, R] with AVX2: 8 tokens x 8 features at a time, the 8 x 8 block
+// transposed in registers (unpack / shuffle / lane permute), the bias row added and the gate applied per token row.
+// Rows [r0, r1) with r1 - r0 and D multiples of 8 (the caller handles the rest with the portable form).
+__attribute__((target("avx2,fma"))) void gate_residual_ffn_fm_avx2(float* y, const float* f, int64_t ld,
+                                                                  const float* fb, const Mod& m, int64_t r0,
+                                                                  int64_t r1, int64_t t, int64_t nf) {
+  const int64_t d = m.d;
+  const float* tg = m.t(5);
+  for (int64_t r = r0; r < r1; r += 8) {
+    const float* eg[8];
+    for (int k = 0; k < 8; ++k) eg[k] = m.em((r + k) / (nf * t), ((r + k) / t) % nf, 5);
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 row[8];
+      for (int k = 0; k < 8; ++k) row[k] = _mm256_loadu_ps(f + (i + k) * ld + r);  // feature i + k, tokens r..r+7
+      const __m256 t0 = _mm256_unpacklo_ps(row[0], row[1]), t1 = _mm256_unpackhi_ps(row[0], row[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(row[2], row[3]), t3 = _mm256_unpackhi_ps(row[2], row[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(row[4], row[5]), t5 = _mm256_unpackhi_ps(row[4], row[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(row[6], row[7]), t7 = _mm256_unpackhi_ps(row[6], row[7]);
+      const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 col[8] = {  // token r + k, features i..i+7
+          _mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+          _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+          _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+          _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+      const __m256 bias = fb != nullptr ? _mm256_loadu_ps(fb + i) : _mm256_setzero_ps();
+      const __m256 tgi = _mm256_loadu_ps(tg + i);
+      for (int k = 0; k < 8; ++k) {
+        float* yr = y + (r + k) * d + i;
+        const __m256 gate = _mm256_add_ps(tgi, _mm256_loadu_ps(eg[k] + i));
+        _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_add_ps(col[k], bias), gate, _mm256_loadu_ps(yr)));
+      }
+    }
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+bool cpu_has_avx2_fma() { return false; }
+#endif
+
 }  // namespace
 
-// x [B, F, T, D] float32, scale / shift [B, F, 1, D] (any strides): LayerNorm(x) (1 + scale) + shift, as
-// _modulated_norm with a norm that has no gain or bias, to float rounding; a new tensor [B, F, T, D].
-static Tensor layer_norm_modulate(const Tensor& x, const Tensor& scale, const Tensor& shift, double eps) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "layer_norm_modulate: x must be a float32 CPU tensor [B, F, T, D]");
-  const int64_t b = x.size(0), f = x.size(1), t = x.size(2), d = x.size(3);
-  TORCH_CHECK(scale.sizes() == at::IntArrayRef({b, f, 1, d}) && shift.sizes() == scale.sizes(),
-              "layer_norm_modulate: scale and shift must be [B, F, 1, D]");
-  auto xc = x.contiguous();
-  auto sc = scale.contiguous(), sh = shift.contiguous();
-  auto out = at::empty_like(xc);
-  const float *px = xc.data_ptr<float>(), *ps = sc.data_ptr<float>(), *pt = sh.data_ptr<float>();
+static void check_float_cpu(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), what, " must be a float32 CPU tensor");
+}
+
+static const float* ptr_or_null(const Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
+
+static int64_t grain(int64_t d) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)); }
+
+// table [1, 6, D] or [6, D] (a block's scale_shift_table), e [B, F, 6, D] contiguous float32; frames from f0 on.
+static Mod make_mod(const Tensor& table, const Tensor& e, int64_t f0) {
+  TORCH_CHECK(e.dim() == 4 && e.size(2) == 6 && e.is_contiguous(), "e must be a contiguous [B, F, 6, D] tensor");
+  check_float_cpu(e, "e");
+  TORCH_CHECK(table.numel() == 6 * e.size(3) && table.is_contiguous(), "the scale_shift_table must be [1, 6, D]");
+  check_float_cpu(table, "the scale_shift_table");
+  TORCH_CHECK(f0 >= 0 && f0 <= e.size(1), "frame offset out of range");
+  return Mod{table.data_ptr<float>(), e.data_ptr<float>(), e.size(1), e.size(3), f0};
+}
+
+// x [B, F, T, D] float32 contiguous, frames f0 .. f0 + F of e [B, F', 6, D]: LayerNorm(x) (1 + scale) + shift with
+// shift = table[j] + e[:, :, j], scale = table[j + 1] + e[:, :, j + 1] (j = 0 before the self-attention, 3 before the
+// FFN): _modulated_norm with a norm without gain or bias, to float rounding; a new tensor [B, F, T, D].
+static Tensor modulated_norm(const Tensor& x, const Tensor& table, const Tensor& e, int64_t j, int64_t f0,
+                             double eps) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "modulated_norm: x must be a contiguous [B, F, T, D] tensor");
+  check_float_cpu(x, "modulated_norm: x");
+  TORCH_CHECK(j == 0 || j == 3, "modulated_norm: j must be 0 (norm1) or 3 (norm3)");
+  const Mod m = make_mod(table, e, f0);
+  TORCH_CHECK(e.size(0) == x.size(0) && x.size(1) <= e.size(1) - f0 && x.size(3) == m.d,
+              "modulated_norm: x [B, F, T, D] must match e [B, >= F + f0, 6, D]");
+  auto out = at::empty_like(x);
+  const int64_t t = x.size(2), nf = x.size(1);
+  const float* px = x.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, b * f * t, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     layer_norm_modulate_rows(px, ps, pt, po, r0, r1, d, t, static_cast<float>(eps));
-                   });
+  at::parallel_for(0, x.numel() / m.d, grain(m.d), [&](int64_t r0, int64_t r1) {
+    modulated_norm_rows(px, po, m, static_cast<int>(j), r0, r1, t, nf, static_cast<float>(eps));
+  });
   return out;
 }
 
-// y [..., D] float32 contiguous (a fresh projection): RMS-normalised over D with gain g [D] (empty: none), then, if
-// cs [N, Dh/2, 2] is given (not empty), rotated per head of Dh = 2 cs.size(1) with token r % N's angles; in place.
-// _rms_normed followed by apply_rope_cis, to float rounding.
-static Tensor rms_rope_(Tensor y, const Tensor& gain, const Tensor& cs, double eps) {
+// The self-attention's residual and the cross-attention's norm: y = x[:, drop:] + (a + ob) gate, h = LayerNorm(y) w +
+// nb if `norm` (else h is y). x [B, drop + F, T, D] contiguous (its first `drop` frames, a finished chunk's, only
+// wrote their K/V), a [B, F*T, D] contiguous (the output projection without its bias ob [D]), gate = table[2] +
+// e[:, drop + f, 2]. Returns (y, h), new tensors [B, F, T, D].
+static std::vector<Tensor> gate_residual_norm(const Tensor& x, const Tensor& a, const Tensor& ob, const Tensor& table,
+                                              const Tensor& e, int64_t drop, bool norm, const Tensor& w,
+                                              const Tensor& nb, double eps) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && drop >= 0 && drop < x.size(1),
+              "gate_residual_norm: x must be a contiguous [B, drop + F, T, D] tensor");
+  check_float_cpu(x, "gate_residual_norm: x");
+  check_float_cpu(a, "gate_residual_norm: a");
+  const Mod m = make_mod(table, e, drop);
+  const int64_t b = x.size(0), nf = x.size(1) - drop, t = x.size(2), d = x.size(3);
+  TORCH_CHECK(a.is_contiguous() && a.numel() == b * nf * t * d && d == m.d && e.size(0) == b && x.size(1) <= e.size(1),
+              "gate_residual_norm: a must be a contiguous [B, F*T, D] tensor, e [B, >= drop + F, 6, D]");
+  TORCH_CHECK(!present(ob) || ob.numel() == d, "gate_residual_norm: the bias must be [D]");
+  auto y = at::empty({b, nf, t, d}, x.options());
+  auto h = norm ? at::empty_like(y) : y;
+  const float *px = x.data_ptr<float>(), *pa = a.data_ptr<float>(), *pb = ptr_or_null(ob);
+  const float *pw = ptr_or_null(w), *pn = ptr_or_null(nb);
+  float *py = y.data_ptr<float>(), *ph = norm ? h.data_ptr<float>() : nullptr;
+  at::parallel_for(0, b * nf * t, grain(d), [&](int64_t r0, int64_t r1) {
+    gate_residual_norm_rows(px, pa, pb, py, ph, pw, pn, m, drop, r0, r1, t, nf, static_cast<float>(eps));
+  });
+  return {y, h};
+}
+
+// The cross-attention's residual and the FFN's norm: y += c + cb in place, then h = LayerNorm(y) (1 + c_scale) +
+// c_shift (vectors 3, 4 of frames f0 ..). y [B, F, T, D], c [B, F*T, D] contiguous (cross-attention output projection
+// without its bias cb). Returns h, a new tensor [B, F, T, D].
+static Tensor residual_modulated_norm_(Tensor y, const Tensor& c, const Tensor& cb, const Tensor& table,
+                                       const Tensor& e, int64_t f0, double eps) {
+  TORCH_CHECK(y.dim() == 4 && y.is_contiguous() && c.is_contiguous() && c.numel() == y.numel(),
+              "residual_modulated_norm_: y [B, F, T, D] and c [B, F*T, D] must be contiguous and of one size");
+  check_float_cpu(y, "residual_modulated_norm_: y");
+  check_float_cpu(c, "residual_modulated_norm_: c");
+  const Mod m = make_mod(table, e, f0);
+  TORCH_CHECK(y.size(3) == m.d && e.size(0) == y.size(0) && y.size(1) <= e.size(1) - f0,
+              "residual_modulated_norm_: y [B, F, T, D] must match e [B, >= F + f0, 6, D]");
+  TORCH_CHECK(!present(cb) || cb.numel() == m.d, "residual_modulated_norm_: the bias must be [D]");
+  auto h = at::empty_like(y);
+  const int64_t t = y.size(2), nf = y.size(1);
+  float *py = y.data_ptr<float>(), *ph = h.data_ptr<float>();
+  const float *pc = c.data_ptr<float>(), *pb = ptr_or_null(cb);
+  at::parallel_for(0, y.numel() / m.d, grain(m.d), [&](int64_t r0, int64_t r1) {
+    residual_modulated_norm_rows(py, pc, pb, ph, m, r0, r1, t, nf, static_cast<float>(eps));
+  });
+  return h;
+}
+
+// The FFN's residual: y += (f + fb) c_gate in place (vector 5 of frames f0 ..), y [B, F, T, D] contiguous, f the FFN
+// output as [B*F*T, D] (row-major, its bias included: fb empty) or feature-major [D, B*F*T] (fb its bias [D]).
+static Tensor gate_residual_ffn_(Tensor y, const Tensor& f, bool feature_major, const Tensor& fb, const Tensor& table,
+                                 const Tensor& e, int64_t f0) {
+  TORCH_CHECK(y.dim() == 4 && y.is_contiguous(), "gate_residual_ffn_: y must be a contiguous [B, F, T, D] tensor");
+  check_float_cpu(y, "gate_residual_ffn_: y");
+  check_float_cpu(f, "gate_residual_ffn_: f");
+  const Mod m = make_mod(table, e, f0);
+  const int64_t rows = y.numel() / y.size(3), d = y.size(3);
+  TORCH_CHECK(f.dim() == 2 && f.stride(1) == 1 &&
+                  (feature_major ? f.size(0) == d && f.size(1) == rows : f.size(0) == rows && f.size(1) == d),
+              "gate_residual_ffn_: f must be [rows, D] (or [D, rows] feature-major) with unit column stride");
+  TORCH_CHECK(d == m.d && e.size(0) == y.size(0) && y.size(1) <= e.size(1) - f0,
+              "gate_residual_ffn_: y [B, F, T, D] must match e [B, >= F + f0, 6, D]");
+  TORCH_CHECK(!present(fb) || fb.numel() == d, "gate_residual_ffn_: the bias must be [D]");
+  const int64_t t = y.size(2), nf = y.size(1), ld = f.stride(0);
+  float* py = y.data_ptr<float>();
+  const float *pf = f.data_ptr<float>(), *pb = ptr_or_null(fb);
+  const bool avx2 = feature_major && d % 8 == 0 && cpu_has_avx2_fma();
+  at::parallel_for(0, rows, grain(d), [&](int64_t r0, int64_t r1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (avx2) {
+      const int64_t r8 = r0 + (r1 - r0) / 8 * 8;
+      gate_residual_ffn_fm_avx2(py, pf, ld, pb, m, r0, r8, t, nf);
+      r0 = r8;
+    }
+#endif
+    gate_residual_ffn_rows(py, pf, feature_major, ld, pb, m, r0, r1, t, nf);
+  });
+  return y;
+}
+
+// softmax(q k^T / sqrt(Dh)) v, q [B, N, H, Dh], k, v [B, L, H, Dh] (unit stride along Dh), L <= 64: a new contiguous
+// [B, N, H, Dh] (attention._short_key_attention to float rounding). AVX2 tiles where the CPU has them, unless
+// `portable` (for tests of the portable form).
+static Tensor short_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool portable) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2) && q.size(3) == k.size(3) && k.size(1) >= 1 && k.size(1) <= 64,
+              "short_attention: q [B, N, H, Dh] and k, v [B, L, H, Dh] with 1 <= L <= 64");
+  TORCH_CHECK(q.size(3) % 16 == 0, "short_attention: Dh must be a multiple of 16");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "short_attention: Dh must have unit stride");
+  check_float_cpu(q, "short_attention: q");
+  check_float_cpu(k, "short_attention: k");
+  check_float_cpu(v, "short_attention: v");
+  const int64_t b = q.size(0), n = q.size(1), heads = q.size(2), dh = q.size(3), l = k.size(1);
+  const int64_t lp = (l + 15) / 16 * 16;
+  auto out = at::empty({b, n, heads, dh}, q.options());
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const float scale = static_cast<float>(std::pow(static_cast<double>(dh), -0.5));
+  constexpr int64_t kRows = 16;  // queries per task
+  const bool avx2 = !portable && cpu_has_avx2_fma();
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, b * heads * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kt(dh * lp, 0.0f);  // the head's keys as [Dh, Lp], zero-padded, built once per head
+    int64_t built = -1;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bh = task / blocks, i0 = (task % blocks) * kRows, bi = bh / heads, h = bh % heads;
+      if (bh != built) {
+        for (int64_t j = 0; j < l; ++j) {
+          const float* kr = pk + bi * ks[0] + j * ks[1] + h * ks[2];
+          for (int64_t c = 0; c < dh; ++c) kt[c * lp + j] = kr[c];
+        }
+        built = bh;
+      }
+      const int64_t i1 = std::min(i0 + kRows, n);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (avx2) {
+        short_attention_rows_avx2(pq, qs, kt.data(), pv, vs, po, bi, h, i0, i1, n, heads, dh, l, lp, scale);
+        continue;
+      }
+#endif
+      short_attention_rows(pq, qs, kt.data(), pv, vs, po, bi, h, i0, i1, n, heads, dh, l, lp, scale);
+    }
+  });
+  return out;
+}
+
+// y [..., D] float32 contiguous (a fresh projection, without its bias): y + bias (empty: none), RMS-normalised over D
+// with gain g [D] (empty: none), then, if cs [N, Dh/2, 2] is given (not empty), rotated per head of Dh = 2 cs.size(1)
+// with token r % N's angles; in place. The bias of linear, _rms_normed and apply_rope_cis, to float rounding.
+static Tensor rms_rope_(Tensor y, const Tensor& bias, const Tensor& gain, const Tensor& cs, double eps) {
   TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kFloat && y.device().is_cpu(),
               "rms_rope_: y must be a contiguous float32 CPU tensor [..., D]");
   const int64_t d = y.size(-1), rows = y.numel() / std::max<int64_t>(d, 1);
   const bool rope = present(cs);
+  TORCH_CHECK(!present(bias) || (bias.numel() == d && bias.is_contiguous()), "rms_rope_: bias must be [D]");
   TORCH_CHECK(!present(gain) || (gain.numel() == d && gain.is_contiguous()), "rms_rope_: gain must be [D]");
   TORCH_CHECK(!rope || (cs.dim() == 3 && cs.size(2) == 2 && cs.is_contiguous() && d % (2 * cs.size(1)) == 0 &&
                         rows % cs.size(0) == 0),
               "rms_rope_: the RoPE table must be [N, Dh/2, 2] with Dh dividing D and N dividing the rows");
   float* data = y.data_ptr<float>();
-  const float* g = present(gain) ? gain.data_ptr<float>() : nullptr;
-  const float* t = rope ? cs.data_ptr<float>() : nullptr;
+  const float *b = ptr_or_null(bias), *g = ptr_or_null(gain), *t = rope ? cs.data_ptr<float>() : nullptr;
   const int64_t head_dim = rope ? 2 * cs.size(1) : d, tokens = rope ? cs.size(0) : 1;
-  at::parallel_for(0, rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     rms_rope_rows(data, g, t, r0, r1, d, head_dim, tokens, static_cast<float>(eps));
-                   });
+  at::parallel_for(0, rows, grain(d), [&](int64_t r0, int64_t r1) {
+    rms_rope_rows(data, d, b, g, t, r0, r1, d, head_dim, tokens, static_cast<float>(eps));
+  });
   return y;
+}
+
+// The chunk's K/V into their cache slots: cache_k[layer, b, h, slots[i]] = k[b, i, h] and the same for v plus its
+// bias vb [H*Dh] (empty: none). cache_k, cache_v [L, B, H, S, Dh] contiguous; k, v [B, n, H, Dh] with heads and Dh
+// packed in each row. KVCache.write (index_copy_ of the transposed K and V) in one pass.
+static void write_kv(const Tensor& cache_k, const Tensor& cache_v, int64_t layer, const Tensor& slots, const Tensor& k,
+                     const Tensor& v, const Tensor& vb) {
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.is_contiguous() && cache_v.sizes() == cache_k.sizes() &&
+                  cache_v.is_contiguous(), "write_kv: the cache must be contiguous [L, B, H, S, Dh] K and V");
+  check_float_cpu(cache_k, "write_kv: the cache");
+  check_float_cpu(cache_v, "write_kv: the cache");
+  const int64_t b = cache_k.size(1), heads = cache_k.size(2), s = cache_k.size(3), dh = cache_k.size(4);
+  const int64_t n = slots.numel();
+  TORCH_CHECK(layer >= 0 && layer < cache_k.size(0), "write_kv: layer out of range");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous(),
+              "write_kv: slots must be a contiguous int64 vector");
+  for (const Tensor* t : {&k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == b && t->size(1) == n && t->size(2) == heads && t->size(3) == dh &&
+                    t->stride(3) == 1 && t->stride(2) == dh && t->scalar_type() == at::kFloat,
+                "write_kv: k and v must be float32 [B, n, H, Dh] with packed heads, n = the number of slots");
+  TORCH_CHECK(!present(vb) || vb.numel() == heads * dh, "write_kv: the value bias must be [H*Dh]");
+  const int64_t* ps = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ps[i] >= 0 && ps[i] < s, "write_kv: slot ", ps[i], " out of range");
+  float *pck = cache_k.data_ptr<float>() + layer * b * heads * s * dh, *pcv = cache_v.data_ptr<float>() + layer * b * heads * s * dh;
+  const float *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>(), *pb = ptr_or_null(vb);
+  at::parallel_for(0, b * n, grain(2 * heads * dh), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bi = r / n, i = r % n;
+      const float *kr = pk + bi * k.stride(0) + i * k.stride(1), *vr = pv + bi * v.stride(0) + i * v.stride(1);
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t off = ((bi * heads + h) * s + ps[i]) * dh;
+        std::memcpy(pck + off, kr + h * dh, dh * sizeof(float));
+        float* dst = pcv + off;
+        const float* src = vr + h * dh;
+        if (pb != nullptr)
+          for (int64_t c = 0; c < dh; ++c) dst[c] = src[c] + pb[h * dh + c];
+        else
+          std::memcpy(dst, src, dh * sizeof(float));
+      }
+    }
+  });
 }
 
 // h [F, N] float32 contiguous, bias [F]: h <- GELU_tanh(h + bias[:, None]), in place; returns h.
@@ -213,18 +731,26 @@ static Tensor bias_gelu_tanh_(Tensor h, const Tensor& bias) {
   return h;
 }
 
-// The FFN W2 GELU(W1 x + b1) + b2 of x [..., D] -> [..., D]: through oneDNN with the GELU fused into its first
-// product (FeedForward._forward_onednn, the same ops), or feature-major through BLAS with the bias and GELU in one
-// pass (FeedForward._forward_feature_major up to the GELU's rounding: it uses torch's sigmoid, this the rational tanh).
-static Tensor feed_forward(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                           bool onednn) {
+// The FFN W2 GELU(W1 x + b1) (+ b2) of x [..., D], as the blocks consume it: through oneDNN with the GELU fused into
+// its first product (FeedForward._forward_onednn, the same ops): [N, D] with b2 added; or feature-major through BLAS
+// with the bias and GELU in one pass (FeedForward._forward_feature_major up to the GELU's rounding: it uses torch's
+// sigmoid, this the rational tanh): [D, N] without b2, which the residual update adds (gate_residual_ffn_).
+static Tensor feed_forward_raw(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                               bool onednn) {
   const int64_t d = x.size(-1);
   if (onednn) {
     auto h = linear_pointwise(x.reshape({-1, d}), w1, b1, "gelu", "tanh");
-    return linear_pointwise(h, w2, b2, "none", "").view(x.sizes());
+    return linear_pointwise(h, w2, b2, "none", "");
   }
-  auto h = bias_gelu_tanh_(at::mm(w1, x.reshape({-1, d}).t()), b1);  // [ffn_dim, N]
-  return at::addmm(b2.unsqueeze(1), w2, h).t().view(x.sizes());
+  return at::mm(w2, bias_gelu_tanh_(at::mm(w1, x.reshape({-1, d}).t()), b1));  // [D, N]
+}
+
+// The whole FFN of x [..., D] -> [..., D] (for the kernel choice and tests): feed_forward_raw, b2 added and
+// transposed back if feature-major.
+static Tensor feed_forward(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                           bool onednn) {
+  auto f = feed_forward_raw(x, w1, b1, w2, b2, onednn);
+  return (onednn ? f : f.t().add(b2)).reshape(x.sizes());
 }
 
 namespace {
@@ -237,9 +763,8 @@ struct Chunk {  // one chunk's part of a ChunkPlan
 
 struct Cache {  // KVCache.write / KVCache.view
   Tensor k, v;  // [L, B, H, C*T, Dh]
-  void write(int64_t layer, const Chunk& chunk, const Tensor& k_new, const Tensor& v_new) const {
-    k[layer].index_copy_(2, chunk.slots, k_new.transpose(1, 2));
-    v[layer].index_copy_(2, chunk.slots, v_new.transpose(1, 2));
+  void write(int64_t layer, const Chunk& chunk, const Tensor& k_new, const Tensor& v_new, const Tensor& v_bias) const {
+    write_kv(k, v, layer, chunk.slots, k_new, v_new, v_bias);
   }
   std::pair<Tensor, Tensor> view(int64_t layer, const Chunk& chunk) const {
     if (present(chunk.read_index))
@@ -254,46 +779,55 @@ struct Cache {  // KVCache.write / KVCache.view
 // tokens [B, F*T, D] (F frames: a fused finished chunk's first, if any, then the chunk's), e [B, F, 6, D],
 // rope [F*T, Dh/2, 2]; weights: N_W per block; cross_k / cross_v: each block's text K/V [B, L, H, Dh].
 // Returns the output tokens [B, F'*T, D] (F' without the finished chunk), or an undefined tensor for kv_only.
+//
+// CausalWanBlock.forward on this path, with the elementwise work between the products fused: each projection's bias
+// goes into the pass that reads its output (the q/k norm, the cache write of v, the residual updates), and each
+// residual update into the norm that follows it, so that the residual stream is read and written once per update.
 static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> weights, std::vector<Tensor> cross_k,
                          std::vector<Tensor> cross_v, Tensor cache_k, Tensor cache_v, Tensor slots, int64_t visible,
                          Tensor read_index, Tensor pending_slots, int64_t pending_visible, Tensor pending_read_index,
                          int64_t tokens_per_frame, bool kv_only, int64_t heads, double ln_eps, double rms_eps,
-                         Tensor unit_gain, int64_t short_keys, bool cross_norm, bool ffn_onednn) {
+                         int64_t short_keys, bool cross_norm, bool ffn_onednn) {
   TORCH_CHECK(weights.size() % N_W == 0, "weights: expected ", N_W, " tensors per block, got ", weights.size());
   const int64_t layers = static_cast<int64_t>(weights.size()) / N_W;
   TORCH_CHECK(cross_k.size() == static_cast<size_t>(layers) && cross_v.size() == cross_k.size(),
               "one cross-attention K/V per block");
   TORCH_CHECK(x.dim() == 3 && x.size(1) % tokens_per_frame == 0, "tokens must be [B, F*T, D]");
+  TORCH_CHECK(e.dim() == 4 && e.size(0) == x.size(0) && e.size(1) * tokens_per_frame == x.size(1),
+              "e must be [B, F, 6, D] for tokens [B, F*T, D]");
   at::NoGradGuard no_grad;
-  const Config c{heads, ln_eps, rms_eps, unit_gain, short_keys, cross_norm, ffn_onednn};
   const Cache cache{cache_k, cache_v};
   const Chunk chunk{slots, visible, read_index};
   const bool fused = present(pending_slots);
   const Chunk pending{pending_slots, pending_visible, pending_read_index};
-  const int64_t b = x.size(0), d = x.size(2), t = tokens_per_frame;
-  int64_t nf = x.size(1) / t;
+  const int64_t b = x.size(0), d = x.size(2), t = tokens_per_frame, nf0 = x.size(1) / t;
+  x = x.contiguous();
+  e = e.contiguous();
+  auto proj = [](const Tensor& h, const Tensor& w) { return at::mm(h, w.t()); };  // linear without its bias
+  auto attention = [&](const Tensor& q, const Tensor& k, const Tensor& v) {  // attention.attention
+    if (k.size(1) <= short_keys) return short_attention(q, k, v, false);
+    return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2);
+  };
+  int64_t nf = nf0;
   for (int64_t layer = 0; layer < layers; ++layer) {  // CausalWanBlock.forward
     const Tensor* w = weights.data() + layer * N_W;
     const bool last = layer == layers - 1;
-    const int64_t n = x.size(1);
-    auto m = (w[SST].unsqueeze(0) + e).unsqueeze(3).unbind(2);  // each [B, F, 1, D]
-    Tensor shift = m[0], scale = m[1], gate = m[2], c_shift = m[3], c_scale = m[4], c_gate = m[5];
-    auto xf = x.view({b, nf, t, d});
-    auto h = layer_norm_modulate(xf, scale, shift, c.ln_eps).view({b, n, d});
-    // q and k normalised and rotated in one fused pass each (rms_rope_); v as it is
-    auto k = rms_rope_(at::linear(h, w[K_W], w[K_B]), w[NK_G], rope, c.rms_eps).unflatten(2, {c.heads, -1});
-    auto v = at::linear(h, w[V_W], w[V_B]).unflatten(2, {c.heads, -1});
+    const int64_t n = nf * t;
+    const Tensor& table = w[SST];
+    // ---- self-attention over the cache (CachedAttention.attend)
+    auto h = modulated_norm(x.view({b, nf, t, d}), table, e, 0, 0, ln_eps).view({b * n, d});
+    auto k = rms_rope_(proj(h, w[K_W]), w[K_B], w[NK_G], rope, rms_eps).view({b, n, heads, -1});
+    auto v = proj(h, w[V_W]).view({b, n, heads, -1});  // its bias goes in with the cache write
     if (kv_only && last) {  // a cache pass's last block: its K/V only
-      cache.write(layer, chunk, k, v);
+      cache.write(layer, chunk, k, v, w[V_B]);
       return Tensor();
     }
-    // ---- self-attention over the cache (CachedAttention.attend)
-    auto q = rms_rope_(at::linear(h, w[Q_W], w[Q_B]), w[NQ_G], rope, c.rms_eps).unflatten(2, {c.heads, -1});
+    auto q = rms_rope_(proj(h, w[Q_W]), w[Q_B], w[NQ_G], rope, rms_eps).view({b, n, heads, -1});
     auto attend_one = [&](const Chunk& ch, const Tensor& qq, const Tensor& kk, const Tensor& vv, bool queries) {
-      cache.write(layer, ch, kk, vv);
+      cache.write(layer, ch, kk, vv, w[V_B]);
       if (!queries) return Tensor();
       auto kv = cache.view(layer, ch);
-      return attention(qq, kv.first, kv.second, c.short_keys);
+      return attention(qq, kv.first, kv.second);
     };
     Tensor a;
     if (!fused) {
@@ -304,40 +838,46 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
       auto rest = attend_one(chunk, q.narrow(1, np, n - np), k.narrow(1, np, n - np), v.narrow(1, np, n - np), true);
       a = first.defined() ? at::cat({first, rest}, 1) : rest;
     }
-    a = at::linear(a.flatten(2), w[O_W], w[O_B]);
     const int64_t drop = nf - a.size(1) / t;  // frames of a finished chunk that only wrote their K/V
-    if (drop) {
-      xf = xf.narrow(1, drop, nf - drop);
-      nf -= drop;
-      gate = gate.narrow(1, drop, nf);
-      c_shift = c_shift.narrow(1, drop, nf);
-      c_scale = c_scale.narrow(1, drop, nf);
-      c_gate = c_gate.narrow(1, drop, nf);
-    }
+    nf -= drop;
     const int64_t nn = nf * t;
-    xf = at::addcmul(xf, a.view({b, nf, t, d}), gate);
+    auto ao = proj(a.reshape({b * nn, d}), w[O_W]);
+    auto yh = gate_residual_norm(x.view({b, nf + drop, t, d}), ao, w[O_B], table, e, drop, cross_norm, w[N2_W],
+                                 w[N2_B], ln_eps);
+    auto y = yh[0];
     // ---- cross-attention to the cached text K/V (WanAttention.cross_attention)
-    auto h2 = (c.cross_norm ? layer_norm(xf, w[N2_W], w[N2_B], c) : xf).view({b, nn, d});
-    auto cq = rms_rope_(at::linear(h2, w[CQ_W], w[CQ_B]), w[CNQ_G], Tensor(), c.rms_eps).unflatten(2, {c.heads, -1});
-    auto ca = attention(cq, cross_k[layer], cross_v[layer], c.short_keys);
-    xf.add_(at::linear(ca.flatten(2), w[CO_W], w[CO_B]).view({b, nf, t, d}));
+    auto cq = rms_rope_(proj(yh[1].view({b * nn, d}), w[CQ_W]), w[CQ_B], w[CNQ_G], Tensor(), rms_eps)
+                  .view({b, nn, heads, -1});
+    auto ca = attention(cq, cross_k[layer], cross_v[layer]);
+    const int64_t f0 = nf0 - nf;  // the modulation of this block's remaining frames
+    auto h3 = residual_modulated_norm_(y, proj(ca.reshape({b * nn, d}), w[CO_W]), w[CO_B], table, e, f0, ln_eps);
     // ---- feed-forward
-    xf.addcmul_(feed_forward(layer_norm_modulate(xf, c_scale, c_shift, c.ln_eps), w[F1_W], w[F1_B], w[F2_W], w[F2_B],
-                             c.ffn_onednn), c_gate);
-    x = xf.view({b, nn, d});
+    auto f = feed_forward_raw(h3, w[F1_W], w[F1_B], w[F2_W], w[F2_B], ffn_onednn);
+    gate_residual_ffn_(y, f, !ffn_onednn, ffn_onednn ? Tensor() : w[F2_B], table, e, f0);
+    x = y.view({b, nn, d});
   }
   return x;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("run_blocks", &run_blocks, "the transformer blocks of a cached no-grad CPU forward",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("layer_norm_modulate", &layer_norm_modulate, "LayerNorm(x) * (1 + scale) + shift, per frame",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("rms_rope_", &rms_rope_, "y [..., D] <- RoPE(RMSNorm(y) * gain) in place (empty gain / table: none)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("bias_gelu_tanh_", &bias_gelu_tanh_, "h [F, N] <- GELU_tanh(h + bias[:, None]) in place",
-        py::call_guard<py::gil_scoped_release>());
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("run_blocks", &run_blocks, "the transformer blocks of a cached no-grad CPU forward", nogil);
+  m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn", nogil);
+  m.def("modulated_norm", &modulated_norm, "LayerNorm(x) (1 + scale) + shift from a block's table and e", nogil,
+        arg("x"), arg("table"), arg("e"), arg("j"), arg("f0"), arg("eps"));
+  m.def("gate_residual_norm", &gate_residual_norm, "(y, h): y = x[:, drop:] + (a + ob) gate, h = LayerNorm(y) w + nb",
+        nogil, arg("x"), arg("a"), arg("ob"), arg("table"), arg("e"), arg("drop"), arg("norm"), arg("w"), arg("nb"),
+        arg("eps"));
+  m.def("residual_modulated_norm_", &residual_modulated_norm_,
+        "y += c + cb in place; returns LayerNorm(y) (1 + c_scale) + c_shift", nogil, arg("y"), arg("c"), arg("cb"),
+        arg("table"), arg("e"), arg("f0"), arg("eps"));
+  m.def("gate_residual_ffn_", &gate_residual_ffn_, "y += (f + fb) c_gate in place", nogil, arg("y"), arg("f"),
+        arg("feature_major"), arg("fb"), arg("table"), arg("e"), arg("f0"));
+  m.def("short_attention", &short_attention, "softmax(q k^T / sqrt(Dh)) v over at most 64 keys", nogil, arg("q"),
+        arg("k"), arg("v"), arg("portable") = false);
+  m.def("rms_rope_", &rms_rope_, "y [..., D] <- RoPE(RMSNorm(y + bias) * gain) in place (empty: none)", nogil,
+        arg("y"), arg("bias"), arg("gain"), arg("cs"), arg("eps"));
+  m.def("write_kv", &write_kv, "the chunk's K/V (v plus its bias) into their cache slots", nogil);
+  m.def("bias_gelu_tanh_", &bias_gelu_tanh_, "h [F, N] <- GELU_tanh(h + bias[:, None]) in place", nogil);
 }
