@@ -15,13 +15,13 @@ pytestmark = pytest.mark.skipif(native_blocks.extension() is None, reason="the C
 
 def _count_calls(monkeypatch) -> list:
     calls = []
-    real = native_blocks.run_blocks
+    real = native_blocks.run_forward
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("kv_only", args[7] if len(args) > 7 else None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native_blocks, "run_blocks", counted)
+    monkeypatch.setattr(native_blocks, "run_forward", counted)
     return calls
 
 
@@ -151,10 +151,16 @@ def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
     """A malformed call fails with a message that names the problem, not a crash (the GIL is released inside)."""
     ext = native_blocks.extension()
     empty = torch.empty(0, dtype=torch.long)
+    z = torch.zeros(1)
+    args = ([torch.zeros(1, 1, 2, 4, 4)], torch.zeros(8, 8), torch.zeros(8), 2, 2, torch.zeros(1, 1, 6, 8),
+            torch.zeros(1, 1, 8), torch.zeros(4, 2, 2), [z] * 5, [], [], z, z, empty, 0, empty, empty, 0, empty, False,
+            2, 1e-6, 1e-6, 64, True, False, torch.zeros(1, 2, 8), torch.zeros(4, 8), torch.zeros(4), 1e-6)
     with pytest.raises(RuntimeError, match="tensors per block"):
-        ext.run_blocks(torch.zeros(1, 64, 8), torch.zeros(1, 1, 6, 8), torch.zeros(64, 2, 2), [torch.zeros(1)] * 5,
-                       [], [], torch.zeros(1), torch.zeros(1), empty, 0, empty, empty, 0, empty, 64, False, 2, 1e-6,
-                       1e-6, 64, True, False)
+        ext.run_forward(*args)
+    with pytest.raises(RuntimeError, match="one or two latent chunks"):
+        ext.run_forward([torch.zeros(1, 1, 2, 4, 4)] * 3, *args[1:])
+    with pytest.raises(RuntimeError, match="divisible by the patch size"):
+        ext.run_forward([torch.zeros(1, 1, 2, 5, 4)], *args[1:])
 
 
 def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():

@@ -241,3 +241,17 @@ def test_time_embedding_cache_returns_what_the_layers_compute_and_follows_the_we
     model.float()
     grad = ce.embed_time(t)
     assert grad[0].requires_grad and grad[0] is not ce.embed_time(t)[0]
+
+
+def test_rope_tables_built_from_per_frame_tables_equal_the_whole_range():
+    """WanRotaryEmbedding.table assembles a range from cached per-frame tables (a stream's chunk, its fused cache pass
+    and the next chunk share frames); each is bit for bit the table of the whole range computed at once, for
+    overlapping ranges, repeated ranges (teacher forcing) and far positions."""
+    from selfforcing.models.causal_wan import WanRotaryEmbedding
+
+    rope = WanRotaryEmbedding(64)
+    for start, frames, repeats in ((0, 3, 1), (3, 6, 1), (6, 3, 1), (2, 3, 2), (100_000, 3, 1), (3, 6, 1)):
+        whole = torch.arange(start, start + frames).repeat(repeats)
+        expected = torch.stack(rope.forward(whole, 8, 6), -1)
+        got = rope.table(start, frames, 8, 6, "cpu", repeats=repeats)
+        assert got.shape == (repeats * frames * 48, 32, 2) and torch.equal(got, expected)

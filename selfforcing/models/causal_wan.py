@@ -302,6 +302,7 @@ class WanRotaryEmbedding(nn.Module):
         self.theta = theta
         self._spatial: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._tables: dict[tuple, torch.Tensor] = {}  # (start, frames, repeats, h, w, device) -> cos/sin table, a small LRU
+        self._frame_tables: dict[tuple, torch.Tensor] = {}  # (frame, h, w, device) -> one frame's table, a small LRU
 
     def _inv_freq(self, dim: int, device) -> torch.Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
@@ -335,13 +336,24 @@ class WanRotaryEmbedding(nn.Module):
         key = (start, num_frames, repeats, height, width, str(device))
         table = self._tables.pop(key, None)
         if table is None:
-            frames = torch.arange(start, start + num_frames, device=device)
-            if repeats > 1:
-                frames = frames.repeat(repeats)
-            table = torch.stack(self.forward(frames, height, width), -1)
+            # from per-frame tables (each frame's angles are computed on their own, so the values are those of the
+            # whole range at once): a stream's chunk, its fused cache pass and the next chunk share frames
+            per_frame = [self._frame_table(f, height, width, device) for f in range(start, start + num_frames)]
+            table = torch.cat(per_frame * repeats)
             if len(self._tables) >= 16:
                 self._tables.pop(next(iter(self._tables)))
         self._tables[key] = table  # most recently used last
+        return table
+
+    def _frame_table(self, frame: int, height: int, width: int, device) -> torch.Tensor:
+        """stack([cos, sin], -1) of one frame, [height * width, head_dim / 2, 2], from a small LRU."""
+        key = (frame, height, width, str(device))
+        table = self._frame_tables.pop(key, None)
+        if table is None:
+            table = torch.stack(self.forward(torch.tensor([frame], device=device), height, width), -1)
+            if len(self._frame_tables) >= 64:
+                self._frame_tables.pop(next(iter(self._frame_tables)))
+        self._frame_tables[key] = table
         return table
 
 
@@ -739,13 +751,13 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         kvs = [blk.attn2.project_kv(ctx) for blk in self.blocks]
         return [k for k, _ in kvs], [v for _, v in kvs]
 
-    def _native_blocks(self, tokens: torch.Tensor, hows: list) -> bool:
-        """Whether C++ runs this forward's blocks (:mod:`selfforcing.models.native_blocks`): a cached float32 CPU
-        forward without gradients, within :func:`selfforcing.perf.timed_kernel_choice`, unless
+    def _native_blocks(self, x: torch.Tensor, hows: list) -> bool:
+        """Whether C++ runs this forward (:mod:`selfforcing.models.native_blocks`): a cached float32 CPU forward
+        without gradients of a float32 model, within :func:`selfforcing.perf.timed_kernel_choice`, unless
         ``SELFFORCING_CPU_BLOCKS=python`` or the extension cannot be built."""
-        return (isinstance(hows[0], CachedAttention) and timed_choice_enabled() and _cpu_inference(tokens)
-                and not torch.is_autocast_enabled(tokens.device.type) and hows[0].cache.dtype == torch.float32
-                and native_blocks.available())
+        return (isinstance(hows[0], CachedAttention) and timed_choice_enabled() and _cpu_inference(x)
+                and self.proj_out.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and hows[0].cache.dtype == torch.float32 and native_blocks.available())
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -817,7 +829,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         _, ph, pw = cfg.patch_size
         h, w = hh // ph, ww // pw
         tpf = h * w
-        tokens = self._patchify(x)
+        latents = [x]  # every chunk of latents in sequence order, patch-embedded below (by C++ on its path)
         tracking = self._tracks_grad(x)
 
         # ---- how the self-attention of every layer sees its keys
@@ -833,7 +845,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
                 self._frame_timesteps(pending_timestep, b, n_pending, "pending_timestep")
             pending = kv_cache.plan(start_frame - n_pending, n_pending, tpf, b)
             kv_cache.commit(pending)  # the chunk below continues the stream after the finished one
-            tokens = torch.cat([self._patchify(pending_x), tokens], dim=1)
+            latents.insert(0, pending_x)
             t = torch.cat([pt.to(t.dtype), t], dim=1)
         if kv_cache is not None:
             plan = kv_cache.plan(start_frame, nf, tpf, b)
@@ -850,7 +862,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
                 raise ValueError(f"clean_x shape {tuple(clean_x.shape)} != x shape {tuple(x.shape)}")
             ct = torch.zeros_like(t) if clean_timestep is None else self._frame_timesteps(
                 clean_timestep, b, nf, "clean_timestep")
-            tokens = torch.cat([self._patchify(clean_x), tokens], dim=1)
+            latents.insert(0, clean_x)
             t = torch.cat([ct, t], dim=1)
             # both halves get identical positions (the RoPE table repeats the frames twice)
             fmask = teacher_forcing_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
@@ -884,22 +896,25 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
         taps = {i % cfg.num_layers for i in (output_hidden_layers or ())}
         hidden = {}
-        if not taps and self._native_blocks(tokens, hows):
+        if not taps and self._native_blocks(x, hows):
             for blk, ckv in zip(self.blocks, cross):  # the text K/V of a new prompt, which the C++ blocks read
                 if ckv.get() is None:
                     ckv.set(blk.attn2.project_kv(ctx))
-            onednn = native_blocks.ffn_uses_onednn(self.blocks[0].ffn, tokens)
-            tokens = native_blocks.run_blocks(self, tokens, e, rope, hows, cross, tpf, kv_only, onednn)
-        else:
-            for i, (blk, how, ckv) in enumerate(zip(self.blocks, hows, cross)):
-                if kv_only and i == cfg.num_layers - 1:
-                    blk(tokens, e, rope, how, ctx, ckv, kv_only=True)
-                elif ckpt:
-                    tokens = self._gradient_checkpointing_func(blk, tokens, e, rope, how, ctx, ckv)
-                else:
-                    tokens = blk(tokens, e, rope, how, ctx, ckv)
-                if i in taps:
-                    hidden[i] = tokens
+            onednn = native_blocks.ffn_uses_onednn(self.blocks[0].ffn, b * n_all * tpf)
+            out = native_blocks.run_forward(self, latents, e, temb, rope, hows, cross, kv_only, onednn)
+            kv_cache.commit(plan)
+            return out
+        tokens = self._patchify(x) if len(latents) == 1 else torch.cat([self._patchify(lat) for lat in latents],
+                                                                        dim=1)
+        for i, (blk, how, ckv) in enumerate(zip(self.blocks, hows, cross)):
+            if kv_only and i == cfg.num_layers - 1:
+                blk(tokens, e, rope, how, ctx, ckv, kv_only=True)
+            elif ckpt:
+                tokens = self._gradient_checkpointing_func(blk, tokens, e, rope, how, ctx, ckv)
+            else:
+                tokens = blk(tokens, e, rope, how, ctx, ckv)
+            if i in taps:
+                hidden[i] = tokens
         if plan is not None and not tracking:
             kv_cache.commit(plan)
         if kv_only:

@@ -1,13 +1,14 @@
-"""Native blocks: the transformer blocks of a cached CPU inference forward, run by C++ instead of Python.
+"""Native blocks: a cached CPU inference forward, from the patch embedding to the output head, run by C++.
 
 Why. The small preset's chunk step is ~3,500 short torch ops. Run from Python, each one pays the interpreter,
 module calls and argument parsing on top of the kernel; on this project's 2-core VM that was 30-70 ms of a
-250-450 ms step (README, Performance). ``csrc/native_blocks.cpp`` runs the same ATen ops, in the same order, from
-C++ with the GIL released, and fuses the three elementwise chains that cost the most passes over memory: the adaLN
-LayerNorm with its modulation, the q/k RMSNorm with the RoPE rotation, and the feature-major FFN's bias with its
-tanh-GELU (one vectorised pass instead of five over a hidden state too big for L2). The result equals the Python
-blocks to float rounding (tests/test_native_blocks.py). The time embedding, patch embedding, head and sampler stay
-in Python (a few ops per forward).
+250-450 ms step (README, Performance). ``csrc/native_blocks.cpp`` runs the same products (BLAS, oneDNN, SDPA) in the
+same order from C++ with the GIL released, and fuses everything between them into one pass over the rows each time:
+the adaLN LayerNorm with its modulation, each projection's bias with the pass that first reads its output (the q/k
+RMSNorm with the RoPE rotation, the cache write of v, the residual updates), each residual update with the norm that
+follows it, the feature-major FFN's bias with its tanh-GELU, and the attention over a prompt's few text tokens in
+registers. The result equals the Python blocks to float rounding (tests/test_native_blocks.py). The time embedding
+(cached per timestep), the RoPE table (cached), the cache plan and the sampler stay in Python.
 
 Built with torch's extension builder (``torch.utils.cpp_extension.load``, the machine's C++ compiler) at the first
 use in a process, about a minute on a 2-core machine, and cached under :func:`build_directory` for later processes
@@ -23,6 +24,7 @@ the equality test fails if they drift apart.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import threading
@@ -93,15 +95,22 @@ def available() -> bool:
     return built
 
 
-def ffn_uses_onednn(ffn, x: torch.Tensor) -> bool:
-    """Which FFN kernel the C++ blocks run for input ``x`` [..., D]: oneDNN's (True) or the feature-major one with
-    the fused bias + GELU, chosen as the Python FFN chooses (:meth:`FeedForward.cpu_kernel`: ``SELFFORCING_CPU_FFN``,
-    or under ``auto`` the faster of the two C++ FFNs, timed at the first call of each shape, key ``native_ffn``)."""
+def ffn_uses_onednn(ffn, rows: int) -> bool:
+    """Which FFN kernel the C++ blocks run for ``rows`` tokens: oneDNN's (True) or the feature-major one with the
+    fused bias + GELU, chosen as the Python FFN chooses (:meth:`FeedForward.cpu_kernel`: ``SELFFORCING_CPU_FFN``, or
+    under ``auto`` the faster of the two C++ FFNs, timed on random tokens at the first call of each shape, key
+    ``native_ffn``)."""
     ext, up, down = extension(), ffn.net[0].proj, ffn.net[2]
     candidates = {name: (lambda h, o=(name == "onednn"): ext.feed_forward(h, up.weight, up.bias, down.weight,
                                                                            down.bias, o))
                   for name in ffn._paths()}  # oneDNN only where this torch build has it
-    return ffn.cpu_kernel(x, candidates, "native_ffn") == "onednn"
+    return ffn.cpu_kernel(_probe(rows, up.in_features), candidates, "native_ffn") == "onednn"
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(rows: int, dim: int) -> torch.Tensor:
+    """Random tokens [rows, dim] to time the FFN kernels on (made once per shape; only the shape is used as a key)."""
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
 
 
 def _layer_slots(block) -> list[tuple[torch.nn.Module, str] | None]:
@@ -141,13 +150,14 @@ def _params(model) -> list[torch.Tensor]:
     return flat
 
 
-def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor, hows: list, cross: list,
-               tokens_per_frame: int, kv_only: bool, ffn_onednn: bool) -> torch.Tensor | None:
-    """``model``'s blocks over ``tokens`` [B, F*T, D], as the Python loop of ``CausalWanModel.forward`` runs them on a
-    cached no-grad forward: ``hows`` its per-block :class:`~selfforcing.models.causal_wan.CachedAttention` (the same
-    cache, plan and fused finished chunk for every block), ``cross`` its filled cross-attention slots, ``e`` [B, F, 6,
-    D] the modulation, ``rope`` [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel. Returns the output
-    tokens [B, F'*T, D] (F' = F less a fused finished chunk's frames), or None for ``kv_only``."""
+def run_forward(model, latents: list, e: torch.Tensor, temb: torch.Tensor, rope: torch.Tensor, hows: list,
+                cross: list, kv_only: bool, ffn_onednn: bool) -> torch.Tensor | None:
+    """``model``'s forward from the patch embedding on, as ``CausalWanModel.forward`` runs it on a cached no-grad
+    forward: ``latents`` the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first), ``hows`` the
+    per-block :class:`~selfforcing.models.causal_wan.CachedAttention` (the same cache, plan and fused finished chunk for
+    every block), ``cross`` the filled cross-attention slots, ``e`` [B, F, 6, D] the blocks' modulation and ``temb``
+    [B, F, D] the head's, of all frames, ``rope`` [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel.
+    Returns the flow prediction v [B, f, C_out, H, W] of the last chunk, or None for ``kv_only``."""
     from .attention import _SHORT_KEYS
     from .causal_wan import rms_norm_eps
 
@@ -157,20 +167,21 @@ def run_blocks(model, tokens: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
     if any(kv is None for kv in kvs):
         raise RuntimeError("native blocks need every block's cross-attention K/V cached first")
     blk = model.blocks[0]
-    eps = rms_norm_eps(blk.attn1.norm_q, tokens.dtype)
+    eps = rms_norm_eps(blk.attn1.norm_q, torch.float32)
     empty = torch.empty(0, dtype=torch.long)
+    patch = model.patch_embedding
 
     def opt(t):
         return empty if t is None else t
 
-    out = extension().run_blocks(
-        tokens, e.float(), rope, _params(model), [k for k, _ in kvs], [v for _, v in kvs], cache.k, cache.v,
+    return extension().run_forward(
+        latents, patch.weight.flatten(1), patch.bias, model.config.patch_size[1], model.config.patch_size[2],
+        e.float(), temb.float(), rope, _params(model), [k for k, _ in kvs], [v for _, v in kvs], cache.k, cache.v,
         plan.slot_index, plan.visible_tokens, opt(plan.read_index),
         empty if pending is None else pending.slot_index, 0 if pending is None else pending.visible_tokens,
-        empty if pending is None else opt(pending.read_index),
-        tokens_per_frame, kv_only, blk.attn1.heads, blk.norm1.eps, eps, _SHORT_KEYS,
-        isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn)
-    return None if kv_only else out
+        empty if pending is None else opt(pending.read_index), kv_only, blk.attn1.heads, blk.norm1.eps, eps,
+        _SHORT_KEYS, isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn, model.scale_shift_table,
+        model.proj_out.weight, model.proj_out.bias, model.norm_out.eps)
 
 
 def main() -> int:

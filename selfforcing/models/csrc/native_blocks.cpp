@@ -117,12 +117,16 @@ void rms_rope_rows(float* y, int64_t ld, const float* bias, const float* g, cons
 // The adaLN vectors of one block: vector j in {shift, scale, gate, c_shift, c_scale, c_gate} of frame f of batch b is
 // table[j] + e[b, f0 + f, j] (CausalWanBlock.forward: scale_shift_table + e), read where it is used instead of
 // materialised as six strided [B, F, 1, D] tensors per block. e [B, frames, 6, D] and table [6, D] contiguous.
+// The output head's two, {shift, scale}, are table[j] + temb[b, f0 + f] with temb [B, frames, D] (per_frame = 1).
 struct Mod {
   const float* table;
   const float* e;
   int64_t frames, d, f0;
+  int64_t per_frame = 6;  // vectors of e per frame: 6, or 1 shared by every j (the head)
   const float* t(int j) const { return table + j * d; }
-  const float* em(int64_t b, int64_t f, int j) const { return e + ((b * frames + f0 + f) * 6 + j) * d; }
+  const float* em(int64_t b, int64_t f, int j) const {
+    return e + ((b * frames + f0 + f) * per_frame + (per_frame == 1 ? 0 : j)) * d;
+  }
 };
 
 // Mean and 1 / std of a row of d floats (LayerNorm's biased variance, as E[(x - mean)^2] in a second pass over the row
@@ -859,10 +863,61 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
   return x;
 }
 
+// The Conv3d patch embedding as one matmul (CausalWanModel._patchify): latents [B, F, C, H, W] -> [B, F*h*w, D] with
+// w [D, C*ph*pw] (the conv weight flattened) and its bias.
+static Tensor patchify(const Tensor& x, const Tensor& w, const Tensor& bias, int64_t ph, int64_t pw) {
+  TORCH_CHECK(x.dim() == 5 && x.size(3) % ph == 0 && x.size(4) % pw == 0,
+              "latents must be [B, F, C, H, W] with H, W divisible by the patch size");
+  const int64_t b = x.size(0), f = x.size(1), c = x.size(2), h = x.size(3) / ph, wd = x.size(4) / pw;
+  auto t = x.reshape({b, f, c, h, ph, wd, pw}).permute({0, 1, 3, 5, 2, 4, 6}).reshape({b * f * h * wd, c * ph * pw});
+  return at::addmm(bias, t, w.t()).view({b, f * h * wd, -1});
+}
+
+// A whole cached no-grad forward (CausalWanModel.forward on the native path): the patch embedding of the latents
+// (a finished chunk's first, if fused, then the chunk's), the blocks (run_blocks), and, unless kv_only, the output
+// head: LayerNorm(x) (1 + scale) + shift with {shift, scale} = head_table + temb of the chunk's frames, the output
+// projection, and the unpatchify. temb [B, F, D] of all frames; returns v [B, F', C_out, H, W] (undefined for
+// kv_only).
+static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor patch_b, int64_t ph, int64_t pw,
+                          Tensor e, Tensor temb, Tensor rope, std::vector<Tensor> weights, std::vector<Tensor> cross_k,
+                          std::vector<Tensor> cross_v, Tensor cache_k, Tensor cache_v, Tensor slots, int64_t visible,
+                          Tensor read_index, Tensor pending_slots, int64_t pending_visible, Tensor pending_read_index,
+                          bool kv_only, int64_t heads, double ln_eps, double rms_eps, int64_t short_keys,
+                          bool cross_norm, bool ffn_onednn, Tensor head_table, Tensor proj_w, Tensor proj_b,
+                          double head_eps) {
+  TORCH_CHECK(!latents.empty() && latents.size() <= 2, "one or two latent chunks (a finished one first)");
+  at::NoGradGuard no_grad;
+  const auto& x = latents.back();
+  TORCH_CHECK(x.dim() == 5, "latents must be [B, F, C, H, W]");
+  const int64_t b = x.size(0), nf = x.size(1), hh = x.size(3), ww = x.size(4), t = (hh / ph) * (ww / pw);
+  std::vector<Tensor> parts;
+  for (const auto& l : latents) parts.push_back(patchify(l, patch_w, patch_b, ph, pw));
+  auto tokens = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+  auto out = run_blocks(tokens, e, rope, std::move(weights), std::move(cross_k), std::move(cross_v), cache_k, cache_v,
+                        slots, visible, read_index, pending_slots, pending_visible, pending_read_index, t, kv_only,
+                        heads, ln_eps, rms_eps, short_keys, cross_norm, ffn_onednn);
+  if (kv_only) return Tensor();
+  TORCH_CHECK(out.size(1) == nf * t, "the blocks returned ", out.size(1), " tokens for ", nf, " frames");
+  TORCH_CHECK(temb.dim() == 3 && temb.size(0) == b && temb.size(2) == out.size(2) && temb.size(1) >= nf &&
+                  temb.is_contiguous() && temb.scalar_type() == at::kFloat,
+              "temb must be a contiguous float32 [B, F, D] tensor");
+  TORCH_CHECK(head_table.numel() == 2 * out.size(2) && head_table.is_contiguous(), "the head's table must be [1, 2, D]");
+  const int64_t d = out.size(2);
+  Mod m{head_table.data_ptr<float>(), temb.data_ptr<float>(), temb.size(1), d, temb.size(1) - nf, 1};
+  auto h = at::empty({b * nf * t, d}, out.options());
+  const float* px = out.data_ptr<float>();
+  float* po = h.data_ptr<float>();
+  at::parallel_for(0, b * nf * t, grain(d), [&](int64_t r0, int64_t r1) {
+    modulated_norm_rows(px, po, m, 0, r0, r1, t, nf, static_cast<float>(head_eps));
+  });
+  auto v = at::addmm(proj_b, h, proj_w.t());  // [B*F*h*w, ph*pw*C]
+  return v.view({b, nf, hh / ph, ww / pw, ph, pw, -1}).permute({0, 1, 6, 2, 4, 3, 5}).reshape({b, nf, -1, hh, ww});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using py::arg;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("run_blocks", &run_blocks, "the transformer blocks of a cached no-grad CPU forward", nogil);
+  m.def("run_forward", &run_forward, "a cached no-grad CPU forward: patch embedding, blocks, head", nogil);
   m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn", nogil);
   m.def("modulated_norm", &modulated_norm, "LayerNorm(x) (1 + scale) + shift from a block's table and e", nogil,
         arg("x"), arg("table"), arg("e"), arg("j"), arg("f0"), arg("eps"));
