@@ -345,3 +345,20 @@ def test_native_blocks_see_a_replaced_parameter(monkeypatch):
     after = forward("native")
     assert not torch.allclose(after, before, atol=1e-3)
     torch.testing.assert_close(after, forward("python"), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("batch,queries,keys", [(1, 192, 768), (2, 50, 65), (1, 1, 2048), (1, 7, 3000)])
+def test_window_attention_equals_sdpa(batch, queries, keys):
+    """window_attention = torch's SDPA for queries as the projection's strided view and keys / values as the
+    transposed views of a head-major cache buffer: a full block of 48 queries and a partial one, windows whose length
+    is not a multiple of the 6-key tile, and past 2048 keys (where SDPA itself runs)."""
+    g = torch.Generator().manual_seed(keys)
+    q = (torch.randn(batch, queries, 4 * 32 + 8, generator=g) * 2)[..., :128].unflatten(2, (4, 32))
+    k, v = (torch.randn(batch, 4, keys + 5, 32, generator=g)[:, :, :keys].transpose(1, 2) for _ in range(2))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2)).transpose(1, 2)
+    ext = native_blocks.extension()
+    out = ext.window_attention(q, k, v)
+    assert out.is_contiguous() and out.shape == q.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ext.window_attention(q, k, v, sdpa=True), expected, rtol=0, atol=0)
