@@ -329,9 +329,10 @@ def test_write_kv_equals_the_cache_write():
     assert torch.equal(cache_k, before)
 
 
-def test_native_blocks_see_a_replaced_parameter(monkeypatch):
-    """The C++ blocks keep the parameter list between forwards; a parameter replaced by a new tensor (a load with
-    assign=True, say) is used from the next forward on, as the Python blocks use it."""
+def test_native_blocks_see_a_replaced_or_updated_parameter(monkeypatch):
+    """The C++ blocks keep the parameter list (and transposed copies of the attention projections) between forwards;
+    a parameter replaced by a new tensor (a load with assign=True, say) or updated in place is used from the next
+    forward on, as the Python blocks use it."""
     model = CausalWanModel.from_preset("tiny", num_layers=2).eval()
     x, t, ctx = torch.randn(1, 3, 8, 16, 16), torch.full((1, 3), 500.0), torch.randn(1, 16, 384)
 
@@ -345,6 +346,13 @@ def test_native_blocks_see_a_replaced_parameter(monkeypatch):
     after = forward("native")
     assert not torch.allclose(after, before, atol=1e-3)
     torch.testing.assert_close(after, forward("python"), rtol=1e-5, atol=2e-5)
+    # an in-place update of a projection whose weight C++ also keeps transposed (an optimizer step, a load_state_dict)
+    with torch.no_grad():
+        for lin in (model.blocks[0].attn1.to_v, model.blocks[1].attn2.to_out[0]):
+            lin.weight.copy_(torch.randn_like(lin.weight) * 0.1)
+    updated = forward("native")
+    assert not torch.allclose(updated, after, atol=1e-3)
+    torch.testing.assert_close(updated, forward("python"), rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("batch,queries,keys", [(1, 192, 768), (2, 50, 65), (1, 1, 2048), (1, 7, 3000)])
@@ -362,3 +370,16 @@ def test_window_attention_equals_sdpa(batch, queries, keys):
     assert out.is_contiguous() and out.shape == q.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ext.window_attention(q, k, v, sdpa=True), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 192, 384])
+def test_linear_t_equals_the_matmul(rows):
+    """linear_t = x @ w^T through the transposed weight (6-row tiles and a remainder), and the matmul itself where the
+    output width is not a multiple of 16 or no transposed weight is given."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(64, 96, generator=g)
+    ext = native_blocks.extension()
+    torch.testing.assert_close(ext.linear_t(x, w, w.t().contiguous()), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ext.linear_t(x, w, torch.empty(0)), torch.mm(x, w.t()))
+    w40 = torch.randn(40, 96, generator=g)
+    assert torch.equal(ext.linear_t(x, w40, w40.t().contiguous()), torch.mm(x, w40.t()))

@@ -129,24 +129,39 @@ def _layer_slots(block) -> list[tuple[torch.nn.Module, str] | None]:
     ]
 
 
+# the attention projections whose weights C++ also reads transposed (enum W: Q_T .. CO_T), by position in a block's
+# _layer_slots
+_TRANSPOSED = (1, 3, 5, 7, 13, 15)
+
+
 def _params(model) -> list[torch.Tensor]:
-    """All blocks' parameters, flat, an absent one as an empty tensor. Kept between forwards and checked by identity
-    against the modules' own parameter slots (one C-level pass of dict lookups, ~15 us for 6 blocks; walking
-    ``parameters()`` took 0.44 ms per forward), so a replaced parameter (a load with ``assign=True``, a re-wrap) is
-    picked up. In-place updates need no check: C++ reads the parameters themselves."""
+    """All blocks' parameters, flat, an absent one as an empty tensor, and per block the attention projections'
+    weights transposed to [in, out] (``enum W`` in native_blocks.cpp: its register-tile GEMM reads them so). Kept
+    between forwards and checked against the modules' own parameter slots: by identity (a replaced parameter, as by a
+    load with ``assign=True``, is picked up) and, for the transposed copies, by in-place version (an optimizer step or
+    a ``load_state_dict`` into the parameters makes new copies). One C-level pass of lookups, ~20 us for 6 blocks;
+    walking ``parameters()`` took 0.44 ms per forward."""
     cached = getattr(model, "_native_block_params", None)
     if cached is not None:
-        dicts, names, found, flat = cached
-        if all(map(operator.is_, map(dict.get, dicts, names), found)):
+        dicts, names, found, copied, versions, flat = cached
+        if (all(map(operator.is_, map(dict.get, dicts, names), found))
+                and list(map(operator.attrgetter("_version"), copied)) == versions):
             return flat
     empty = torch.empty(0)
-    slots = [slot for blk in model.blocks for slot in _layer_slots(blk) if slot is not None]
+    per_block = [_layer_slots(blk) for blk in model.blocks]
+    slots = [slot for blk_slots in per_block for slot in blk_slots if slot is not None]
     dicts, names = [m._parameters for m, _ in slots], [name for _, name in slots]
     found = [d.get(name) for d, name in zip(dicts, names)]
-    by_slot = iter(found)
-    flat = [empty if slot is None else (next(by_slot)) for blk in model.blocks for slot in _layer_slots(blk)]
-    flat = [empty if t is None else t for t in flat]
-    model._native_block_params = (dicts, names, found, flat)
+    flat, copied = [], []
+    for blk_slots in per_block:
+        tensors = [None if slot is None else slot[0]._parameters.get(slot[1]) for slot in blk_slots]
+        flat += [empty if t is None else t for t in tensors]
+        for i in _TRANSPOSED:
+            w = tensors[i]
+            copied.append(w)
+            flat.append(w.detach().t().contiguous() if w.shape[0] % 16 == 0 else empty)
+    versions = [w._version for w in copied]
+    model._native_block_params = (dicts, names, found, copied, versions, flat)
     return flat
 
 
