@@ -346,13 +346,18 @@ class WanRotaryEmbedding(nn.Module):
         return table
 
     def _frame_table(self, frame: int, height: int, width: int, device) -> torch.Tensor:
-        """stack([cos, sin], -1) of one frame, [height * width, head_dim / 2, 2], from a small LRU."""
+        """stack([cos, sin], -1) of one frame, [height * width, head_dim / 2, 2], from a small LRU. A missing frame
+        is computed with the next 15 in one call (a stream asks for them next)."""
         key = (frame, height, width, str(device))
         table = self._frame_tables.pop(key, None)
         if table is None:
-            table = torch.stack(self.forward(torch.tensor([frame], device=device), height, width), -1)
-            if len(self._frame_tables) >= 64:
+            ahead = 16
+            tables = torch.stack(self.forward(torch.arange(frame, frame + ahead, device=device), height, width), -1)
+            for i, t in enumerate(tables.view(ahead, height * width, *tables.shape[1:])):
+                self._frame_tables[(frame + i, height, width, str(device))] = t
+            while len(self._frame_tables) > 64:
                 self._frame_tables.pop(next(iter(self._frame_tables)))
+            table = self._frame_tables.pop(key)
         self._frame_tables[key] = table
         return table
 
