@@ -383,3 +383,33 @@ def test_linear_t_equals_the_matmul(rows):
     assert torch.equal(ext.linear_t(x, w, torch.empty(0)), torch.mm(x, w.t()))
     w40 = torch.randn(40, 96, generator=g)
     assert torch.equal(ext.linear_t(x, w40, w40.t().contiguous()), torch.mm(x, w40.t()))
+
+
+def test_stage_timer_accounts_for_a_forward_only_while_on():
+    """profile_sections(True) makes the C++ forward add each stage's wall time (what profile_chunk.py reports); off,
+    nothing is added; the stages of one forward sum to no more than its wall time."""
+    import time
+
+    ext = native_blocks.extension()
+    model = CausalWanModel.from_preset("tiny", num_layers=2).eval()
+    x, t, ctx = torch.randn(1, 3, 8, 16, 16), torch.full((1, 3), 500.0), torch.randn(1, 16, 384)
+
+    def forward():
+        with torch.no_grad(), timed_kernel_choice():
+            model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
+
+    forward()  # the kernel choice's timings happen here, outside the measured forward
+    ext.section_seconds(reset=True)
+    forward()
+    assert not any(ext.section_seconds().values())
+    ext.profile_sections(True)
+    try:
+        t0 = time.perf_counter()
+        forward()
+        wall = time.perf_counter() - t0
+    finally:
+        ext.profile_sections(False)
+    stages = ext.section_seconds(reset=True)
+    for name in ("q/k/v projections", "self-attention", "cross-attention", "FFN up", "FFN down", "head"):
+        assert stages[name] > 0, name
+    assert 0 < sum(stages.values()) <= wall

@@ -58,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan = 480x832)")
     s.add_argument("--strategies", default="rolling_kv,recompute,sliding_window",
                    help=f"comma-separated, from {','.join(STRATEGIES)}")
-    s.add_argument("--repeats", type=int, default=3,
-                   help="streams per (strategy, length), interleaved over the lengths; medians pool their chunks")
+    s.add_argument("--repeats", type=int, default=5,
+                   help="streams per (strategy, length), interleaved over the lengths; medians pool their chunks (a "
+                        "1x video of the laptop presets is only 4 chunks, so its median pools 4 x repeats)")
     c = sub.add_parser("chunk", help="one AR chunk step (denoising steps + cache pass): time, FLOPs, share of the "
                                      "measured matmul peak")
     _common(c, "small", 2)
@@ -228,7 +229,7 @@ def _steps(num_steps: int) -> list[float]:
 def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], train_frames: int | None = None,
                      latent_size: tuple[int, int] | None = None, num_steps: int = 4, device: str = "cpu",
                      dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
-                     text_len: int | None = None, repeats: int = 3) -> dict:
+                     text_len: int | None = None, repeats: int = 5) -> dict:
     """Rows {strategy, length, chunk_latency_s, first_chunk_latency_s, fps} for every strategy and length.
 
     Each (strategy, length) streams ``repeats`` times; the repeats of one strategy run round-robin over the

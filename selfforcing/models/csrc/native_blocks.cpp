@@ -16,6 +16,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -25,6 +28,33 @@
 namespace {
 
 using at::Tensor;
+
+// Wall time per stage of run_forward, for benchmarks/profile_chunk.py (torch.profiler does not see the fused kernels
+// and register-tile products, which are not torch ops). Off unless profile_sections(true): then each stage adds its
+// wall time (the thread that runs the forward measures; the stages run one after another).
+enum Stage {
+  S_PATCH, S_NORM1, S_QKV, S_QK_NORM_ROPE, S_CACHE_WRITE, S_SELF_ATTN, S_CAT, S_OUT_PROJ, S_RESIDUAL1, S_CROSS_Q,
+  S_CROSS_ATTN, S_CROSS_OUT, S_RESIDUAL2, S_FFN_UP, S_GELU, S_FFN_DOWN, S_RESIDUAL3, S_HEAD, N_STAGES
+};
+const char* const kStageNames[N_STAGES] = {
+    "patch embedding", "norm1 + modulation", "q/k/v projections", "q/k RMSNorm + RoPE", "cache write",
+    "self-attention", "concat (fused cache pass)", "output projection", "residual + cross norm", "cross q projection",
+    "cross-attention", "cross output projection", "residual + FFN norm", "FFN up", "FFN bias + GELU", "FFN down",
+    "FFN residual", "head"};
+std::atomic<bool> g_profile{false};
+std::array<double, N_STAGES> g_stage_seconds{};
+
+struct StageTimer {
+  Stage stage;
+  bool on;
+  std::chrono::steady_clock::time_point t0;
+  explicit StageTimer(Stage s) : stage(s), on(g_profile.load(std::memory_order_relaxed)) {
+    if (on) t0 = std::chrono::steady_clock::now();
+  }
+  ~StageTimer() {
+    if (on) g_stage_seconds[stage] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
 
 // One block's parameters, in this order (an absent one, e.g. the gain of a norm without one: an empty tensor).
 // The *_T are the attention projections' weights transposed to [in, out] (for linear_t; empty: at::mm runs).
@@ -932,11 +962,25 @@ static Tensor bias_gelu_tanh_(Tensor h, const Tensor& bias) {
 static Tensor feed_forward_raw(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
                                bool onednn) {
   const int64_t d = x.size(-1);
+  Tensor h;
   if (onednn) {
-    auto h = linear_pointwise(x.reshape({-1, d}), w1, b1, "gelu", "tanh");
+    {
+      StageTimer st(S_FFN_UP);  // with its GELU
+      h = linear_pointwise(x.reshape({-1, d}), w1, b1, "gelu", "tanh");
+    }
+    StageTimer st(S_FFN_DOWN);
     return linear_pointwise(h, w2, b2, "none", "");
   }
-  return at::mm(w2, bias_gelu_tanh_(at::mm(w1, x.reshape({-1, d}).t()), b1));  // [D, N]
+  {
+    StageTimer st(S_FFN_UP);
+    h = at::mm(w1, x.reshape({-1, d}).t());  // [ffn_dim, N]
+  }
+  {
+    StageTimer st(S_GELU);
+    bias_gelu_tanh_(h, b1);
+  }
+  StageTimer st(S_FFN_DOWN);
+  return at::mm(w2, h);  // [D, N]
 }
 
 // The whole FFN of x [..., D] -> [..., D] (for the kernel choice and tests): feed_forward_raw, b2 added and
@@ -1009,20 +1053,36 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
     const int64_t n = nf * t;
     const Tensor& table = w[SST];
     // ---- self-attention over the cache (CachedAttention.attend)
-    auto h = modulated_norm(x.view({b, nf, t, d}), table, e, 0, 0, ln_eps).view({b * n, d});
-    auto k = rms_rope_(proj(h, w[K_W], w[K_T]), w[K_B], w[NK_G], rope, rms_eps).view({b, n, heads, -1});
-    auto v = proj(h, w[V_W], w[V_T]).view({b, n, heads, -1});  // its bias goes in with the cache write
-    if (kv_only && last) {  // a cache pass's last block: its K/V only
-      cache.write(layer, chunk, k, v, w[V_B]);
-      return Tensor();
+    Tensor h, q, k, v;
+    {
+      StageTimer st(S_NORM1);
+      h = modulated_norm(x.view({b, nf, t, d}), table, e, 0, 0, ln_eps).view({b * n, d});
     }
-    auto q = rms_rope_(proj(h, w[Q_W], w[Q_T]), w[Q_B], w[NQ_G], rope, rms_eps).view({b, n, heads, -1});
+    {
+      StageTimer st(S_QKV);
+      k = proj(h, w[K_W], w[K_T]);
+      v = proj(h, w[V_W], w[V_T]).view({b, n, heads, -1});  // its bias goes in with the cache write
+      if (!(kv_only && last)) q = proj(h, w[Q_W], w[Q_T]);
+    }
+    {
+      StageTimer st(S_QK_NORM_ROPE);
+      k = rms_rope_(k, w[K_B], w[NK_G], rope, rms_eps).view({b, n, heads, -1});
+      if (q.defined()) q = rms_rope_(q, w[Q_B], w[NQ_G], rope, rms_eps).view({b, n, heads, -1});
+    }
     auto attend_one = [&](const Chunk& ch, const Tensor& qq, const Tensor& kk, const Tensor& vv, bool queries) {
-      cache.write(layer, ch, kk, vv, w[V_B]);
+      {
+        StageTimer st(S_CACHE_WRITE);
+        cache.write(layer, ch, kk, vv, w[V_B]);
+      }
       if (!queries) return Tensor();
+      StageTimer st(S_SELF_ATTN);
       auto kv = cache.view(layer, ch);
       return attention(qq, kv.first, kv.second);
     };
+    if (kv_only && last) {  // a cache pass's last block: its K/V only
+      attend_one(chunk, q, k, v, false);
+      return Tensor();
+    }
     Tensor a;
     if (!fused) {
       a = attend_one(chunk, q, k, v, true);
@@ -1030,24 +1090,49 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
       const int64_t np = pending_slots.numel();
       auto first = attend_one(pending, q.narrow(1, 0, np), k.narrow(1, 0, np), v.narrow(1, 0, np), !last);
       auto rest = attend_one(chunk, q.narrow(1, np, n - np), k.narrow(1, np, n - np), v.narrow(1, np, n - np), true);
+      StageTimer st(S_CAT);
       a = first.defined() ? at::cat({first, rest}, 1) : rest;
     }
     const int64_t drop = nf - a.size(1) / t;  // frames of a finished chunk that only wrote their K/V
     nf -= drop;
     const int64_t nn = nf * t;
-    auto ao = proj(a.reshape({b * nn, d}), w[O_W], w[O_T]);
-    auto yh = gate_residual_norm(x.view({b, nf + drop, t, d}), ao, w[O_B], table, e, drop, cross_norm, w[N2_W],
-                                 w[N2_B], ln_eps);
-    auto y = yh[0];
-    // ---- cross-attention to the cached text K/V (WanAttention.cross_attention)
-    auto cq = rms_rope_(proj(yh[1].view({b * nn, d}), w[CQ_W], w[CQ_T]), w[CQ_B], w[CNQ_G], Tensor(), rms_eps)
-                  .view({b, nn, heads, -1});
-    auto ca = attention(cq, cross_k[layer], cross_v[layer]);
     const int64_t f0 = nf0 - nf;  // the modulation of this block's remaining frames
-    auto h3 = residual_modulated_norm_(y, proj(ca.reshape({b * nn, d}), w[CO_W], w[CO_T]), w[CO_B], table, e, f0, ln_eps);
+    Tensor ao, y, h2, cq, ca, co, h3, f;
+    {
+      StageTimer st(S_OUT_PROJ);
+      ao = proj(a.reshape({b * nn, d}), w[O_W], w[O_T]);
+    }
+    {
+      StageTimer st(S_RESIDUAL1);
+      auto yh = gate_residual_norm(x.view({b, nf + drop, t, d}), ao, w[O_B], table, e, drop, cross_norm, w[N2_W],
+                                   w[N2_B], ln_eps);
+      y = yh[0];
+      h2 = yh[1];
+    }
+    // ---- cross-attention to the cached text K/V (WanAttention.cross_attention)
+    {
+      StageTimer st(S_CROSS_Q);
+      cq = rms_rope_(proj(h2.view({b * nn, d}), w[CQ_W], w[CQ_T]), w[CQ_B], w[CNQ_G], Tensor(), rms_eps)
+               .view({b, nn, heads, -1});
+    }
+    {
+      StageTimer st(S_CROSS_ATTN);
+      ca = attention(cq, cross_k[layer], cross_v[layer]);
+    }
+    {
+      StageTimer st(S_CROSS_OUT);
+      co = proj(ca.reshape({b * nn, d}), w[CO_W], w[CO_T]);
+    }
+    {
+      StageTimer st(S_RESIDUAL2);
+      h3 = residual_modulated_norm_(y, co, w[CO_B], table, e, f0, ln_eps);
+    }
     // ---- feed-forward
-    auto f = feed_forward_raw(h3, w[F1_W], w[F1_B], w[F2_W], w[F2_B], ffn_onednn);
-    gate_residual_ffn_(y, f, !ffn_onednn, ffn_onednn ? Tensor() : w[F2_B], table, e, f0);
+    f = feed_forward_raw(h3, w[F1_W], w[F1_B], w[F2_W], w[F2_B], ffn_onednn);
+    {
+      StageTimer st(S_RESIDUAL3);
+      gate_residual_ffn_(y, f, !ffn_onednn, ffn_onednn ? Tensor() : w[F2_B], table, e, f0);
+    }
     x = y.view({b, nn, d});
   }
   return x;
@@ -1080,9 +1165,13 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
   const auto& x = latents.back();
   TORCH_CHECK(x.dim() == 5, "latents must be [B, F, C, H, W]");
   const int64_t b = x.size(0), nf = x.size(1), hh = x.size(3), ww = x.size(4), t = (hh / ph) * (ww / pw);
-  std::vector<Tensor> parts;
-  for (const auto& l : latents) parts.push_back(patchify(l, patch_w, patch_b, ph, pw));
-  auto tokens = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+  Tensor tokens;
+  {
+    StageTimer st(S_PATCH);
+    std::vector<Tensor> parts;
+    for (const auto& l : latents) parts.push_back(patchify(l, patch_w, patch_b, ph, pw));
+    tokens = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+  }
   auto out = run_blocks(tokens, e, rope, std::move(weights), std::move(cross_k), std::move(cross_v), cache_k, cache_v,
                         slots, visible, read_index, pending_slots, pending_visible, pending_read_index, t, kv_only,
                         heads, ln_eps, rms_eps, short_keys, cross_norm, ffn_onednn);
@@ -1092,6 +1181,7 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
                   temb.is_contiguous() && temb.scalar_type() == at::kFloat,
               "temb must be a contiguous float32 [B, F, D] tensor");
   TORCH_CHECK(head_table.numel() == 2 * out.size(2) && head_table.is_contiguous(), "the head's table must be [1, 2, D]");
+  StageTimer st(S_HEAD);
   const int64_t d = out.size(2);
   Mod m{head_table.data_ptr<float>(), temb.data_ptr<float>(), temb.size(1), d, temb.size(1) - nf, 1};
   auto h = at::empty({b * nf * t, d}, out.options());
@@ -1107,6 +1197,16 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using py::arg;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("profile_sections", [](bool on) { g_profile.store(on, std::memory_order_relaxed); },
+        "time run_forward's stages from now on (true) or stop (false)");
+  m.def("section_seconds", [](bool reset) {
+          py::dict out;
+          for (int s = 0; s < N_STAGES; ++s) {
+            out[kStageNames[s]] = g_stage_seconds[s];
+            if (reset) g_stage_seconds[s] = 0.0;
+          }
+          return out;
+        }, "wall seconds per stage of run_forward since the last reset", arg("reset") = false);
   m.def("run_forward", &run_forward, "a cached no-grad CPU forward: patch embedding, blocks, head", nogil);
   m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn", nogil);
   m.def("modulated_norm", &modulated_norm, "LayerNorm(x) (1 + scale) + shift from a block's table and e", nogil,
