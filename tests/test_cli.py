@@ -69,3 +69,5 @@ def test_bench_stream_json_schema(capsys):
         assert r["chunk_latency_s"] > 0 and r["first_chunk_latency_s"] > 0 and r["fps"] > 0
         assert r["chunks"] == 2 * r["length"] * 6 // 3 and r["repeats"] == 2  # chunks of both repeats pooled
         assert r["chunk_latency_p10_s"] <= r["chunk_latency_s"] <= r["chunk_latency_p90_s"]
+        assert r["full_window_chunk_latency_s"] > 0  # 6-frame window, 3-frame chunks: from the second chunk on
+    assert out["ratios"]["rolling_kv_full_window_x2_over_x1"] > 0
