@@ -413,3 +413,17 @@ def test_stage_timer_accounts_for_a_forward_only_while_on():
     for name in ("q/k/v projections", "self-attention", "cross-attention", "FFN up", "FFN down", "head"):
         assert stages[name] > 0, name
     assert 0 < sum(stages.values()) <= wall
+
+
+def test_transposed_weight_copies_only_where_the_tile_gemm_runs():
+    """The register-tile GEMM (and so a transposed copy of a projection's weight) only for input widths up to 512,
+    where it beat MKL: the small presets' projections get copies, a wider model's (Wan-like) none, so its memory is
+    not doubled; positions in the flat list follow enum W (22 parameters, then the 6 copies, per block)."""
+    small = CausalWanModel.from_preset("tiny", num_layers=1).eval()
+    wide = CausalWanModel.from_preset("tiny", num_layers=1, num_attention_heads=12, attention_head_dim=64).eval()
+    for model, copies in ((small, 6), (wide, 0)):
+        flat = native_blocks._params(model)
+        assert len(flat) == 28
+        assert sum(t.numel() > 0 for t in flat[22:]) == copies
+    q = small.blocks[0].attn1.to_q.weight
+    assert torch.equal(native_blocks._params(small)[22], q.t())
