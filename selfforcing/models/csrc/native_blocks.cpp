@@ -1,14 +1,17 @@
-// The transformer blocks of a cached, no-grad float32 CPU forward, without Python (see native_blocks.py for why).
+// A cached, no-grad float32 CPU forward without Python (see native_blocks.py for why): run_forward does the patch
+// embedding, the blocks (run_blocks) and the output head.
 //
-// run_blocks computes what CausalWanBlock.forward computes on that path (CPU inference shortcuts, CachedAttention):
-// the same products through the same BLAS / oneDNN / SDPA calls, in the same order. What lies between the products is
-// fused into one pass over the rows each time, the same functions to float rounding:
+// run_blocks computes what CausalWanBlock.forward computes on that path (CPU inference shortcuts, CachedAttention), in
+// the same order. The FFN's products go through the same BLAS / oneDNN calls; three things have kernels of their own,
+// AVX2 register tiles where the CPU has them (else torch's op): the self-attention over the cached window
+// (window_attention; SDPA past 2048 keys), the attention over a few text tokens (short_attention), and the attention
+// projections of small models (linear_t, on transposed weight copies). What lies between the products is fused into
+// one pass over the rows each time, the same functions to float rounding:
 //   - the adaLN LayerNorm with its modulation, read from the table and e where it is used (modulated_norm);
 //   - each projection's bias with whatever reads its output first: the q/k RMSNorm and RoPE rotation (rms_rope_), the
 //     cache write of v (write_kv), the residual updates;
 //   - each residual update with the norm that follows it (gate_residual_norm, residual_modulated_norm_,
-//     gate_residual_ffn_), and the feature-major FFN's bias with its GELU (bias_gelu_tanh_);
-//   - the attention over a few text tokens in registers (short_attention).
+//     gate_residual_ffn_), and the feature-major FFN's bias with its GELU (bias_gelu_tanh_).
 // The forward equals the Python blocks to float rounding (tests/test_native_blocks.py). Change one, change the other.
 
 #include <torch/extension.h>
