@@ -382,6 +382,41 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// The register tile of every AVX2 product here: acc[r] (16 floats, two vectors) = sum over c < kdim of
+// a[r * a_rs + c * a_cs] * b[c * ldb .. c * ldb + 16), for r < R. Per step of c, two vector loads of b and R
+// broadcasts of a feed 2R independent FMAs, with nothing packed: a's rows (or columns, a_cs != 1) are read where they
+// lie. R = 4 or 6 keeps the accumulators, b's two vectors and a broadcast within the 16 vector registers.
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void fma_tile_r16(const float* a, int64_t a_rs, int64_t a_cs,
+                                                                            const float* b, int64_t ldb, int64_t kdim,
+                                                                            __m256 (*acc)[2]) {
+  __m256 t[R][2];
+  for (int r = 0; r < R; ++r) t[r][0] = t[r][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < kdim; ++c, a += a_cs, b += ldb) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 ab = _mm256_broadcast_ss(a + r * a_rs);
+      t[r][0] = _mm256_fmadd_ps(ab, b0, t[r][0]);
+      t[r][1] = _mm256_fmadd_ps(ab, b1, t[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = t[r][0];
+    acc[r][1] = t[r][1];
+  }
+}
+
+// acc[r] * scale stored to y + r * ldy (16 floats), for r < rows.
+__attribute__((target("avx2,fma"), always_inline)) inline void store_tile_r16(const __m256 (*acc)[2], int rows,
+                                                                              const float* scale, float* y,
+                                                                              int64_t ldy) {
+  for (int r = 0; r < rows; ++r) {
+    const __m256 s = _mm256_set1_ps(scale[r]);
+    _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(acc[r][0], s));
+    _mm256_storeu_ps(y + r * ldy + 8, _mm256_mul_ps(acc[r][1], s));
+  }
+}
+
 // short_attention_rows with AVX2 tiles: per four queries, the scores of 16 keys in eight accumulators (two vectors of
 // keys per Dh step, one broadcast query element per row), the softmax eight lanes at a time, then 16 features of the
 // value sum in eight accumulators (one broadcast probability per row and key). Same arithmetic as the portable form.
@@ -390,37 +425,19 @@ __attribute__((target("avx2,fma"))) void short_attention_rows_avx2(
     int64_t h, int64_t i0, int64_t i1, int64_t n, int64_t heads, int64_t dh, int64_t l, int64_t lp, float scale) {
   constexpr int R = 4;
   alignas(32) float s[R][64];
-  const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t i = i0; i < i1; i += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, i1 - i));
-    const float* qr[R];
-    for (int r = 0; r < R; ++r) qr[r] = q + b * qs[0] + (i + std::min(r, rows - 1)) * qs[1] + h * qs[2];
-    for (int64_t j0 = 0; j0 < lp; j0 += 16) {
-      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-      const float* kc = kt + j0;
-      for (int64_t c = 0; c < dh; ++c, kc += lp) {
-        const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8);
-        __m256 qb = _mm256_broadcast_ss(qr[0] + c);
-        a00 = _mm256_fmadd_ps(qb, k0, a00);
-        a01 = _mm256_fmadd_ps(qb, k1, a01);
-        qb = _mm256_broadcast_ss(qr[1] + c);
-        a10 = _mm256_fmadd_ps(qb, k0, a10);
-        a11 = _mm256_fmadd_ps(qb, k1, a11);
-        qb = _mm256_broadcast_ss(qr[2] + c);
-        a20 = _mm256_fmadd_ps(qb, k0, a20);
-        a21 = _mm256_fmadd_ps(qb, k1, a21);
-        qb = _mm256_broadcast_ss(qr[3] + c);
-        a30 = _mm256_fmadd_ps(qb, k0, a30);
-        a31 = _mm256_fmadd_ps(qb, k1, a31);
+    const float* qr = q + b * qs[0] + i * qs[1] + h * qs[2];
+    float unit[R];
+    std::fill(unit, unit + R, scale);
+    for (int64_t j0 = 0; j0 < lp; j0 += 16) {  // scores of 16 keys: the R queries' rows against kt's columns
+      __m256 acc[R][2];
+      if (rows == R) {
+        fma_tile_r16<R>(qr, qs[1], 1, kt + j0, lp, dh, acc);
+      } else {  // a partial group: one query at a time (the rows past it do not exist)
+        for (int r = 0; r < rows; ++r) fma_tile_r16<1>(qr + r * qs[1], 0, 1, kt + j0, lp, dh, acc + r);
       }
-      _mm256_store_ps(s[0] + j0, _mm256_mul_ps(a00, vscale));
-      _mm256_store_ps(s[0] + j0 + 8, _mm256_mul_ps(a01, vscale));
-      _mm256_store_ps(s[1] + j0, _mm256_mul_ps(a10, vscale));
-      _mm256_store_ps(s[1] + j0 + 8, _mm256_mul_ps(a11, vscale));
-      _mm256_store_ps(s[2] + j0, _mm256_mul_ps(a20, vscale));
-      _mm256_store_ps(s[2] + j0 + 8, _mm256_mul_ps(a21, vscale));
-      _mm256_store_ps(s[3] + j0, _mm256_mul_ps(a30, vscale));
-      _mm256_store_ps(s[3] + j0 + 8, _mm256_mul_ps(a31, vscale));
+      store_tile_r16(acc, rows, unit, s[0] + j0, 64);
     }
     float inv[R];
     const int64_t l8 = l / 8 * 8;
@@ -444,31 +461,10 @@ __attribute__((target("avx2,fma"))) void short_attention_rows_avx2(
       }
       inv[r] = 1.0f / sum;
     }
-    for (int64_t c0 = 0; c0 < dh; c0 += 16) {
-      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-      const float* vr = v + b * vs[0] + h * vs[2] + c0;
-      for (int64_t j = 0; j < l; ++j, vr += vs[1]) {
-        const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-        __m256 pb = _mm256_broadcast_ss(s[0] + j);
-        a00 = _mm256_fmadd_ps(pb, v0, a00);
-        a01 = _mm256_fmadd_ps(pb, v1, a01);
-        pb = _mm256_broadcast_ss(s[1] + j);
-        a10 = _mm256_fmadd_ps(pb, v0, a10);
-        a11 = _mm256_fmadd_ps(pb, v1, a11);
-        pb = _mm256_broadcast_ss(s[2] + j);
-        a20 = _mm256_fmadd_ps(pb, v0, a20);
-        a21 = _mm256_fmadd_ps(pb, v1, a21);
-        pb = _mm256_broadcast_ss(s[3] + j);
-        a30 = _mm256_fmadd_ps(pb, v0, a30);
-        a31 = _mm256_fmadd_ps(pb, v1, a31);
-      }
-      const __m256 acc[R][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-      for (int r = 0; r < rows; ++r) {
-        float* o = out + ((b * n + i + r) * heads + h) * dh + c0;
-        const __m256 vi = _mm256_set1_ps(inv[r]);
-        _mm256_storeu_ps(o, _mm256_mul_ps(acc[r][0], vi));
-        _mm256_storeu_ps(o + 8, _mm256_mul_ps(acc[r][1], vi));
-      }
+    for (int64_t c0 = 0; c0 < dh; c0 += 16) {  // 16 output features: the R rows of probabilities against V's rows
+      __m256 acc[R][2];
+      fma_tile_r16<R>(s[0], 64, 1, v + b * vs[0] + h * vs[2] + c0, vs[1], l, acc);  // rows past `rows`: not stored
+      store_tile_r16(acc, rows, inv, out + ((b * n + i) * heads + h) * dh + c0, heads * dh);
     }
   }
 }
@@ -522,48 +518,6 @@ __attribute__((target("avx2,fma"))) void gate_residual_ffn_fm_avx2(float* y, con
 constexpr int kWindowQueries = 48, kWindowTile = 6;
 static_assert(kWindowQueries % kWindowTile == 0 && kWindowQueries % 16 == 0, "whole tiles per query block");
 
-template <int R>
-__attribute__((target("avx2,fma"), always_inline)) inline void window_score_tile(const float* k, int64_t ks,
-                                                                                 const float* qt, int64_t dh,
-                                                                                 float* st) {
-  constexpr int QB = kWindowQueries;
-  __m256 a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < dh; ++c, qt += QB) {
-    const __m256 q0 = _mm256_loadu_ps(qt), q1 = _mm256_loadu_ps(qt + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 kb = _mm256_broadcast_ss(k + r * ks + c);
-      a[r][0] = _mm256_fmadd_ps(kb, q0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(kb, q1, a[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(st + r * QB, a[r][0]);
-    _mm256_storeu_ps(st + r * QB + 8, a[r][1]);
-  }
-}
-
-template <int R>
-__attribute__((target("avx2,fma"), always_inline)) inline void window_value_tile(const float* v, int64_t vs,
-                                                                                 const float* p, int64_t m,
-                                                                                 __m256 (*acc)[2]) {
-  constexpr int QB = kWindowQueries;
-  __m256 a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < m; ++j, v += vs, p += QB) {
-    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 pb = _mm256_broadcast_ss(p + r);
-      a[r][0] = _mm256_fmadd_ps(pb, v0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(pb, v1, a[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = a[r][0];
-    acc[r][1] = a[r][1];
-  }
-}
-
 // Queries [i0, i0 + qn) (qn <= 48) of head h of batch b; qt [Dh, 48] and st [m, 48] scratch.
 __attribute__((target("avx2,fma"))) void window_attention_block_avx2(
     const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v, const int64_t* vs, float* out,
@@ -578,10 +532,19 @@ __attribute__((target("avx2,fma"))) void window_attention_block_avx2(
   const float* kb = k + b * ks[0] + h * ks[2];
   const float* vb = v + b * vs[0] + h * vs[2];
   int64_t j = 0;
-  for (; j + R <= m; j += R)
-    for (int c0 = 0; c0 < QB; c0 += 16) window_score_tile<R>(kb + j * ks[1], ks[1], qt + c0, dh, st + j * QB + c0);
+  float ones[R];
+  std::fill(ones, ones + R, 1.0f);
+  __m256 acc[R][2];
+  for (; j + R <= m; j += R)  // S^T rows j..j+R: R keys' rows against 16 columns of qt at a time
+    for (int c0 = 0; c0 < QB; c0 += 16) {
+      fma_tile_r16<R>(kb + j * ks[1], ks[1], 1, qt + c0, QB, dh, acc);
+      store_tile_r16(acc, R, ones, st + j * QB + c0, QB);
+    }
   for (; j < m; ++j)
-    for (int c0 = 0; c0 < QB; c0 += 16) window_score_tile<1>(kb + j * ks[1], ks[1], qt + c0, dh, st + j * QB + c0);
+    for (int c0 = 0; c0 < QB; c0 += 16) {
+      fma_tile_r16<1>(kb + j * ks[1], 0, 1, qt + c0, QB, dh, acc);
+      store_tile_r16(acc, 1, ones, st + j * QB + c0, QB);
+    }
   constexpr int NV = QB / 8;
   __m256 mx[NV], sum[NV];
   for (int u = 0; u < NV; ++u) {
@@ -600,15 +563,9 @@ __attribute__((target("avx2,fma"))) void window_attention_block_avx2(
   for (int u = 0; u < NV; ++u) _mm256_store_ps(inv + 8 * u, _mm256_div_ps(_mm256_set1_ps(1.0f), sum[u]));
   for (int64_t i = 0; i < qn; i += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, qn - i));
-    for (int64_t c0 = 0; c0 < dh; c0 += 16) {
-      __m256 acc[R][2];
-      window_value_tile<R>(vb + c0, vs[1], st + i, m, acc);  // rows past qn read padding columns (i + R <= QB)
-      for (int r = 0; r < rows; ++r) {
-        float* o = out + ((b * n + i0 + i + r) * heads + h) * dh + c0;
-        const __m256 vi = _mm256_set1_ps(inv[i + r]);
-        _mm256_storeu_ps(o, _mm256_mul_ps(acc[r][0], vi));
-        _mm256_storeu_ps(o + 8, _mm256_mul_ps(acc[r][1], vi));
-      }
+    for (int64_t c0 = 0; c0 < dh; c0 += 16) {  // R queries (columns of P^T) against 16 features of V's rows
+      fma_tile_r16<R>(st + i, 1, QB, vb + c0, vs[1], m, acc);  // rows past qn read padding columns (i + R <= QB)
+      store_tile_r16(acc, rows, inv + i, out + ((b * n + i0 + i) * heads + h) * dh + c0, heads * dh);
     }
   }
 }
@@ -618,33 +575,23 @@ __attribute__((target("avx2,fma"))) void window_attention_block_avx2(
 // wt's row, so that the panel of wt (K x 16) stays in L1 while the rows of x stream by. For the attention projections
 // of chunk-sized inputs (K = D, a few hundred rows) 1.1-1.2x faster than MKL's sgemm on this project's 2-core VM,
 // which packs both operands on every call (benchmarks: README, Performance).
-template <int R>
-__attribute__((target("avx2,fma"), always_inline)) inline void linear_tile(const float* x, int64_t k, const float* wt,
-                                                                           int64_t n, float* y) {
-  __m256 a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < k; ++c, wt += n) {
-    const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * k + c);
-      a[r][0] = _mm256_fmadd_ps(xb, w0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(xb, w1, a[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(y + r * n, a[r][0]);
-    _mm256_storeu_ps(y + r * n + 8, a[r][1]);
-  }
-}
-
 __attribute__((target("avx2,fma"))) void linear_t_panels_avx2(const float* x, const float* wt, float* y, int64_t m,
                                                               int64_t n, int64_t k, int64_t p0, int64_t p1) {
   constexpr int R = 6;
+  float ones[R];
+  std::fill(ones, ones + R, 1.0f);
+  __m256 acc[R][2];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t o = p * 16;
     int64_t i = 0;
-    for (; i + R <= m; i += R) linear_tile<R>(x + i * k, k, wt + o, n, y + i * n + o);
-    for (; i < m; ++i) linear_tile<1>(x + i * k, k, wt + o, n, y + i * n + o);
+    for (; i + R <= m; i += R) {
+      fma_tile_r16<R>(x + i * k, k, 1, wt + o, n, k, acc);
+      store_tile_r16(acc, R, ones, y + i * n + o, n);
+    }
+    for (; i < m; ++i) {
+      fma_tile_r16<1>(x + i * k, 0, 1, wt + o, n, k, acc);
+      store_tile_r16(acc, 1, ones, y + i * n + o, n);
+    }
   }
 }
 
