@@ -288,6 +288,8 @@ def test_fused_residual_updates_equal_the_python_block_steps(t):
             torch.testing.assert_close(out, y3_ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="must be \\[rows, D\\]"):
         ext.gate_residual_ffn_(y, f.view(-1, d).t(), False, fb, table, e, drop)
+    with pytest.raises(RuntimeError, match="row-major f carries its bias"):  # it would otherwise be ignored
+        ext.gate_residual_ffn_(y, f.view(-1, d), False, fb, table, e, drop)
 
 
 @pytest.mark.parametrize("portable", [False, True])

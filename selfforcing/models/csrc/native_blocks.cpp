@@ -709,6 +709,8 @@ static Tensor gate_residual_ffn_(Tensor y, const Tensor& f, bool feature_major, 
   TORCH_CHECK(d == m.d && e.size(0) == y.size(0) && y.size(1) <= e.size(1) - f0,
               "gate_residual_ffn_: y [B, F, T, D] must match e [B, >= F + f0, 6, D]");
   TORCH_CHECK(!present(fb) || fb.numel() == d, "gate_residual_ffn_: the bias must be [D]");
+  TORCH_CHECK(feature_major || !present(fb),
+              "gate_residual_ffn_: a row-major f carries its bias already (oneDNN adds it); pass an empty fb");
   const int64_t t = y.size(2), nf = y.size(1), ld = f.stride(0);
   float* py = y.data_ptr<float>();
   const float *pf = f.data_ptr<float>(), *pb = ptr_or_null(fb);
