@@ -164,6 +164,27 @@ def chunk_step_flops(config, tokens_per_frame: int, chunk_frames: int, context_f
     return num_steps * forward_flops(config, n, m, text_tokens) + cache_pass_flops(config, n, m, text_tokens)
 
 
+def rolling_chunk_flops(config, tokens_per_frame: int, chunk_frames: int, window_frames: int, chunk_index: int,
+                        text_tokens: int, num_steps: int) -> int:
+    """Matmul FLOPs of chunk ``chunk_index`` of a rolling-KV stream as ``StreamingGenerator`` runs it (no sink frames):
+    its ``num_steps`` denoising forwards against c_i = min(i K, W - K) cached frames, plus, from the second chunk on,
+    the previous chunk's cache pass fused into its first step (against c_{i-1} frames). With K = ``chunk_frames`` and
+    W = ``window_frames``; the stream's last cache pass is never run. Chunk W/K - 1 is the first whose steps attend to
+    a full window; from chunk W/K on (its fused cache pass too) every chunk costs :func:`chunk_step_flops` with W - K
+    context frames. The earlier ones cost less, which is why a video no longer than the window has a lower median
+    per-chunk cost than a long one at any efficiency."""
+    if chunk_index < 0 or window_frames < chunk_frames or window_frames % chunk_frames:
+        raise ValueError(f"chunk {chunk_index} of a stream with a {window_frames}-frame window of "
+                         f"{chunk_frames}-frame chunks: need chunk_index >= 0 and a window of whole chunks")
+    n = chunk_frames * tokens_per_frame
+    context = min(chunk_index * chunk_frames, window_frames - chunk_frames)
+    flops = num_steps * forward_flops(config, n, n + context * tokens_per_frame, text_tokens)
+    if chunk_index > 0:
+        previous = min((chunk_index - 1) * chunk_frames, window_frames - chunk_frames)
+        flops += cache_pass_flops(config, n, n + previous * tokens_per_frame, text_tokens)
+    return flops
+
+
 def matmul_peak_gflops(size: int | None = None, repeats: int = 20, dtype=None, device: str = "cpu",
                        warmup: int = 3) -> float:
     """Best observed matmul throughput (GFLOP/s) of ``size`` x ``size`` products in ``dtype`` on ``device``

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -71,3 +72,17 @@ def test_bench_stream_json_schema(capsys):
         assert r["chunk_latency_p10_s"] <= r["chunk_latency_s"] <= r["chunk_latency_p90_s"]
         assert r["full_window_chunk_latency_s"] > 0  # 6-frame window, 3-frame chunks: from the second chunk on
     assert out["ratios"]["rolling_kv_full_window_x2_over_x1"] > 0
+    # the work of the median chunk: x1 = chunks 0 and 1 (no context; 3 frames + the fused cache pass), x2 adds two
+    # full-window chunks, so its median is the mean of chunk 1 and a full-window chunk
+    from selfforcing.models.presets import preset_config
+    from selfforcing.perf import rolling_chunk_flops
+
+    config = SimpleNamespace(**preset_config("tiny"))
+    work = [rolling_chunk_flops(config, 64, 3, 6, i, out["text_len"], 4) / 1e9 for i in range(3)]
+    rolling = {r["length"]: r for r in rows if r["strategy"] == "rolling_kv"}
+    assert rolling[1]["chunk_gflop_median"] == pytest.approx((work[0] + work[1]) / 2)
+    assert rolling[2]["chunk_gflop_median"] == pytest.approx((work[1] + work[2]) / 2)
+    assert out["ratios"]["rolling_kv_flops_x2_over_x1"] == pytest.approx(
+        rolling[2]["chunk_gflop_median"] / rolling[1]["chunk_gflop_median"])
+    per_flop = [rolling[m]["chunk_latency_s"] / rolling[m]["chunk_gflop_median"] for m in (1, 2)]
+    assert out["ratios"]["rolling_kv_seconds_per_flop_x2_over_x1"] == pytest.approx(per_flop[1] / per_flop[0])

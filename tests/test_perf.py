@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from selfforcing.commands.bench import STRATEGIES, new_stream_state
 from selfforcing.models import CausalWanModel
 from selfforcing.models.causal_wan import _cpu_inference
-from selfforcing.perf import cache_pass_flops, chunk_step_flops, cpu_shortcuts_enabled, forward_flops, plain_pytorch
+from selfforcing.perf import (cache_pass_flops, chunk_step_flops, cpu_shortcuts_enabled, forward_flops, plain_pytorch,
+                              rolling_chunk_flops)
 
 
 def test_forward_flops_match_torch_flop_counter(monkeypatch):
@@ -45,6 +46,19 @@ def test_forward_flops_match_torch_flop_counter(monkeypatch):
     cache_pass = cache_pass_flops(model.config, 3 * 64, 9 * 64, 16)
     assert counts["aten.addmm"] == cache_pass - attention // layers + time_embedding
     assert chunk_step_flops(model.config, 64, 3, 6, 16, 4) == 4 * expected + cache_pass
+
+
+def test_rolling_chunk_flops_grow_while_the_window_fills_then_stay_flat():
+    """Chunk 0 is its denoising forwards alone; every later chunk adds the previous chunk's fused cache pass; from the
+    chunk after the first that attends to a full window on, every chunk costs what `bench chunk` counts for one."""
+    config = CausalWanModel.from_preset("tiny", num_layers=2).config
+    work = [rolling_chunk_flops(config, 64, 3, 12, i, 16, 4) for i in range(8)]
+    assert work[0] == 4 * forward_flops(config, 3 * 64, 3 * 64, 16)
+    assert work[1] == 4 * forward_flops(config, 3 * 64, 6 * 64, 16) + cache_pass_flops(config, 3 * 64, 3 * 64, 16)
+    assert work[0] < work[1] < work[2] < work[3] < work[4]  # chunk 3 attends to 9 frames, its cache pass to 6
+    assert work[4:] == [chunk_step_flops(config, 64, 3, 9, 16, 4)] * 4
+    with pytest.raises(ValueError, match="window of whole chunks"):
+        rolling_chunk_flops(config, 64, 3, 10, 0, 16, 4)
 
 
 def _forward_all_modes(model, grad: bool):

@@ -259,7 +259,9 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
     def noise():
         return torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
 
-    from selfforcing.perf import timed_kernel_choice
+    from selfforcing.perf import rolling_chunk_flops, timed_kernel_choice
+
+    tpf = model.tokens_per_frame(h, w)
 
     rows = []
     with torch.no_grad(), timed_kernel_choice():  # as StreamingGenerator streams
@@ -294,6 +296,10 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
                              "first_chunk_latency_s": statistics.median(lat[0] for lat in streams[m]),
                              "fps": m * train_frames / statistics.median(sum(lat) for lat in streams[m]),
                              "chunks": len(pooled), "repeats": repeats})
+                if name == "rolling_kv":  # the work per chunk, which grows while the window fills
+                    rows[-1]["chunk_gflop_median"] = statistics.median(
+                        rolling_chunk_flops(c, tpf, k, train_frames, i, text_len, num_steps)
+                        for i in range(m * train_frames // k)) / 1e9
     by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
     ratios = {}
     if lengths and "rolling_kv" in strategies:
@@ -303,8 +309,12 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             ratios[f"{name}_x{hi}_over_x{lo}"] = by[(name, hi)] / by[(name, lo)]
             full = {r["length"]: r["full_window_chunk_latency_s"] for r in rows if r["strategy"] == name}
             ratios[f"{name}_full_window_x{hi}_over_x{lo}"] = full[hi] / full[lo]
+        work = {r["length"]: r["chunk_gflop_median"] for r in rows if r["strategy"] == "rolling_kv"}
+        ratios[f"rolling_kv_flops_x{hi}_over_x{lo}"] = work[hi] / work[lo]
+        ratios[f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"] = (
+            by[("rolling_kv", hi)] / work[hi]) / (by[("rolling_kv", lo)] / work[lo])
     return {"benchmark": "stream", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
-            "train_frames": train_frames, "latent_size": [h, w], "tokens_per_frame": model.tokens_per_frame(h, w),
+            "train_frames": train_frames, "latent_size": [h, w], "tokens_per_frame": tpf,
             "text_len": text_len, "chunk_frames": k, "denoising_steps": num_steps, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "ratios": ratios,
@@ -314,7 +324,10 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             "note": "chunk_latency_s: median over all chunks of every repeat of the video (after one warm-up stream; "
                     "at 1x most of them attend to a window that is still filling); full_window_chunk_latency_s: "
                     "median over the chunks from the first that attends to a full window on; fps: latent frames per "
-                    "second of chunk compute"}
+                    "second of chunk compute; chunk_gflop_median (rolling_kv): the analytic matmul work of the median "
+                    "chunk; rolling_kv_flops_xLONG_over_xSHORT: its growth from the shortest video to the longest "
+                    "(the chunks of the first window attend to fewer frames); rolling_kv_seconds_per_flop_...: the "
+                    "growth of the cost per unit of that work"}
 
 
 def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, context_frames: int | None = None,
