@@ -154,9 +154,14 @@ def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
     z = torch.zeros(1)
     args = ([torch.zeros(1, 1, 2, 4, 4)], torch.zeros(8, 8), torch.zeros(8), 2, 2, torch.zeros(1, 1, 6, 8),
             torch.zeros(1, 1, 8), torch.zeros(4, 2, 2), [z] * 5, [], [], z, z, empty, 0, empty, empty, 0, empty, False,
-            2, 1e-6, 1e-6, 64, True, False, torch.zeros(1, 2, 8), torch.zeros(4, 8), torch.zeros(4), 1e-6)
+            2, 1e-6, 1e-6, 64, True, False, torch.zeros(1, 2, 8), torch.zeros(4, 8), torch.zeros(4), 1e-6, empty)
     with pytest.raises(RuntimeError, match="tensors per block"):
         ext.run_forward(*args)
+    cacheless_pass = list(args)  # one block's worth of weights, no cache, but a cache pass asked for
+    cacheless_pass[8:13] = [[z] * 28, [z], [z], torch.empty(0), torch.empty(0)]  # 28 = N_W
+    cacheless_pass[19] = True
+    with pytest.raises(RuntimeError, match="without a KV cache has no finished chunk to fuse and no cache pass"):
+        ext.run_forward(*cacheless_pass)
     with pytest.raises(RuntimeError, match="one or two latent chunks"):
         ext.run_forward([torch.zeros(1, 1, 2, 4, 4)] * 3, *args[1:])
     with pytest.raises(RuntimeError, match="divisible by the patch size"):
@@ -372,6 +377,75 @@ def test_window_attention_equals_sdpa(batch, queries, keys):
     assert out.is_contiguous() and out.shape == q.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ext.window_attention(q, k, v, sdpa=True), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_window_attention_with_key_prefixes_equals_masked_sdpa(sdpa):
+    """With key_ends, query i attends to keys [0, key_ends[i]) only: torch's SDPA under the same boolean mask, for
+    block-causal prefixes whose blocks (108 tokens) do not align with the 48-query blocks, plus one single-query
+    block; out-of-range or mis-shaped prefixes are errors that say so."""
+    g = torch.Generator().manual_seed(5)
+    n, heads, dh = 325, 2, 64
+    q, k, v = (torch.randn(1, n, heads, dh, generator=g) * 2 for _ in range(3))
+    ends = torch.tensor([108] * 108 + [216] * 108 + [324] * 108 + [325])
+    mask = torch.arange(n)[None, :] < ends[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    ext = native_blocks.extension()
+    out = ext.window_attention(q, k, v, sdpa=sdpa, key_ends=ends)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    unmasked = ext.window_attention(q, k, v, sdpa=sdpa)
+    assert (out[:, :108] - unmasked[:, :108]).abs().max() > 0.1  # the prefix really limits the keys
+    with pytest.raises(RuntimeError, match=r"key_ends entry must lie in \[1, M\]"):
+        ext.window_attention(q, k, v, key_ends=ends + 1)
+    with pytest.raises(RuntimeError, match="key_ends must be an int64 CPU tensor"):
+        ext.window_attention(q, k, v, key_ends=ends[:-1])
+
+
+@pytest.mark.parametrize("latent,frames,kw", [(16, 12, {}), (12, 9, {}), (12, 7, {"independent_first_frame": True})])
+def test_native_blocks_equal_python_blocks_without_a_cache(monkeypatch, latent, frames, kw):
+    """A cache-less no-grad forward (what `bench stream`'s recompute and sliding_window strategies run over
+    [context | chunk] at every step) takes the C++ blocks, block-causal through key prefixes or bidirectional, and
+    equals the Python blocks: 64 tokens per frame, 36 (blocks of 108 tokens across the 48-query tiles) and an
+    independent first frame (blocks of 1, 3, 3 frames)."""
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = CausalWanModel.from_preset("tiny", num_layers=2, **kw).eval()
+    with torch.no_grad():  # gains that make attention sharp enough for the mask to matter
+        for blk in model.blocks:
+            blk.attn1.norm_q.weight.mul_(3.0)
+            blk.attn1.norm_k.weight.mul_(3.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, frames, 8, latent, latent, generator=g)
+    t = torch.rand(1, frames, generator=g) * 1000
+    ctx = torch.randn(1, 16, 384, generator=g)
+    out = {}
+    for setting in ("python", "native"):
+        monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", setting)
+        with torch.no_grad(), timed_kernel_choice():
+            out[setting] = [model(x, t, ctx, causal=causal, start_frame=3) for causal in (True, False)]
+    assert len(calls) == 2
+    for py, c in zip(out["python"], out["native"]):
+        torch.testing.assert_close(c, py, rtol=1e-5, atol=2e-5)
+    assert (out["native"][0] - out["native"][1]).abs().max() > 1e-2  # block-causal differs from bidirectional
+
+
+def test_native_blocks_leave_other_masks_and_taps_to_python(monkeypatch):
+    """A local attention window (not a prefix mask), teacher forcing, hidden-layer taps and gradients stay on the
+    Python blocks."""
+    calls = _count_calls(monkeypatch)
+    model = CausalWanModel.from_preset("tiny", num_layers=2, local_attn_size=6).eval()
+    x, t, ctx = torch.randn(1, 9, 8, 16, 16), torch.full((1, 9), 500.0), torch.randn(1, 16, 384)
+    with torch.no_grad(), timed_kernel_choice():
+        model(x, t, ctx)
+        model(x, t, ctx, clean_x=x)
+        model(x, t, ctx, causal=False, output_hidden_layers=(0,))
+    with timed_kernel_choice():
+        model(x, t, ctx, causal=False)
+    assert calls == []
+    with torch.no_grad(), timed_kernel_choice():
+        model(x, t, ctx, causal=False)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("rows", [1, 7, 192, 384])

@@ -365,9 +365,23 @@ class WanRotaryEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------------- attention
 @dataclass
 class FullAttention:
-    """Attend within the given sequence, under a boolean token mask (None = everything)."""
+    """Attend within the given sequence, under a boolean token mask (None = everything). ``key_ends`` [N] (int64,
+    optional): the same mask as a prefix length per query token (query i sees keys [0, key_ends[i])), given when
+    the mask is of that form (block-causal without a local window), for kernels that take prefixes, not masks."""
 
     mask: torch.Tensor | None
+    key_ends: torch.Tensor | None = None
+
+
+def prefix_key_ends(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor | None:
+    """The token-level key prefix lengths [F*T] of a frame mask [F, F] whose every row is a prefix (frame f sees
+    frames [0, e_f)): e_f * T for each of frame f's T tokens; None if some row is not a prefix (a local window,
+    sinks)."""
+    ends = frame_mask.sum(1)
+    prefix = torch.arange(frame_mask.shape[1], device=frame_mask.device)[None, :] < ends[:, None]
+    if not torch.equal(prefix, frame_mask):
+        return None
+    return (ends * tokens_per_frame).repeat_interleave(tokens_per_frame)
 
 
 @dataclass
@@ -757,12 +771,20 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         return [k for k, _ in kvs], [v for _, v in kvs]
 
     def _native_blocks(self, x: torch.Tensor, hows: list) -> bool:
-        """Whether C++ runs this forward (:mod:`selfforcing.models.native_blocks`): a cached float32 CPU forward
-        without gradients of a float32 model, within :func:`selfforcing.perf.timed_kernel_choice`, unless
-        ``SELFFORCING_CPU_BLOCKS=python`` or the extension cannot be built."""
-        return (isinstance(hows[0], CachedAttention) and timed_choice_enabled() and _cpu_inference(x)
+        """Whether C++ runs this forward (:mod:`selfforcing.models.native_blocks`): a float32 CPU forward without
+        gradients of a float32 model, within :func:`selfforcing.perf.timed_kernel_choice`, unless
+        ``SELFFORCING_CPU_BLOCKS=python`` or the extension cannot be built; either against a float32 KV cache or
+        without one, attending bidirectionally or block-causally (a prefix mask: no local window, no sinks)."""
+        how = hows[0]
+        if isinstance(how, CachedAttention):
+            supported = how.cache.dtype == torch.float32
+        elif isinstance(how, FullAttention):
+            supported = how.mask is None or how.key_ends is not None
+        else:  # ContextAttention: a cached forward with gradients
+            supported = False
+        return (supported and timed_choice_enabled() and _cpu_inference(x)
                 and self.proj_out.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and hows[0].cache.dtype == torch.float32 and native_blocks.available())
+                and native_blocks.available())
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -875,7 +897,7 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         elif causal:
             fmask = block_causal_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
             mask = None if bool(fmask.all()) else expand_frame_mask(fmask, tpf)
-            hows = [FullAttention(mask)] * cfg.num_layers
+            hows = [FullAttention(mask, None if mask is None else prefix_key_ends(fmask, tpf))] * cfg.num_layers
         else:
             hows = [FullAttention(None)] * cfg.num_layers
 
@@ -901,13 +923,18 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
         taps = {i % cfg.num_layers for i in (output_hidden_layers or ())}
         hidden = {}
-        if not taps and self._native_blocks(x, hows):
-            for blk, ckv in zip(self.blocks, cross):  # the text K/V of a new prompt, which the C++ blocks read
-                if ckv.get() is None:
-                    ckv.set(blk.attn2.project_kv(ctx))
+        if output_hidden_layers is None and clean_x is None and self._native_blocks(x, hows):
+            if kv_cache is None:  # this forward's text K/V
+                text_kv = [blk.attn2.project_kv(ctx) for blk in self.blocks]
+            else:
+                for blk, ckv in zip(self.blocks, cross):  # the text K/V of a new prompt, which the C++ blocks read
+                    if ckv.get() is None:
+                        ckv.set(blk.attn2.project_kv(ctx))
+                text_kv = [ckv.get() for ckv in cross]
             onednn = native_blocks.ffn_uses_onednn(self.blocks[0].ffn, b * n_all * tpf)
-            out = native_blocks.run_forward(self, latents, e, temb, rope, hows, cross, kv_only, onednn)
-            kv_cache.commit(plan)
+            out = native_blocks.run_forward(self, latents, e, temb, rope, hows, text_kv, kv_only, onednn)
+            if plan is not None:
+                kv_cache.commit(plan)
             return out
         tokens = self._patchify(x) if len(latents) == 1 else torch.cat([self._patchify(lat) for lat in latents],
                                                                         dim=1)

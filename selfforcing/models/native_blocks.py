@@ -1,4 +1,4 @@
-"""Native blocks: a cached CPU inference forward, from the patch embedding to the output head, run by C++.
+"""Native blocks: a CPU inference forward, from the patch embedding to the output head, run by C++.
 
 Why. The small preset's chunk step is ~3,500 short torch ops. Run from Python, each one pays the interpreter,
 module calls and argument parsing on top of the kernel; on this project's 2-core VM that was 30-70 ms of a
@@ -15,8 +15,10 @@ use in a process, about a minute on a 2-core machine, and cached under :func:`bu
 (``make install`` builds it). If it cannot be built, a warning says why once and the Python blocks run.
 
 Where. Like the timed FFN choice, only within :func:`selfforcing.perf.timed_kernel_choice` (streaming inference,
-the benchmarks), for a cached float32 CPU forward without gradients: training keeps the path it has always taken,
-bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native`` | ``python``.
+the benchmarks), for a float32 CPU forward without gradients, against a KV cache (streaming) or without one,
+bidirectional or block-causal (``bench stream``'s recompute and sliding-window strategies); a local attention
+window, sinks in a cache-less mask, teacher forcing and hidden-layer taps stay in Python. Training keeps the path it
+has always taken, bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native`` | ``python``.
 
 The C++ mirrors ``CausalWanBlock.forward`` on that path op for op; a change to one must be made to the other, and
 the equality test fails if they drift apart.
@@ -174,24 +176,31 @@ def _params(model) -> list[torch.Tensor]:
 
 
 def run_forward(model, latents: list, e: torch.Tensor, temb: torch.Tensor, rope: torch.Tensor, hows: list,
-                cross: list, kv_only: bool, ffn_onednn: bool) -> torch.Tensor | None:
-    """``model``'s forward from the patch embedding on, as ``CausalWanModel.forward`` runs it on a cached no-grad
-    forward: ``latents`` the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first), ``hows`` the
-    per-block :class:`~selfforcing.models.causal_wan.CachedAttention` (the same cache, plan and fused finished chunk for
-    every block), ``cross`` the filled cross-attention slots, ``e`` [B, F, 6, D] the blocks' modulation and ``temb``
-    [B, F, D] the head's, of all frames, ``rope`` [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel.
-    Returns the flow prediction v [B, f, C_out, H, W] of the last chunk, or None for ``kv_only``."""
+                text_kv: list, kv_only: bool, ffn_onednn: bool) -> torch.Tensor | None:
+    """``model``'s forward from the patch embedding on, as ``CausalWanModel.forward`` runs it on a no-grad forward:
+    ``latents`` the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first), ``hows`` the per-block
+    attention, the same for every block: a :class:`~selfforcing.models.causal_wan.CachedAttention` (cache, plan and
+    fused finished chunk) or a :class:`~selfforcing.models.causal_wan.FullAttention` without a mask or with its
+    ``key_ends`` (a cache-less forward over the whole sequence), ``text_kv`` each block's text (K, V) [B, L, H, Dh],
+    ``e`` [B, F, 6, D] the blocks' modulation and ``temb`` [B, F, D] the head's, of all frames, ``rope``
+    [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel. Returns the flow prediction v [B, f, C_out, H, W]
+    of the last chunk, or None for ``kv_only``."""
     from .attention import _SHORT_KEYS
-    from .causal_wan import rms_norm_eps
+    from .causal_wan import CachedAttention, rms_norm_eps
 
     how = hows[0]
-    cache, plan, pending = how.cache, how.plan, how.pending
-    kvs = [slot.get() for slot in cross]
-    if any(kv is None for kv in kvs):
+    empty = torch.empty(0, dtype=torch.long)
+    if isinstance(how, CachedAttention):
+        cache, plan, pending = how.cache, how.plan, how.pending
+        cache_k, cache_v, key_ends = cache.k, cache.v, empty
+    else:
+        cache_k = cache_v = torch.empty(0)
+        plan = pending = None
+        key_ends = empty if how.key_ends is None else how.key_ends
+    if any(kv is None for kv in text_kv):
         raise RuntimeError("native blocks need every block's cross-attention K/V cached first")
     blk = model.blocks[0]
     eps = rms_norm_eps(blk.attn1.norm_q, torch.float32)
-    empty = torch.empty(0, dtype=torch.long)
     patch = model.patch_embedding
 
     def opt(t):
@@ -199,12 +208,13 @@ def run_forward(model, latents: list, e: torch.Tensor, temb: torch.Tensor, rope:
 
     return extension().run_forward(
         latents, patch.weight.flatten(1), patch.bias, model.config.patch_size[1], model.config.patch_size[2],
-        e.float(), temb.float(), rope, _params(model), [k for k, _ in kvs], [v for _, v in kvs], cache.k, cache.v,
-        plan.slot_index, plan.visible_tokens, opt(plan.read_index),
+        e.float(), temb.float(), rope, _params(model), [k for k, _ in text_kv], [v for _, v in text_kv], cache_k,
+        cache_v, empty if plan is None else plan.slot_index, 0 if plan is None else plan.visible_tokens,
+        empty if plan is None else opt(plan.read_index),
         empty if pending is None else pending.slot_index, 0 if pending is None else pending.visible_tokens,
         empty if pending is None else opt(pending.read_index), kv_only, blk.attn1.heads, blk.norm1.eps, eps,
         _SHORT_KEYS, isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn, model.scale_shift_table,
-        model.proj_out.weight, model.proj_out.bias, model.norm_out.eps)
+        model.proj_out.weight, model.proj_out.bias, model.norm_out.eps, key_ends)
 
 
 def main() -> int:

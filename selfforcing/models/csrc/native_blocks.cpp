@@ -1,8 +1,8 @@
-// A cached, no-grad float32 CPU forward without Python (see native_blocks.py for why): run_forward does the patch
-// embedding, the blocks (run_blocks) and the output head.
+// A no-grad float32 CPU forward without Python (see native_blocks.py for why), against a KV cache or without one:
+// run_forward does the patch embedding, the blocks (run_blocks) and the output head.
 //
-// run_blocks computes what CausalWanBlock.forward computes on that path (CPU inference shortcuts, CachedAttention), in
-// the same order. The FFN's products go through the same BLAS / oneDNN calls; three things have kernels of their own,
+// run_blocks computes what CausalWanBlock.forward computes on that path (CPU inference shortcuts; CachedAttention, or
+// FullAttention unmasked or with a key prefix per query), in the same order. The FFN's products go through the same BLAS / oneDNN calls; three things have kernels of their own,
 // AVX2 register tiles where the CPU has them (else torch's op): the self-attention over the cached window
 // (window_attention; SDPA past 2048 keys), the attention over a few text tokens (short_attention), and the attention
 // projections of small models (linear_t, on transposed weight copies). What lies between the products is fused into
@@ -795,33 +795,58 @@ static Tensor linear_t(const Tensor& x, const Tensor& w, const Tensor& wt) {
 }
 
 // softmax(q k^T / sqrt(Dh)) v for q [B, N, H, Dh] against a window k, v [B, M, H, Dh] (unit stride along Dh): a new
-// contiguous [B, N, H, Dh]. window_attention_block_avx2 where it applies (AVX2, Dh a multiple of 16, M <= 2048 so that
-// a block's scores stay in L2), else torch's SDPA, unless `sdpa` (for tests).
-static Tensor window_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool sdpa) {
+// contiguous [B, N, H, Dh]. With key_ends [N] (int64; empty: none) query i attends only to keys [0, key_ends[i]): the
+// block-causal attention of a cache-less forward, where each query sees a prefix of the sequence.
+// window_attention_block_avx2 where it applies (AVX2, Dh a multiple of 16, M <= 2048 so that a block's scores stay in
+// L2), its query blocks cut where key_ends changes, else torch's SDPA (with the prefix mask), unless `sdpa` (tests).
+static Tensor window_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool sdpa, const Tensor& key_ends) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2) && q.size(3) == k.size(3) && k.size(1) >= 1,
               "window_attention: q [B, N, H, Dh] and k, v [B, M, H, Dh]");
   const int64_t b = q.size(0), n = q.size(1), heads = q.size(2), dh = q.size(3), m = k.size(1);
+  const bool prefix = present(key_ends);
+  if (prefix) {
+    TORCH_CHECK(key_ends.dim() == 1 && key_ends.size(0) == n && key_ends.scalar_type() == at::kLong &&
+                    key_ends.device().is_cpu(),
+                "window_attention: key_ends must be an int64 CPU tensor [N] = [", n, "]");
+    TORCH_CHECK(n == 0 || (key_ends.min().item<int64_t>() >= 1 && key_ends.max().item<int64_t>() <= m),
+                "window_attention: every key_ends entry must lie in [1, M] = [1, ", m, "]");
+  }
   const bool own = !sdpa && cpu_has_avx2_fma() && dh % 16 == 0 && m <= 2048 && q.stride(3) == 1 &&
                    k.stride(3) == 1 && v.stride(3) == 1 && q.scalar_type() == at::kFloat &&
                    k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat;
-  if (!own)
-    return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2);
+  if (!own) {
+    std::optional<Tensor> mask;
+    if (prefix) mask = at::arange(m, key_ends.options()).unsqueeze(0) < key_ends.unsqueeze(1);  // [N, M]
+    return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        .transpose(1, 2);
+  }
   auto out = at::empty({b, n, heads, dh}, q.options());
 #if defined(__x86_64__) && defined(__GNUC__)
+  // the query blocks: at most kWindowQueries queries that share one key range
+  std::vector<std::array<int64_t, 3>> blocks;  // {i0, queries, keys}
+  const Tensor ends_c = prefix ? key_ends.contiguous() : Tensor();
+  const int64_t* ends = prefix ? ends_c.data_ptr<int64_t>() : nullptr;
+  for (int64_t i0 = 0; i0 < n;) {
+    const int64_t keys = prefix ? ends[i0] : m;
+    int64_t i1 = i0 + 1;
+    while (i1 < n && i1 - i0 < kWindowQueries && (!prefix || ends[i1] == keys)) ++i1;
+    blocks.push_back({i0, i1 - i0, keys});
+    i0 = i1;
+  }
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
                 vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const float scale = static_cast<float>(std::pow(static_cast<double>(dh), -0.5));
-  const int64_t blocks = (n + kWindowQueries - 1) / kWindowQueries;
-  at::parallel_for(0, b * heads * blocks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, b * heads * nb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qt(dh * kWindowQueries), st(m * kWindowQueries);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t bh = task / blocks, i0 = (task % blocks) * kWindowQueries;
-      window_attention_block_avx2(pq, qs, pk, ks, pv, vs, po, bh / heads, bh % heads, i0,
-                                  std::min<int64_t>(kWindowQueries, n - i0), n, heads, dh, m, scale, qt.data(),
-                                  st.data());
+      const int64_t bh = task / nb;
+      const auto& blk = blocks[task % nb];
+      window_attention_block_avx2(pq, qs, pk, ks, pv, vs, po, bh / heads, bh % heads, blk[0], blk[1], n, heads, dh,
+                                  blk[2], scale, qt.data(), st.data());
     }
   });
 #endif
@@ -969,6 +994,8 @@ struct Cache {  // KVCache.write / KVCache.view
 // tokens [B, F*T, D] (F frames: a fused finished chunk's first, if any, then the chunk's), e [B, F, 6, D],
 // rope [F*T, Dh/2, 2]; weights: N_W per block; cross_k / cross_v: each block's text K/V [B, L, H, Dh].
 // Returns the output tokens [B, F'*T, D] (F' without the finished chunk), or an undefined tensor for kv_only.
+// Without cache_k (empty) the forward is cache-less: each block attends to the sequence's own K/V, to all of them or,
+// with key_ends [F*T], query i to keys [0, key_ends[i]) (block-causal); no finished chunk, no kv_only.
 //
 // CausalWanBlock.forward on this path, with the elementwise work between the products fused: each projection's bias
 // goes into the pass that reads its output (the q/k norm, the cache write of v, the residual updates), and each
@@ -977,7 +1004,7 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
                          std::vector<Tensor> cross_v, Tensor cache_k, Tensor cache_v, Tensor slots, int64_t visible,
                          Tensor read_index, Tensor pending_slots, int64_t pending_visible, Tensor pending_read_index,
                          int64_t tokens_per_frame, bool kv_only, int64_t heads, double ln_eps, double rms_eps,
-                         int64_t short_keys, bool cross_norm, bool ffn_onednn) {
+                         int64_t short_keys, bool cross_norm, bool ffn_onednn, Tensor key_ends) {
   TORCH_CHECK(weights.size() % N_W == 0, "weights: expected ", N_W, " tensors per block, got ", weights.size());
   const int64_t layers = static_cast<int64_t>(weights.size()) / N_W;
   TORCH_CHECK(cross_k.size() == static_cast<size_t>(layers) && cross_v.size() == cross_k.size(),
@@ -986,6 +1013,11 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
   TORCH_CHECK(e.dim() == 4 && e.size(0) == x.size(0) && e.size(1) * tokens_per_frame == x.size(1),
               "e must be [B, F, 6, D] for tokens [B, F*T, D]");
   at::NoGradGuard no_grad;
+  const bool cached = present(cache_k);  // else a cache-less forward: each block attends to its own K/V
+  TORCH_CHECK(cached || (!present(pending_slots) && !kv_only),
+              "a forward without a KV cache has no finished chunk to fuse and no cache pass");
+  TORCH_CHECK(cached || !present(key_ends) || key_ends.numel() == x.size(1),
+              "key_ends: one key count per token");
   const Cache cache{cache_k, cache_v};
   const Chunk chunk{slots, visible, read_index};
   const bool fused = present(pending_slots);
@@ -996,7 +1028,7 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
   auto proj = [](const Tensor& h, const Tensor& w, const Tensor& wt) { return linear_t(h, w, wt); };  // no bias
   auto attention = [&](const Tensor& q, const Tensor& k, const Tensor& v) {  // attention.attention
     if (k.size(1) <= short_keys) return short_attention(q, k, v, false);
-    return window_attention(q, k, v, false);
+    return window_attention(q, k, v, false, Tensor());
   };
   int64_t nf = nf0;
   for (int64_t layer = 0; layer < layers; ++layer) {  // CausalWanBlock.forward
@@ -1022,6 +1054,12 @@ static Tensor run_blocks(Tensor x, Tensor e, Tensor rope, std::vector<Tensor> we
       if (q.defined()) q = rms_rope_(q, w[Q_B], w[NQ_G], rope, rms_eps).view({b, n, heads, -1});
     }
     auto attend_one = [&](const Chunk& ch, const Tensor& qq, const Tensor& kk, const Tensor& vv, bool queries) {
+      if (!cached) {  // FullAttention: the sequence's own K/V, v with its bias, under the prefix mask if any
+        StageTimer st(S_SELF_ATTN);
+        const auto vb = present(w[V_B]) ? vv + w[V_B].view({heads, -1}) : vv;
+        if (!present(key_ends)) return attention(qq, kk, vb);
+        return window_attention(qq, kk, vb, false, key_ends);
+      }
       {
         StageTimer st(S_CACHE_WRITE);
         cache.write(layer, ch, kk, vv, w[V_B]);
@@ -1100,7 +1138,7 @@ static Tensor patchify(const Tensor& x, const Tensor& w, const Tensor& bias, int
   return at::addmm(bias, t, w.t()).view({b, f * h * wd, -1});
 }
 
-// A whole cached no-grad forward (CausalWanModel.forward on the native path): the patch embedding of the latents
+// A whole no-grad forward (CausalWanModel.forward on the native path): the patch embedding of the latents
 // (a finished chunk's first, if fused, then the chunk's), the blocks (run_blocks), and, unless kv_only, the output
 // head: LayerNorm(x) (1 + scale) + shift with {shift, scale} = head_table + temb of the chunk's frames, the output
 // projection, and the unpatchify. temb [B, F, D] of all frames; returns v [B, F', C_out, H, W] (undefined for
@@ -1111,7 +1149,7 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
                           Tensor read_index, Tensor pending_slots, int64_t pending_visible, Tensor pending_read_index,
                           bool kv_only, int64_t heads, double ln_eps, double rms_eps, int64_t short_keys,
                           bool cross_norm, bool ffn_onednn, Tensor head_table, Tensor proj_w, Tensor proj_b,
-                          double head_eps) {
+                          double head_eps, Tensor key_ends) {
   TORCH_CHECK(!latents.empty() && latents.size() <= 2, "one or two latent chunks (a finished one first)");
   at::NoGradGuard no_grad;
   const auto& x = latents.back();
@@ -1126,7 +1164,7 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
   }
   auto out = run_blocks(tokens, e, rope, std::move(weights), std::move(cross_k), std::move(cross_v), cache_k, cache_v,
                         slots, visible, read_index, pending_slots, pending_visible, pending_read_index, t, kv_only,
-                        heads, ln_eps, rms_eps, short_keys, cross_norm, ffn_onednn);
+                        heads, ln_eps, rms_eps, short_keys, cross_norm, ffn_onednn, key_ends);
   if (kv_only) return Tensor();
   TORCH_CHECK(out.size(1) == nf * t, "the blocks returned ", out.size(1), " tokens for ", nf, " frames");
   TORCH_CHECK(temb.dim() == 3 && temb.size(0) == b && temb.size(2) == out.size(2) && temb.size(1) >= nf &&
@@ -1159,7 +1197,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           }
           return out;
         }, "wall seconds per stage of run_forward since the last reset", arg("reset") = false);
-  m.def("run_forward", &run_forward, "a cached no-grad CPU forward: patch embedding, blocks, head", nogil);
+  m.def("run_forward", &run_forward,
+        "a no-grad CPU forward (cached, or cache-less with a prefix mask): patch embedding, blocks, head", nogil);
   m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn", nogil);
   m.def("modulated_norm", &modulated_norm, "LayerNorm(x) (1 + scale) + shift from a block's table and e", nogil,
         arg("x"), arg("table"), arg("e"), arg("j"), arg("f0"), arg("eps"));
@@ -1175,8 +1214,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("k"), arg("v"), arg("portable") = false);
   m.def("rms_rope_", &rms_rope_, "y [..., D] <- RoPE(RMSNorm(y + bias) * gain) in place (empty: none)", nogil,
         arg("y"), arg("bias"), arg("gain"), arg("cs"), arg("eps"));
-  m.def("window_attention", &window_attention, "softmax(q k^T / sqrt(Dh)) v over a cached window", nogil,
-        arg("q"), arg("k"), arg("v"), arg("sdpa") = false);
+  m.def("window_attention",
+        [](const Tensor& q, const Tensor& k, const Tensor& v, bool sdpa, const std::optional<Tensor>& key_ends) {
+          return window_attention(q, k, v, sdpa, key_ends.value_or(Tensor()));
+        },
+        "softmax(q k^T / sqrt(Dh)) v over a cached window (query i over keys [0, key_ends[i]) if given)", nogil,
+        arg("q"), arg("k"), arg("v"), arg("sdpa") = false, arg("key_ends") = py::none());
   m.def("linear_t", &linear_t, "x @ w^T (no bias) through wt = w^T [K, N] where it applies", nogil);
   m.def("write_kv", &write_kv, "the chunk's K/V (v plus its bias) into their cache slots", nogil);
   m.def("bias_gelu_tanh_", &bias_gelu_tanh_, "h [F, N] <- GELU_tanh(h + bias[:, None]) in place", nogil);
