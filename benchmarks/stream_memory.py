@@ -3,8 +3,9 @@ the first window (the cache is preallocated and rolls; nothing grows with the vi
 
     .venv/bin/python benchmarks/stream_memory.py [--preset tiny] [--lengths 10] [--window 12]
 
-Writes benchmarks/results/stream_memory.json: RSS after every chunk, and the growth between the end of the
-first window and the end of the stream. Random weights (memory does not depend on them), the Moving-Digits
+Writes benchmarks/results/stream_memory.json: RSS after every chunk, the growth between the end of the first window
+and the end of the stream and over its second half, and what the model's bounded lookup caches hold at the end
+(they fill while the stream visits new positions, up to their bound, then stay). Random weights (memory does not depend on them), the Moving-Digits
 autoencoder's streaming decode and MiniLM, as `selfforcing generate` uses them.
 """
 
@@ -23,6 +24,16 @@ from selfforcing.inference import StreamingGenerator
 from selfforcing.models import CausalWanModel
 from selfforcing.perf import keep_freed_memory
 from selfforcing.text import build_text_encoder
+
+
+def lookup_cache_mb(model) -> float:
+    """MB held by the model's bounded lookup caches (RoPE chunk tables, up to 16; per-frame RoPE tables, up to 64
+    frames, computed 16 at a time; time embeddings, up to 32 timestep vectors), counting each storage once: they fill
+    while a stream visits new positions, then stay at their bound."""
+    tensors = list(model.rope._tables.values()) + list(model.rope._frame_tables.values())
+    tensors += [t for pair in model.condition_embedder._time_cache.values() for t in pair]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2**20
 
 
 def main() -> None:
@@ -48,11 +59,14 @@ def main() -> None:
         frames.append(gen.frame)
     first_window = next(i for i, f in enumerate(frames) if f >= args.window)
     steady = rss[first_window:]
+    half = len(rss) // 2
     result = {"benchmark": "stream_memory", "preset": args.preset, "window_frames": args.window,
               "sink_frames": args.sinks, "latent_frames": total, "chunks": len(rss),
               "rss_mb_after_first_window": steady[0] / 2**20, "rss_mb_at_end": rss[-1] / 2**20,
               "rss_mb_max_after_first_window": max(steady) / 2**20,
               "growth_mb_after_first_window": (max(steady) - steady[0]) / 2**20,
+              "growth_mb_over_second_half": (max(rss[half:]) - rss[half]) / 2**20,
+              "lookup_caches_mb_at_end": lookup_cache_mb(model),
               "kv_cache_mb": gen.cache.memory_bytes() / 2**20, "rss_mb_per_chunk": [r / 2**20 for r in rss]}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
