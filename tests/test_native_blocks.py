@@ -402,12 +402,13 @@ def test_window_attention_with_key_prefixes_equals_masked_sdpa(sdpa):
         ext.window_attention(q, k, v, key_ends=ends[:-1])
 
 
-@pytest.mark.parametrize("latent,frames,kw", [(16, 12, {}), (12, 9, {}), (12, 7, {"independent_first_frame": True})])
-def test_native_blocks_equal_python_blocks_without_a_cache(monkeypatch, latent, frames, kw):
+@pytest.mark.parametrize("latent,frames,batch,kw", [(16, 12, 1, {}), (12, 9, 2, {"cross_attn_norm": False}),
+                                                     (12, 7, 1, {"independent_first_frame": True})])
+def test_native_blocks_equal_python_blocks_without_a_cache(monkeypatch, latent, frames, batch, kw):
     """A cache-less no-grad forward (what `bench stream`'s recompute and sliding_window strategies run over
     [context | chunk] at every step) takes the C++ blocks, block-causal through key prefixes or bidirectional, and
-    equals the Python blocks: 64 tokens per frame, 36 (blocks of 108 tokens across the 48-query tiles) and an
-    independent first frame (blocks of 1, 3, 3 frames)."""
+    equals the Python blocks: 64 tokens per frame; 36 (blocks of 108 tokens across the 48-query tiles) with batch 2,
+    80 text tokens and no cross-attention norm; an independent first frame (blocks of 1, 3, 3 frames)."""
     calls = _count_calls(monkeypatch)
     torch.manual_seed(0)
     model = CausalWanModel.from_preset("tiny", num_layers=2, **kw).eval()
@@ -416,9 +417,9 @@ def test_native_blocks_equal_python_blocks_without_a_cache(monkeypatch, latent, 
             blk.attn1.norm_q.weight.mul_(3.0)
             blk.attn1.norm_k.weight.mul_(3.0)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, frames, 8, latent, latent, generator=g)
-    t = torch.rand(1, frames, generator=g) * 1000
-    ctx = torch.randn(1, 16, 384, generator=g)
+    x = torch.randn(batch, frames, 8, latent, latent, generator=g)
+    t = torch.rand(batch, frames, generator=g) * 1000
+    ctx = torch.randn(batch, 16 if batch == 1 else 80, 384, generator=g)
     out = {}
     for setting in ("python", "native"):
         monkeypatch.setenv("SELFFORCING_CPU_BLOCKS", setting)
