@@ -897,7 +897,10 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         elif causal:
             fmask = block_causal_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
             mask = None if bool(fmask.all()) else expand_frame_mask(fmask, tpf)
-            hows = [FullAttention(mask, None if mask is None else prefix_key_ends(fmask, tpf))] * cfg.num_layers
+            # the prefix form is for the C++ blocks (CPU inference) only: elsewhere it would cost a device sync, and
+            # a graph break under torch.compile
+            ends = prefix_key_ends(fmask, tpf) if mask is not None and _cpu_inference(x) else None
+            hows = [FullAttention(mask, ends)] * cfg.num_layers
         else:
             hows = [FullAttention(None)] * cfg.num_layers
 
