@@ -1,12 +1,12 @@
 """Resident memory while streaming 10x the training length through a rolling KV cache: it must stay flat after
 the first window (the cache is preallocated and rolls; nothing grows with the video).
 
-    .venv/bin/python benchmarks/stream_memory.py [--preset tiny] [--lengths 10] [--window 12]
+    .venv/bin/python benchmarks/stream_memory.py [--preset tiny] [--multiple 10] [--window 12] [--out FILE]
 
 Writes benchmarks/results/stream_memory.json: RSS after every chunk, the growth between the end of the first window
 and the end of the stream and over its second half, and what the model's bounded lookup caches hold at the end
-(they fill while the stream visits new positions, up to their bound, then stay). Random weights (memory does not depend on them), the Moving-Digits
-autoencoder's streaming decode and MiniLM, as `selfforcing generate` uses them.
+(they fill while the stream visits new positions, up to their bound, then stay). Random weights (memory does not
+depend on them), the Moving-Digits autoencoder's streaming decode and MiniLM, as `selfforcing generate` uses them.
 """
 
 from __future__ import annotations

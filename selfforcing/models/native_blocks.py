@@ -18,7 +18,8 @@ Where. Like the timed FFN choice, only within :func:`selfforcing.perf.timed_kern
 the benchmarks), for a float32 CPU forward without gradients, against a KV cache (streaming) or without one,
 bidirectional or block-causal (``bench stream``'s recompute and sliding-window strategies); a local attention
 window, sinks in a cache-less mask, teacher forcing and hidden-layer taps stay in Python. Training keeps the path it
-has always taken, bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native`` | ``python``.
+has always taken, bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native``
+| ``python``.
 
 The C++ mirrors ``CausalWanBlock.forward`` on that path op for op; a change to one must be made to the other, and
 the equality test fails if they drift apart.

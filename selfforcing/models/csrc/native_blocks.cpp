@@ -2,10 +2,11 @@
 // run_forward does the patch embedding, the blocks (run_blocks) and the output head.
 //
 // run_blocks computes what CausalWanBlock.forward computes on that path (CPU inference shortcuts; CachedAttention, or
-// FullAttention unmasked or with a key prefix per query), in the same order. The FFN's products go through the same BLAS / oneDNN calls; three things have kernels of their own,
-// AVX2 register tiles where the CPU has them (else torch's op): the self-attention over the cached window
-// (window_attention; SDPA past 2048 keys), the attention over a few text tokens (short_attention), and the attention
-// projections of small models (linear_t, on transposed weight copies). What lies between the products is fused into
+// FullAttention unmasked or with a key prefix per query), in the same order. The FFN's products go through the same
+// BLAS / oneDNN calls; three things have kernels of their own, AVX2 register tiles where the CPU has them (else
+// torch's op): the self-attention over the cached window (window_attention; SDPA past 2048 keys), the attention over
+// a few text tokens (short_attention), and the attention projections of small models (linear_t, on transposed weight
+// copies). What lies between the products is fused into
 // one pass over the rows each time, the same functions to float rounding:
 //   - the adaLN LayerNorm with its modulation, read from the table and e where it is used (modulated_norm);
 //   - each projection's bias with whatever reads its output first: the q/k RMSNorm and RoPE rotation (rms_rope_), the
