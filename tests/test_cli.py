@@ -86,3 +86,13 @@ def test_bench_stream_json_schema(capsys):
         rolling[2]["chunk_gflop_median"] / rolling[1]["chunk_gflop_median"])
     per_flop = [rolling[m]["chunk_latency_s"] / rolling[m]["chunk_gflop_median"] for m in (1, 2)]
     assert out["ratios"]["rolling_kv_seconds_per_flop_x2_over_x1"] == pytest.approx(per_flop[1] / per_flop[0])
+    # without --json: one line per row (with the work of the median chunk for the rolling cache), then the ratios
+    assert main(["bench", "stream", "--preset", "tiny", "--lengths", "1,2", "--train-frames", "6", "--repeats", "1",
+                 "--strategies", "rolling_kv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[:2] for line in lines[:2]] == [["rolling_kv", "x1"], ["rolling_kv", "x2"]]
+    assert all("full window" in line and line.endswith("GFLOP") for line in lines[:2])
+    assert {line.split(":")[0] for line in lines[2:]} == {"rolling_kv_x2_over_rolling_kv_x2", "rolling_kv_x2_over_x1",
+                                                          "rolling_kv_full_window_x2_over_x1",
+                                                          "rolling_kv_flops_x2_over_x1",
+                                                          "rolling_kv_seconds_per_flop_x2_over_x1"}

@@ -497,6 +497,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for r in result["rows"]:
+            work = f"   {r['chunk_gflop_median']:6.2f} GFLOP" if "chunk_gflop_median" in r else ""
             print(f"{r['strategy']:>15} x{r['length']:<3} chunk {r['chunk_latency_s'] * 1e3:8.1f} ms   "
-                  f"first {r['first_chunk_latency_s'] * 1e3:8.1f} ms   {r['fps']:7.1f} frames/s")
+                  f"full window {r['full_window_chunk_latency_s'] * 1e3:8.1f} ms   "
+                  f"first {r['first_chunk_latency_s'] * 1e3:8.1f} ms   {r['fps']:7.1f} frames/s{work}")
+        for name, value in result["ratios"].items():
+            print(f"{name}: {value:.3f}")
     return 0
