@@ -897,9 +897,10 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         elif causal:
             fmask = block_causal_frame_mask(self.block_sizes(nf), cfg.local_attn_size, cfg.sink_size, device)
             mask = None if bool(fmask.all()) else expand_frame_mask(fmask, tpf)
-            # the prefix form is for the C++ blocks (CPU inference) only: elsewhere it would cost a device sync, and
-            # a graph break under torch.compile
-            ends = prefix_key_ends(fmask, tpf) if mask is not None and _cpu_inference(x) else None
+            # the prefix form is for the C++ blocks (CPU inference under timed_kernel_choice) only: elsewhere it would
+            # be wasted work, a device sync, or a graph break under torch.compile
+            native = mask is not None and timed_choice_enabled() and _cpu_inference(x)
+            ends = prefix_key_ends(fmask, tpf) if native else None
             hows = [FullAttention(mask, ends)] * cfg.num_layers
         else:
             hows = [FullAttention(None)] * cfg.num_layers
