@@ -158,7 +158,7 @@ def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
     with pytest.raises(RuntimeError, match="tensors per block"):
         ext.run_forward(*args)
     cacheless_pass = list(args)  # one block's worth of weights, no cache, but a cache pass asked for
-    cacheless_pass[8:13] = [[z] * 28, [z], [z], torch.empty(0), torch.empty(0)]  # 28 = N_W
+    cacheless_pass[8:13] = [[z] * ext.weights_per_block, [z], [z], torch.empty(0), torch.empty(0)]
     cacheless_pass[19] = True
     with pytest.raises(RuntimeError, match="without a KV cache has no finished chunk to fuse and no cache pass"):
         ext.run_forward(*cacheless_pass)
@@ -500,7 +500,7 @@ def test_transposed_weight_copies_only_where_the_tile_gemm_runs():
     wide = CausalWanModel.from_preset("tiny", num_layers=1, num_attention_heads=12, attention_head_dim=64).eval()
     for model, copies in ((small, 6), (wide, 0)):
         flat = native_blocks._params(model)
-        assert len(flat) == 28
+        assert len(flat) == 28 == native_blocks.extension().weights_per_block  # the C++ side reads the same layout
         assert sum(t.numel() > 0 for t in flat[22:]) == copies
     q = small.blocks[0].attn1.to_q.weight
     assert torch.equal(native_blocks._params(small)[22], q.t())

@@ -1188,6 +1188,8 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using py::arg;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  // tensors per block in run_forward's weights (enum W): Python's flat list must follow it (tests check the two agree)
+  m.attr("weights_per_block") = py::int_(static_cast<int>(N_W));
   m.def("profile_sections", [](bool on) { g_profile.store(on, std::memory_order_relaxed); },
         "time run_forward's stages from now on (true) or stop (false)");
   m.def("section_seconds", [](bool reset) {
