@@ -68,9 +68,13 @@ def test_bench_stream_json_schema(capsys):
     assert {r["length"] for r in rows} == {1, 2}
     for r in rows:
         assert r["chunk_latency_s"] > 0 and r["first_chunk_latency_s"] > 0 and r["fps"] > 0
-        assert r["chunks"] == 2 * r["length"] * 6 // 3 and r["repeats"] == 2  # chunks of both repeats pooled
+        # 2 rounds; per round the 1x video streams 4 times, the 2x one twice: 16 chunks of 3 frames pooled for each
+        assert (r["streams"], r["chunks"], r["repeats"]) == ({1: 8, 2: 4}[r["length"]], 16, 2)
         assert r["chunk_latency_p10_s"] <= r["chunk_latency_s"] <= r["chunk_latency_p90_s"]
         assert r["full_window_chunk_latency_s"] > 0  # 6-frame window, 3-frame chunks: from the second chunk on
+    from selfforcing.commands.bench import streams_per_round
+
+    assert [streams_per_round(m) for m in (1, 2, 3, 4, 5, 10)] == [4, 2, 2, 1, 1, 1]  # >= 4 training lengths a round
     assert out["ratios"]["rolling_kv_full_window_x2_over_x1"] > 0
     by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
     for name in ("recompute", "sliding_window"):  # each strategy against the rolling cache at the longest length

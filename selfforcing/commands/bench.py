@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--strategies", default="rolling_kv,recompute,sliding_window",
                    help=f"comma-separated, from {','.join(STRATEGIES)}")
     s.add_argument("--repeats", type=int, default=5,
-                   help="streams per (strategy, length), interleaved over the lengths; medians pool their chunks (a "
-                        "1x video of the laptop presets is only 4 chunks, so its median pools 4 x repeats)")
+                   help="rounds per strategy; a round streams every length in turn, a video shorter than 4 "
+                        "training lengths ceil(4 / length) times; medians pool the chunks of every stream")
     c = sub.add_parser("chunk", help="one AR chunk step (denoising steps + cache pass): time, FLOPs, share of the "
                                      "measured matmul peak")
     _common(c, "small", 2)
@@ -226,16 +226,28 @@ def _steps(num_steps: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
+MIN_TRAIN_LENGTHS_PER_ROUND = 4
+
+
+def streams_per_round(length: int) -> int:
+    """Streams of a video ``length`` training lengths long in one round of :func:`stream_benchmark`:
+    ceil(MIN_TRAIN_LENGTHS_PER_ROUND / length), at least 1 (1x: 4, 2x: 2, 5x and longer: 1)."""
+    return max(1, -(-MIN_TRAIN_LENGTHS_PER_ROUND // length))
+
+
 def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], train_frames: int | None = None,
                      latent_size: tuple[int, int] | None = None, num_steps: int = 4, device: str = "cpu",
                      dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
                      text_len: int | None = None, repeats: int = 5) -> dict:
     """Rows {strategy, length, chunk_latency_s, first_chunk_latency_s, fps} for every strategy and length.
 
-    Each (strategy, length) streams ``repeats`` times; the repeats of one strategy run round-robin over the
-    lengths (x1, x10, x1, x10, ...), so that a slow spell of a shared machine falls on every length alike.
-    chunk_latency_s is the median over every chunk of every repeat (also p10 / p90), first_chunk_latency_s the
-    median over repeats of the first chunk, fps the latent frames of a video over its median total time.
+    Each strategy runs ``repeats`` rounds; a round streams every length in turn (x1, x10, x1, x10, ...), so that a
+    slow spell of a shared machine falls on every length alike, and a video shorter than
+    ``MIN_TRAIN_LENGTHS_PER_ROUND`` training lengths streams that many times over in its round (a 1x video of the
+    laptop presets is 4 chunks, a 10x one 40): without that, the 1x median would pool 4 x repeats chunks whose middle
+    falls between two chunks of different cost, against hundreds at 10x. chunk_latency_s is the median over every
+    chunk of every stream (also p10 / p90), first_chunk_latency_s the median over streams of the first chunk, fps the
+    latent frames of a video over its median total time.
     """
     import torch
 
@@ -274,16 +286,17 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             streams: dict[int, list[list[float]]] = {m: [] for m in lengths}
             for _ in range(repeats):
                 for m in lengths:
-                    state = new_stream_state(model, 1, (h, w), train_frames)
-                    latencies = []
-                    for start in range(0, m * train_frames, k):
-                        x = noise()
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        fn(model, state, x, steps, ctx, start, g)
-                        _sync(device)
-                        latencies.append(time.perf_counter() - t0)
-                    streams[m].append(latencies)
+                    for _ in range(streams_per_round(m)):
+                        state = new_stream_state(model, 1, (h, w), train_frames)
+                        latencies = []
+                        for start in range(0, m * train_frames, k):
+                            x = noise()
+                            _sync(device)
+                            t0 = time.perf_counter()
+                            fn(model, state, x, steps, ctx, start, g)
+                            _sync(device)
+                            latencies.append(time.perf_counter() - t0)
+                        streams[m].append(latencies)
             full_from = train_frames // k - 1  # the first chunk that attends to a full window (its own frames last)
             for m in lengths:
                 pooled = sorted(t for lat in streams[m] for t in lat)
@@ -295,7 +308,7 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
                              "chunk_latency_p90_s": pooled[int(0.9 * (len(pooled) - 1))],
                              "first_chunk_latency_s": statistics.median(lat[0] for lat in streams[m]),
                              "fps": m * train_frames / statistics.median(sum(lat) for lat in streams[m]),
-                             "chunks": len(pooled), "repeats": repeats})
+                             "chunks": len(pooled), "streams": len(streams[m]), "repeats": repeats})
                 if name == "rolling_kv":  # the work per chunk, which grows while the window fills
                     rows[-1]["chunk_gflop_median"] = statistics.median(
                         rolling_chunk_flops(c, tpf, k, train_frames, i, text_len, num_steps)
@@ -322,7 +335,7 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
             "cpu_blocks": _cpu_blocks_report() if device == "cpu" else None,
             "load_average_before": load_before, "load_average_after": _load(),
             "repeats": repeats,
-            "note": "chunk_latency_s: median over all chunks of every repeat of the video (after one warm-up stream; "
+            "note": "chunk_latency_s: median over all chunks of every stream of the video (after one warm-up stream; "
                     "at 1x most of them attend to a window that is still filling); full_window_chunk_latency_s: "
                     "median over the chunks from the first that attends to a full window on; fps: latent frames per "
                     "second of chunk compute; chunk_gflop_median (rolling_kv): the analytic matmul work of the median "

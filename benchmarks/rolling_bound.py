@@ -1,0 +1,61 @@
+"""How often the rolling KV cache's 10x-vs-1x bound holds, and why it can only hold by chance as written: runs
+``selfforcing bench stream --strategies rolling_kv --lengths 1,10`` (the performance issue's protocol) ``--runs``
+times in one process and reports, per run, the ratio of the median chunk latencies (all chunks: at 1x most of them
+attend to a window that is still filling), the same ratio over full-window chunks only, the analytic matmul work of
+the two median chunks and the cost per unit of that work.
+
+    .venv/bin/python benchmarks/rolling_bound.py [--preset tiny] [--runs 8] [--bound 1.15]
+        [--out benchmarks/results/rolling_bound_tiny.json]
+
+The work ratio is fixed by the shapes (tiny: 1.235): the latency ratio equals it times the cost-per-work ratio, so
+the bound holds only in runs where a 10x chunk happens to cost at least 1 - bound / work_ratio less per FLOP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from selfforcing.commands.bench import stream_benchmark
+from selfforcing.perf import keep_freed_memory
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--runs", type=int, default=8)
+    p.add_argument("--bound", type=float, default=1.15, help="the issue's bound on the 10x / 1x median ratio")
+    p.add_argument("--out", default="benchmarks/results/rolling_bound_tiny.json")
+    args = p.parse_args()
+    keep_freed_memory()  # as the CLI does for `bench stream`
+    runs = []
+    for i in range(args.runs):
+        r = stream_benchmark(args.preset, [1, 10], ["rolling_kv"])["ratios"]
+        runs.append({"all_chunks_x10_over_x1": r["rolling_kv_x10_over_x1"],
+                     "full_window_x10_over_x1": r["rolling_kv_full_window_x10_over_x1"],
+                     "flops_x10_over_x1": r["rolling_kv_flops_x10_over_x1"],
+                     "seconds_per_flop_x10_over_x1": r["rolling_kv_seconds_per_flop_x10_over_x1"]})
+        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()), flush=True)
+    work = runs[0]["flops_x10_over_x1"]
+    summary = {
+        "runs": args.runs, "bound": args.bound, "flops_x10_over_x1": work,
+        # the cost-per-FLOP ratio a run needs for the literal bound to hold
+        "seconds_per_flop_ratio_needed": args.bound / work,
+        "all_chunks_passes": sum(r["all_chunks_x10_over_x1"] <= args.bound for r in runs),
+        "full_window_passes": sum(r["full_window_x10_over_x1"] <= args.bound for r in runs),
+    }
+    for key in ("all_chunks_x10_over_x1", "full_window_x10_over_x1", "seconds_per_flop_x10_over_x1"):
+        values = [r[key] for r in runs]
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    result = {"benchmark": "rolling_bound", "preset": args.preset, "summary": summary, "per_run": runs,
+              "load_average": list(os.getloadavg())}
+    print(json.dumps(summary))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
