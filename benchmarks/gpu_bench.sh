@@ -19,5 +19,5 @@ if [ -n "${WITH_COMPILE:-}" ]; then
   run chunk_step_wan13b_cuda_bf16_compile $SF bench chunk --preset wan2.1-t2v-1.3b --device cuda --dtype bfloat16 \
       --repeats 5 --compile
   run bench_stream_wan13b_cuda_bf16_flex $SF bench stream --preset wan2.1-t2v-1.3b --device cuda --dtype bfloat16 \
-      --latent-size 60,104 --lengths 1 --strategies rolling_kv,recompute --attention flex
+      --latent-size 60,104 --lengths 1 --strategies rolling_kv,recompute --attention flex --repeats 1
 fi
