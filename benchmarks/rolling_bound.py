@@ -22,6 +22,35 @@ from selfforcing.commands.bench import stream_benchmark
 from selfforcing.perf import keep_freed_memory
 
 
+def rolling_bound(preset: str = "tiny", runs: int = 8, bound: float = 1.15, lengths: tuple[int, int] = (1, 10),
+                  log=print, **stream_kwargs) -> dict:
+    """``runs`` runs of ``stream_benchmark(preset, lengths, ["rolling_kv"], **stream_kwargs)``: per run the long / short
+    ratios (all chunks, full-window chunks, analytic work, cost per FLOP), and a summary: how many runs stay within
+    ``bound``, each ratio's median / min / max, and the cost-per-FLOP ratio needed, bound / work ratio."""
+    lo, hi = lengths
+    per_run = []
+    for i in range(runs):
+        r = stream_benchmark(preset, [lo, hi], ["rolling_kv"], **stream_kwargs)["ratios"]
+        per_run.append({"all_chunks_x10_over_x1": r[f"rolling_kv_x{hi}_over_x{lo}"],
+                        "full_window_x10_over_x1": r[f"rolling_kv_full_window_x{hi}_over_x{lo}"],
+                        "flops_x10_over_x1": r[f"rolling_kv_flops_x{hi}_over_x{lo}"],
+                        "seconds_per_flop_x10_over_x1": r[f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"]})
+        log(f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_run[-1].items()))
+    work = per_run[0]["flops_x10_over_x1"]
+    summary = {
+        "runs": runs, "bound": bound, "lengths": list(lengths), "flops_x10_over_x1": work,
+        # the cost-per-FLOP ratio a run needs for the literal bound to hold
+        "seconds_per_flop_ratio_needed": bound / work,
+        "all_chunks_passes": sum(r["all_chunks_x10_over_x1"] <= bound for r in per_run),
+        "full_window_passes": sum(r["full_window_x10_over_x1"] <= bound for r in per_run),
+    }
+    for key in ("all_chunks_x10_over_x1", "full_window_x10_over_x1", "seconds_per_flop_x10_over_x1"):
+        values = [r[key] for r in per_run]
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {"benchmark": "rolling_bound", "preset": preset, "summary": summary, "per_run": per_run,
+            "load_average": list(os.getloadavg())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -30,28 +59,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/rolling_bound_tiny.json")
     args = p.parse_args()
     keep_freed_memory()  # as the CLI does for `bench stream`
-    runs = []
-    for i in range(args.runs):
-        r = stream_benchmark(args.preset, [1, 10], ["rolling_kv"])["ratios"]
-        runs.append({"all_chunks_x10_over_x1": r["rolling_kv_x10_over_x1"],
-                     "full_window_x10_over_x1": r["rolling_kv_full_window_x10_over_x1"],
-                     "flops_x10_over_x1": r["rolling_kv_flops_x10_over_x1"],
-                     "seconds_per_flop_x10_over_x1": r["rolling_kv_seconds_per_flop_x10_over_x1"]})
-        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()), flush=True)
-    work = runs[0]["flops_x10_over_x1"]
-    summary = {
-        "runs": args.runs, "bound": args.bound, "flops_x10_over_x1": work,
-        # the cost-per-FLOP ratio a run needs for the literal bound to hold
-        "seconds_per_flop_ratio_needed": args.bound / work,
-        "all_chunks_passes": sum(r["all_chunks_x10_over_x1"] <= args.bound for r in runs),
-        "full_window_passes": sum(r["full_window_x10_over_x1"] <= args.bound for r in runs),
-    }
-    for key in ("all_chunks_x10_over_x1", "full_window_x10_over_x1", "seconds_per_flop_x10_over_x1"):
-        values = [r[key] for r in runs]
-        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
-    result = {"benchmark": "rolling_bound", "preset": args.preset, "summary": summary, "per_run": runs,
-              "load_average": list(os.getloadavg())}
-    print(json.dumps(summary))
+    result = rolling_bound(args.preset, args.runs, args.bound, log=lambda line: print(line, flush=True))
+    print(json.dumps(result["summary"]))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)

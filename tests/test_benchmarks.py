@@ -1,4 +1,5 @@
-"""The benchmark tools that carry logic of their own: chunk_ab's variant parsing and its interleaved runs."""
+"""The benchmark tools that carry logic of their own: chunk_ab's variant parsing and its interleaved runs, and
+rolling_bound's summary of repeated stream runs."""
 
 import importlib.util
 import os
@@ -39,3 +40,30 @@ def test_chunk_ab_runs_each_variant_in_its_own_environment():
     assert set(result["runs"][names[1]][0]["cpu_ffn"]["chosen"].values()) <= {"onednn", "feature_major"}
     assert result["summary"][names[0]]["ratio_to_first"] == 1.0
     assert sum(s["rounds_won"] for s in result["summary"].values()) == 1
+
+
+def test_rolling_bound_summarises_its_runs():
+    """Two short runs of the rolling bound's protocol (x1 vs x2, a 6-frame window): the summary's counts and extremes
+    are those of the per-run ratios, the work ratio is the analytic one of `bench stream`, and the cost-per-FLOP
+    ratio of each run times the work ratio gives back its latency ratio."""
+    rb = _load("rolling_bound")
+    result = rb.rolling_bound("tiny", runs=2, bound=1.15, lengths=(1, 2), log=lambda line: None, train_frames=6,
+                              repeats=1)
+    runs, summary = result["per_run"], result["summary"]
+    assert len(runs) == 2 and summary["lengths"] == [1, 2]
+    for key, bound_key in (("all_chunks_x10_over_x1", "all_chunks_passes"),
+                           ("full_window_x10_over_x1", "full_window_passes")):
+        values = [r[key] for r in runs]
+        assert summary[bound_key] == sum(v <= 1.15 for v in values)
+        assert (summary[key]["min"], summary[key]["max"]) == (min(values), max(values))
+    # x1 of a 6-frame window: chunks 0 and 1; x2 adds two full-window chunks (see test_cli's bench stream test)
+    from types import SimpleNamespace
+
+    from selfforcing.models.presets import preset_config
+    from selfforcing.perf import rolling_chunk_flops
+
+    work = [rolling_chunk_flops(SimpleNamespace(**preset_config("tiny")), 64, 3, 6, i, 16, 4) for i in range(3)]
+    assert summary["flops_x10_over_x1"] == pytest.approx((work[1] + work[2]) / (work[0] + work[1]))
+    assert summary["seconds_per_flop_ratio_needed"] == pytest.approx(1.15 / summary["flops_x10_over_x1"])
+    for r in runs:
+        assert r["seconds_per_flop_x10_over_x1"] * r["flops_x10_over_x1"] == pytest.approx(r["all_chunks_x10_over_x1"])
