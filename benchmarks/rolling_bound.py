@@ -28,25 +28,26 @@ def rolling_bound(preset: str = "tiny", runs: int = 8, bound: float = 1.15, leng
     ratios (all chunks, full-window chunks, analytic work, cost per FLOP), and a summary: how many runs stay within
     ``bound``, each ratio's median / min / max, and the cost-per-FLOP ratio needed, bound / work ratio."""
     lo, hi = lengths
+    names = {"all_chunks": f"rolling_kv_x{hi}_over_x{lo}", "full_window": f"rolling_kv_full_window_x{hi}_over_x{lo}",
+             "flops": f"rolling_kv_flops_x{hi}_over_x{lo}",
+             "seconds_per_flop": f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"}
+    key = {what: f"{what}_x{hi}_over_x{lo}" for what in names}  # the result's keys name the lengths compared
     per_run = []
     for i in range(runs):
         r = stream_benchmark(preset, [lo, hi], ["rolling_kv"], **stream_kwargs)["ratios"]
-        per_run.append({"all_chunks_x10_over_x1": r[f"rolling_kv_x{hi}_over_x{lo}"],
-                        "full_window_x10_over_x1": r[f"rolling_kv_full_window_x{hi}_over_x{lo}"],
-                        "flops_x10_over_x1": r[f"rolling_kv_flops_x{hi}_over_x{lo}"],
-                        "seconds_per_flop_x10_over_x1": r[f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"]})
+        per_run.append({key[what]: r[name] for what, name in names.items()})
         log(f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_run[-1].items()))
-    work = per_run[0]["flops_x10_over_x1"]
+    work = per_run[0][key["flops"]]
     summary = {
-        "runs": runs, "bound": bound, "lengths": list(lengths), "flops_x10_over_x1": work,
+        "runs": runs, "bound": bound, "lengths": list(lengths), key["flops"]: work,
         # the cost-per-FLOP ratio a run needs for the literal bound to hold
         "seconds_per_flop_ratio_needed": bound / work,
-        "all_chunks_passes": sum(r["all_chunks_x10_over_x1"] <= bound for r in per_run),
-        "full_window_passes": sum(r["full_window_x10_over_x1"] <= bound for r in per_run),
+        "all_chunks_passes": sum(r[key["all_chunks"]] <= bound for r in per_run),
+        "full_window_passes": sum(r[key["full_window"]] <= bound for r in per_run),
     }
-    for key in ("all_chunks_x10_over_x1", "full_window_x10_over_x1", "seconds_per_flop_x10_over_x1"):
-        values = [r[key] for r in per_run]
-        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    for what in ("all_chunks", "full_window", "seconds_per_flop"):
+        values = [r[key[what]] for r in per_run]
+        summary[key[what]] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     return {"benchmark": "rolling_bound", "preset": preset, "summary": summary, "per_run": per_run,
             "load_average": list(os.getloadavg())}
 

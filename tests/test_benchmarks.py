@@ -51,8 +51,8 @@ def test_rolling_bound_summarises_its_runs():
                               repeats=1)
     runs, summary = result["per_run"], result["summary"]
     assert len(runs) == 2 and summary["lengths"] == [1, 2]
-    for key, bound_key in (("all_chunks_x10_over_x1", "all_chunks_passes"),
-                           ("full_window_x10_over_x1", "full_window_passes")):
+    for key, bound_key in (("all_chunks_x2_over_x1", "all_chunks_passes"),
+                           ("full_window_x2_over_x1", "full_window_passes")):
         values = [r[key] for r in runs]
         assert summary[bound_key] == sum(v <= 1.15 for v in values)
         assert (summary[key]["min"], summary[key]["max"]) == (min(values), max(values))
@@ -63,7 +63,7 @@ def test_rolling_bound_summarises_its_runs():
     from selfforcing.perf import rolling_chunk_flops
 
     work = [rolling_chunk_flops(SimpleNamespace(**preset_config("tiny")), 64, 3, 6, i, 16, 4) for i in range(3)]
-    assert summary["flops_x10_over_x1"] == pytest.approx((work[1] + work[2]) / (work[0] + work[1]))
-    assert summary["seconds_per_flop_ratio_needed"] == pytest.approx(1.15 / summary["flops_x10_over_x1"])
+    assert summary["flops_x2_over_x1"] == pytest.approx((work[1] + work[2]) / (work[0] + work[1]))
+    assert summary["seconds_per_flop_ratio_needed"] == pytest.approx(1.15 / summary["flops_x2_over_x1"])
     for r in runs:
-        assert r["seconds_per_flop_x10_over_x1"] * r["flops_x10_over_x1"] == pytest.approx(r["all_chunks_x10_over_x1"])
+        assert r["seconds_per_flop_x2_over_x1"] * r["flops_x2_over_x1"] == pytest.approx(r["all_chunks_x2_over_x1"])
