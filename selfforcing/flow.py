@@ -135,6 +135,35 @@ def timesteps_from_uniform(
     return (shift_sigma(u, shift) * NUM_TRAIN_TIMESTEPS).float()
 
 
+def logit_normal_from_uniform(u: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Map u in (0, 1) to a logit-normal sigma: sigma = sigmoid(mean + std * Phi^-1(u)) (SD3's sampling); float64.
+
+    An inverse-CDF map, so one uniform draw per sample serves either distribution and a run's random streams do
+    not depend on which is chosen. u is clamped to [1e-6, 1 - 1e-6] so that u = 0 gives a finite sigma.
+    """
+    if std <= 0:
+        raise ValueError(f"logit-normal std must be > 0, got {std}")
+    z = torch.special.ndtri(u.double().clamp(1e-6, 1 - 1e-6))
+    return torch.sigmoid(mean + std * z)
+
+
+TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+def training_timesteps(u: torch.Tensor, *, distribution: str = "uniform", shift: float = 1.0, mean: float = 0.0,
+                       std: float = 1.0) -> torch.Tensor:
+    """Training timesteps t in [0, 1000] from uniform draws u in [0, 1) (float32, shape of u):
+
+        uniform:       t = 1000 shift_sigma(u)                             (Wan's shifted sampling)
+        logit_normal:  t = 1000 shift_sigma(sigmoid(mean + std Phi^-1(u)))  (SD3; shift 1 leaves it as it is)
+    """
+    if distribution == "uniform":
+        return timesteps_from_uniform(u, shift=shift)
+    if distribution == "logit_normal":
+        return (shift_sigma(logit_normal_from_uniform(u, mean, std), shift) * NUM_TRAIN_TIMESTEPS).float()
+    raise ValueError(f"unknown timestep distribution {distribution!r}; choose one of {list(TIMESTEP_DISTRIBUTIONS)}")
+
+
 def blockwise_timesteps(per_block: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
     """Expand one timestep per block [B, nb] to per-frame timesteps [B, sum(block_sizes)]."""
     if per_block.ndim != 2 or per_block.shape[1] != len(block_sizes):

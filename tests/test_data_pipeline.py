@@ -74,3 +74,25 @@ def test_encode_a_video_folder_with_a_corrupt_file(tmp_path, capsys):
     store = Store(out)
     assert len(store) == 1 and store[0]["caption"] == "a man talks on a car phone"
     assert store[0]["latents"].shape == (5, 3, 64, 64)
+
+
+def test_teacher_joint_training_reads_single_frames_of_stored_clips(tmp_path, capsys):
+    """Image-video joint training from an encoded store: each image is one frame of a stored clip (a 1-frame video
+    with that clip's caption states), picked by the image's own seed; the clip half is the plain store batch."""
+    from selfforcing.training.data import build_batch_source
+
+    out = str(tmp_path / "store")
+    assert main(["data", "encode", "--num-frames", "4", "--num-clips", "3", "--num-digits", "1,1",
+                 "--text-len", "8", "--batch-size", "3", "--out", out]) == 0
+    store = Store(out)
+    recipe = dict(method="teacher", max_steps=2, batch_size=2, out_dir=str(tmp_path / "run"), checkpoint_every=0,
+                  tensorboard=False, generator={"preset": "tiny", "overrides": {"num_layers": 1}},
+                  data={"kind": "store", "path": out, "text_len": 8, "image_batch_size": 5})
+    batch = build_batch_source(build_config(TrainConfig, recipe), 384, torch.device("cpu")).batch(0, 0, 0)
+    assert batch["image_latents"].shape == (5, 1, 8, 16, 16) and batch["image_context"].shape == (5, 8, 384)
+    frames = {(r, f): store[r]["latents"][f] for r in range(3) for f in range(4)}
+    for img, ctx in zip(batch["image_latents"][:, 0], batch["image_context"]):
+        hits = [(r, f) for (r, f), fr in frames.items() if torch.equal(fr, img)]
+        assert hits and torch.equal(store[hits[0][0]]["context"], ctx)
+    state = train(build_config(TrainConfig, recipe), progress=False, resume=False)
+    assert all("image_loss" in h for h in state.history)

@@ -70,3 +70,25 @@ def test_blockwise_timesteps_and_bad_input():
         flow.denoising_step_list([250, 500])
     with pytest.raises(ValueError, match="sigma = 0"):
         flow.x0_to_flow(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1))
+
+
+def test_logit_normal_timesteps_follow_sd3s_distribution():
+    """sigma = sigmoid(m + s Phi^-1(u)): logit(sigma) of uniform draws is N(m, s^2); the median is sigmoid(m);
+    the shift is applied after; 'uniform' is Wan's shifted sampling unchanged."""
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = flow.training_timesteps(u, distribution="logit_normal", mean=-0.5, std=0.8)
+    logit = torch.logit(t.double() / 1000)
+    assert abs(float(logit.mean()) + 0.5) < 0.01 and abs(float(logit.std()) - 0.8) < 0.01
+    half = torch.tensor([0.5], dtype=torch.float64)
+    assert float(flow.training_timesteps(half, distribution="logit_normal", mean=-0.5, std=0.8)) == \
+        pytest.approx(1000 * torch.sigmoid(torch.tensor(-0.5)).item(), rel=1e-5)
+    shifted = flow.training_timesteps(u[:100], distribution="logit_normal", shift=3.0)
+    torch.testing.assert_close(shifted.double(), 1000 * flow.shift_sigma(
+        flow.logit_normal_from_uniform(u[:100]), 3.0), rtol=1e-6, atol=1e-3)
+    assert bool(((t > 0) & (t < 1000)).all())  # u = 0 and u -> 1 stay finite and inside (0, 1000)
+    assert 0 < float(flow.training_timesteps(torch.zeros(1), distribution="logit_normal")) < 10
+    torch.testing.assert_close(flow.training_timesteps(u[:50], shift=3.0), flow.timesteps_from_uniform(u[:50], shift=3.0))
+    with pytest.raises(ValueError, match="unknown timestep distribution 'beta'"):
+        flow.training_timesteps(u[:5], distribution="beta")
+    with pytest.raises(ValueError, match="std must be > 0"):
+        flow.logit_normal_from_uniform(u[:5], std=0.0)

@@ -224,3 +224,59 @@ def test_scheduled_learning_rate_is_applied_and_resumes_exactly(tmp_path):
     resumed = train(_cfg(tmp_path / "b", **kw), progress=False, resume=True)
     for (k, p), q in zip(straight.method.generator.state_dict().items(), resumed.method.generator.state_dict().values()):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=k)
+
+
+def _joint_cfg(tmp_path, **kw):
+    d = dict(method="teacher", max_steps=2, batch_size=2, out_dir=str(tmp_path), checkpoint_every=0,
+             tensorboard=False, generator=TINY, timestep_shift=3.0,
+             data={"kind": "moving-digits", "num_frames": 3, "num_digits": [1, 1], "images_per_digit": 4,
+                   "text_len": 8, "embedding_cache": str(tmp_path.parent / "text_cache")})
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return build_config(TrainConfig, d)
+
+
+def test_image_video_joint_training_adds_weighted_single_frame_loss(tmp_path):
+    """data.image_batch_size single frames ride beside the clips: [Bi, 1, C, h, w] latents with their own captions and
+    random streams, so the clip half of every step is untouched (weight 0 == no images, bit for bit), and a positive
+    weight changes the update and logs image_loss."""
+    from selfforcing.training.data import build_batch_source
+
+    cfg = _joint_cfg(tmp_path / "a", data={"image_batch_size": 3})
+    batch = build_batch_source(cfg, 384, torch.device("cpu")).batch(0, 0, 0)
+    assert batch["latents"].shape == (2, 3, 8, 16, 16) and batch["image_latents"].shape == (3, 1, 8, 16, 16)
+    assert batch["image_context"].shape == (3, 8, 384) and len(batch["image_rng"]) == 3
+    assert not torch.equal(batch["image_latents"][:2, 0], batch["latents"][:, 0])  # other clips, not clip frames
+    plain = train(_joint_cfg(tmp_path / "b"), progress=False, resume=False)
+    zero = train(_joint_cfg(tmp_path / "c", data={"image_batch_size": 3, "image_loss_weight": 0.0}), progress=False,
+                 resume=False)
+    joint = train(_joint_cfg(tmp_path / "d", data={"image_batch_size": 3}), progress=False, resume=False)
+    for k, p in plain.method.generator.state_dict().items():
+        torch.testing.assert_close(zero.method.generator.state_dict()[k], p, atol=0, rtol=0, msg=k)
+    assert [h["loss"] for h in zero.history] == [h["loss"] for h in plain.history]
+    assert all("image_loss" in h and h["image_loss"] > 0 for h in joint.history)
+    moved = [k for k, p in plain.method.generator.state_dict().items()
+             if not torch.equal(joint.method.generator.state_dict()[k], p)]
+    assert moved
+
+
+def test_joint_training_and_timestep_sampling_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="needs method=teacher and data.kind moving-digits or store"):
+        _cfg(tmp_path, method="self_forcing", data={**RANDOM_DATA, "image_batch_size": 4})
+    with pytest.raises(ValueError, match="timestep_sampling must be uniform or logit_normal"):
+        _cfg(tmp_path, timestep_sampling="beta")
+    with pytest.raises(ValueError, match="image_batch_size and data.image_loss_weight must be >= 0"):
+        _joint_cfg(tmp_path, data={"image_batch_size": -1})
+
+
+def test_logit_normal_sampling_changes_only_the_flow_losses_timesteps(tmp_path):
+    """The recipe's timestep distribution reaches the teacher's flow loss (other draws, other update), from the same
+    uniform streams (so the first loss of a uniform run and of a logit-normal one differ only through t)."""
+    a = train(_cfg(tmp_path / "a", method="teacher"), progress=False, resume=False)
+    b = train(_cfg(tmp_path / "b", method="teacher", timestep_sampling="logit_normal"), progress=False, resume=False)
+    assert a.history[0]["loss"] != b.history[0]["loss"]
+    c = train(_cfg(tmp_path / "c", method="teacher", timestep_sampling="logit_normal"), progress=False, resume=False)
+    assert [h["loss"] for h in b.history] == [h["loss"] for h in c.history]

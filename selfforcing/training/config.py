@@ -68,6 +68,10 @@ class DataConfig:
     embedding_cache: str | None = None  # on-disk text-embedding cache (default: <out>/text_cache)
     latent_shape: tuple[int, int, int, int] = (12, 8, 16, 16)  # [F, C, H, W] for kind=random
     negative_prompt: str = ""  # the unconditional prompt for CFG / text dropout
+    # image-video joint training (teacher; moving-digits or a store of clips): per micro-batch, this many single
+    # frames (1-frame videos through the same model) beside the batch_size clips, weighted by image_loss_weight
+    image_batch_size: int = 0
+    image_loss_weight: float = 1.0
 
 
 @dataclass
@@ -125,6 +129,10 @@ class TrainConfig:
     parallel: str = "none"  # none | ddp | fsdp2
 
     timestep_shift: float = 5.0  # shifted timestep sampling of the flow-matching losses
+    # distribution of the flow-matching losses' timesteps before the shift: uniform (Wan) or logit_normal (SD3)
+    timestep_sampling: str = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
     text_dropout: float = 0.1  # probability of the unconditional prompt (teacher, for CFG)
     context_noise: float = 0.0  # teacher forcing: timestep of the clean context (noise augmentation)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,5 +156,12 @@ class TrainConfig:
             raise ValueError(f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         if self.parallel not in ("none", "ddp", "fsdp2"):
             raise ValueError(f"parallel must be none, ddp or fsdp2, got {self.parallel!r}")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}")
+        if self.data.image_batch_size < 0 or self.data.image_loss_weight < 0:
+            raise ValueError("data.image_batch_size and data.image_loss_weight must be >= 0")
+        if self.data.image_batch_size and (self.method != "teacher" or self.data.kind not in ("moving-digits", "store")):
+            raise ValueError("data.image_batch_size (image-video joint training) needs method=teacher and data.kind "
+                             f"moving-digits or store, got method={self.method!r}, data.kind={self.data.kind!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
             raise ValueError("batch_size and grad_accum must be >= 1 and max_steps >= 0")

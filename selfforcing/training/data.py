@@ -33,10 +33,17 @@ def global_indices(batch_size: int, micro: int) -> list[int]:
     return list(range(first, first + batch_size))
 
 
-def batch_rng(cfg: TrainConfig, step: int, micro: int, purpose: int, device) -> BatchRNG:
-    """The per-sample random streams of one micro-batch (timesteps, noise, dropout, block indices...)."""
-    return BatchRNG([sample_seed(cfg.seed, step, purpose, i, stream=1) for i in global_indices(cfg.batch_size, micro)],
+def batch_rng(cfg: TrainConfig, step: int, micro: int, purpose: int, device, batch_size: int | None = None,
+              stream: int = 1) -> BatchRNG:
+    """The per-sample random streams of one micro-batch (timesteps, noise, dropout, block indices...); the image
+    half of a joint batch takes its own ``stream`` and ``batch_size``."""
+    n = cfg.batch_size if batch_size is None else batch_size
+    return BatchRNG([sample_seed(cfg.seed, step, purpose, i, stream=stream) for i in global_indices(n, micro)],
                     device)
+
+
+SAMPLE_PURPOSE = 99  # the purpose of the fixed batch that samples and pipeline specs are drawn from
+IMAGE_RNG_STREAM, IMAGE_CLIP_STREAM = 2, 3  # streams of the single frames of image-video joint training
 
 
 class RandomLatents:
@@ -98,7 +105,11 @@ def _pick(seed: int, n: int) -> int:
 
 class MovingDigitsLatents:
     """Moving-Digits clips rendered on the fly (a pure function of the sample's seed), encoded by the recipe's
-    autoencoder, with their captions through the text encoder: latents [B, F', C, h, w], context [B, L, D]."""
+    autoencoder, with their captions through the text encoder: latents [B, F', C, h, w], context [B, L, D].
+
+    With ``data.image_batch_size`` = Bi > 0 the batch also holds Bi single frames (the first frame of clips drawn
+    from their own seeds: a digit at a uniform position): ``image_latents`` [Bi, 1, C, h, w], ``image_context``,
+    ``image_null_context`` and ``image_rng``."""
 
     def __init__(self, cfg: TrainConfig, text_dim: int, device: torch.device) -> None:
         from ..autoencoders import get_autoencoder
@@ -107,23 +118,33 @@ class MovingDigitsLatents:
         self.autoencoder = get_autoencoder(cfg.data.autoencoder, device)
         self.text = TextContexts(cfg, text_dim, device)
 
-    def clips(self, step: int, micro: int, purpose: int) -> list[dict]:
+    def clips(self, step: int, micro: int, purpose: int, images: bool = False) -> list[dict]:
         from ..data.moving_digits import render_clip
 
         d = self.cfg.data
-        return [render_clip("train", _pick(sample_seed(self.cfg.seed, step, purpose, i), 2**31),
-                            num_frames=d.num_frames, size=d.size, num_digits=tuple(d.num_digits), seed=self.cfg.seed,
+        n, frames, stream = (d.image_batch_size, 1, IMAGE_CLIP_STREAM) if images else (self.cfg.batch_size,
+                                                                                     d.num_frames, 0)
+        return [render_clip("train", _pick(sample_seed(self.cfg.seed, step, purpose, i, stream), 2**31),
+                            num_frames=frames, size=d.size, num_digits=tuple(d.num_digits), seed=self.cfg.seed,
                             images_per_digit=d.images_per_digit)
-                for i in global_indices(self.cfg.batch_size, micro)]
+                for i in global_indices(n, micro)]
+
+    def _encode(self, clips: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        video = torch.stack([c["video"] for c in clips]).to(self.device)
+        prompts = [c["caption"] for c in clips]
+        return self.autoencoder.encode(video), self.text(prompts), prompts
 
     @torch.no_grad()
     def batch(self, step: int, micro: int, purpose: int) -> dict:
-        clips = self.clips(step, micro, purpose)
-        video = torch.stack([c["video"] for c in clips]).to(self.device)
-        prompts = [c["caption"] for c in clips]
-        return {"latents": self.autoencoder.encode(video), "context": self.text(prompts),
-                "null_context": self.text.null(len(clips)), "prompts": prompts,
-                "rng": batch_rng(self.cfg, step, micro, purpose, self.device)}
+        latents, context, prompts = self._encode(self.clips(step, micro, purpose))
+        out = {"latents": latents, "context": context, "null_context": self.text.null(len(prompts)),
+               "prompts": prompts, "rng": batch_rng(self.cfg, step, micro, purpose, self.device)}
+        bi = self.cfg.data.image_batch_size
+        if bi and purpose != SAMPLE_PURPOSE:  # the fixed sample batch holds clips only
+            images, image_context, _ = self._encode(self.clips(step, micro, purpose, images=True))
+            out.update(image_latents=images, image_context=image_context, image_null_context=self.text.null(bi),
+                       image_rng=batch_rng(self.cfg, step, micro, purpose, self.device, bi, IMAGE_RNG_STREAM))
+        return out
 
 
 class StoreRecords:
@@ -154,7 +175,25 @@ class StoreRecords:
                for k in ("latents", "ode_states", "context") if k in recs[0]}
         out["null_context"] = self.null_context[None].expand(len(recs), -1, -1).to(self.device)
         out["rng"] = batch_rng(self.cfg, step, micro, purpose, self.device)
+        bi = self.cfg.data.image_batch_size
+        if bi and purpose != SAMPLE_PURPOSE:
+            out.update(self._images(step, micro, purpose, bi))
         return out
+
+    def _images(self, step: int, micro: int, purpose: int, bi: int) -> dict:
+        """Image-video joint training from a store of clips: frame f of record r, both picked by the image's seed,
+        as a 1-frame video [1, C, h, w] with its clip's caption states."""
+        latents, contexts = [], []
+        for i in global_indices(bi, micro):
+            seed = sample_seed(self.cfg.seed, step, purpose, i, IMAGE_CLIP_STREAM)
+            rec = self.store.get(_pick(seed, len(self.store)), ("latents", "context"))
+            f = _pick(seed // len(self.store), rec["latents"].shape[0])
+            latents.append(rec["latents"][f:f + 1])
+            contexts.append(rec["context"])
+        return {"image_latents": torch.stack(latents).to(self.device),
+                "image_context": torch.stack(contexts).to(self.device),
+                "image_null_context": self.null_context[None].expand(bi, -1, -1).to(self.device),
+                "image_rng": batch_rng(self.cfg, step, micro, purpose, self.device, bi, IMAGE_RNG_STREAM)}
 
 
 class PromptContexts:

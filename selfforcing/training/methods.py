@@ -102,8 +102,12 @@ class TrainingMethod:
 
     # ---- shared pieces
     def _timesteps(self, rng, shape=(), shift=None) -> torch.Tensor:
-        """Shifted training timesteps [B, *shape] from the batch's per-sample streams."""
-        return flow.timesteps_from_uniform(rng.rand(shape), shift=self.cfg.timestep_shift if shift is None else shift)
+        """Training timesteps [B, *shape] of the flow-matching losses from the batch's per-sample streams:
+        the recipe's distribution (``timestep_sampling``), then its shift."""
+        c = self.cfg
+        return flow.training_timesteps(rng.rand(shape), distribution=c.timestep_sampling,
+                                       shift=c.timestep_shift if shift is None else shift,
+                                       mean=c.logit_normal_mean, std=c.logit_normal_std)
 
     def _blocked(self, per_block: torch.Tensor, num_frames: int) -> torch.Tensor:
         return flow.blockwise_timesteps(per_block, self.generator.block_sizes(num_frames))
@@ -118,19 +122,31 @@ class TrainingMethod:
 
 
 class TeacherPretraining(TrainingMethod):
-    """Bidirectional flow matching: t ~ shift(U[0, 1000)) per clip, L = ||v(x_t, t, c) - (eps - x0)||^2, with the
-    prompt replaced by the unconditional one with probability ``text_dropout`` (so CFG works later)."""
+    """Bidirectional flow matching: t ~ the recipe's timestep distribution per clip,
+    L = ||v(x_t, t, c) - (eps - x0)||^2, with the prompt replaced by the unconditional one with probability
+    ``text_dropout`` (so CFG works later).
 
-    def loss(self, name, batch):
-        x0, ctx = batch["latents"], batch["context"]
-        rng = batch["rng"]
+    Image-video joint training: when the batch also holds ``image_latents`` [Bi, 1, C, h, w] (single frames, with
+    ``image_context`` and their own ``image_rng``), the loss is L_clips + image_loss_weight * L_images, each a mean
+    over its own elements. A 1-frame video costs 1/F of a clip's forward, so a step sees many more digits."""
+
+    def _flow_loss(self, x0, ctx, null, rng):
         drop = (rng.rand() < self.cfg.text_dropout).to(x0.device)
-        ctx = torch.where(drop[:, None, None], batch["null_context"], ctx)
+        ctx = torch.where(drop[:, None, None], null, ctx)
         t = self._timesteps(rng).to(x0.device)
         eps = rng.randn_like(x0)
         v = self.generator(flow.add_noise(x0, eps, t), t, ctx, causal=False)
-        loss = losses.flow_matching_loss(v, x0, eps)
-        return loss, {"loss": loss.item()}
+        return losses.flow_matching_loss(v, x0, eps)
+
+    def loss(self, name, batch):
+        loss = self._flow_loss(batch["latents"], batch["context"], batch["null_context"], batch["rng"])
+        logs = {"loss": loss.item()}
+        if "image_latents" in batch:
+            image_loss = self._flow_loss(batch["image_latents"], batch["image_context"], batch["image_null_context"],
+                                         batch["image_rng"])
+            logs["image_loss"] = image_loss.item()
+            loss = loss + self.cfg.data.image_loss_weight * image_loss
+        return loss, logs
 
 
 class DiffusionForcing(TrainingMethod):
@@ -206,7 +222,8 @@ class DistributionMatching(TrainingMethod):
     def _score_t(self, rng, x):
         """t ~ shift(U[0, 1000)) per sample, clamped to [min_timestep, max_timestep] (as the reference DMD)."""
         dm = self.cfg.dm
-        t = self._timesteps(rng, shift=dm.timestep_shift)
+        u = rng.rand()  # the score's t is always the shifted uniform of the reference DMD, whatever the recipe's
+        t = flow.timesteps_from_uniform(u, shift=dm.timestep_shift)
         return t.clamp(dm.min_timestep, dm.max_timestep).to(x.device)
 
     def _real_x0(self, x_t, t, batch):

@@ -24,7 +24,7 @@ from ..pipeline import PipelineSpec
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelSpec, OptimConfig, TrainConfig
-from .data import build_batch_source
+from .data import SAMPLE_PURPOSE, build_batch_source
 from .ema import EMA
 from .methods import METHOD_CLASSES, GANCritic, needs_critic, needs_teacher
 from .parallelize import all_reduce_gradients, apply_fsdp2, broadcast_parameters
@@ -187,7 +187,7 @@ def _write_samples(cfg: TrainConfig, state: TrainState, batches) -> None:
         return  # only sources with a decoder can show pixels
     from ..io import write_contact_sheet, write_mp4
 
-    batch = batches.batch(0, 0, 99)  # the same prompts at every sampling step
+    batch = batches.batch(0, 0, SAMPLE_PURPOSE)  # the same prompts at every sampling step
     video = batches.autoencoder.decode(sample_video(cfg, state, batch)[:1])[0]
     if D.is_main():
         folder = os.path.join(cfg.out_dir, "samples")
@@ -303,7 +303,7 @@ _SAMPLER_OF_METHOD = {"teacher": "bidirectional", "teacher_forcing": "many-step"
 def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
     """The :class:`~selfforcing.pipeline.PipelineSpec` of a generator trained by ``cfg``: the recipe's autoencoder,
     text encoder, latent size, few-step timesteps and shift, so that ``generate`` samples it as it was trained."""
-    sample = batches.batch(0, 0, 99)
+    sample = batches.batch(0, 0, SAMPLE_PURPOSE)
     latents = sample.get("latents", sample.get("ode_states"))
     latent_size = tuple(latents.shape[-2:]) if latents is not None else tuple(cfg.data.latent_shape[-2:])
     return PipelineSpec(
