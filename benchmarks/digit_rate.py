@@ -15,7 +15,8 @@ all training captions (each digit gets the 4 straight or the 4 diagonal directio
 ``--frames`` (default 120) frames.
 
 * A few-step (Self Forcing) checkpoint streams each prompt through the rolling KV cache
-  (:class:`selfforcing.inference.StreamingGenerator`, seed = the seed).
+  (:class:`selfforcing.inference.StreamingGenerator`, seed = the seed), whose window is the model's training length
+  (``--window-frames``, ``--sink-frames``; 0 for a cache over the whole video).
 * A checkpoint whose ``pipeline.json`` names a many-step sampler (the teacher, TF / DF) is sampled with it
   (Euler + CFG, :func:`selfforcing.pipeline.sample_many_step`) over its training length (``--frames`` is capped
   there, 12 for the tiny teacher): its own samples, judged like the rest (one 12-frame window).
@@ -198,6 +199,10 @@ def main(argv=None) -> dict:
     p.add_argument("--window", type=int, default=12, help="frames per window; motion is judged on the first one")
     p.add_argument("--images-per-digit", default=None,
                    help="real clips' MNIST pool per class: N or 'all' (default: the checkpoint's data, else 4)")
+    p.add_argument("--window-frames", type=int, default=None,
+                   help="a streaming model's rolling KV-cache window in latent frames (default: its training length, "
+                        "as Self Forcing streams; 0: a cache over the whole video)")
+    p.add_argument("--sink-frames", type=int, default=0, help="frames of the rolling window kept as sinks")
     p.add_argument("--no-reference", action="store_true", help="a checkpoint's run: skip judging the real clips")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -227,8 +232,12 @@ def main(argv=None) -> dict:
         ipd = _images_per_digit(args.images_per_digit, spec.clip_settings()["images_per_digit"])
         gen = None
         if spec.sampler == "few-step":
+            window = spec.training_frames // ae.temporal_compression if args.window_frames is None \
+                else args.window_frames
             gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
-                                     max_frames=args.frames + 64, negative_prompt=spec.negative_prompt)
+                                     max_frames=args.frames + 64, negative_prompt=spec.negative_prompt,
+                                     window_frames=window or None, sink_frames=args.sink_frames if window else None)
+            result.update(window_frames=window or None, sink_frames=args.sink_frames if window else None)
         elif spec.training_frames:  # the teacher (or a TF / DF model): its own sampler, over its training length
             args.frames = min(args.frames, spec.training_frames)
         t = ae.temporal_compression

@@ -39,7 +39,9 @@ def test_tiny_recipe_runs_a_few_steps(path, tmp_path):
                  "checkpoint_every=0", "tensorboard=false", "dm.critic_updates_per_generator_update=1",
                  "generator.overrides={num_layers: 2}", "data.num_frames=6"]
     cfg = load_config(path, TrainConfig, overrides)
-    if cfg.data.kind == "store":  # ODE pairs come from a teacher run: use ODE states on random latents here
+    if cfg.data.kind == "store" and cfg.method == "teacher":  # the teacher's store of encoded clips: render them
+        cfg = load_config(path, TrainConfig, overrides + ["data.kind=moving-digits", "data.image_batch_size=3"])
+    elif cfg.data.kind == "store":  # ODE pairs come from a teacher run: use ODE states on random latents here
         cfg = load_config(path, TrainConfig, overrides + ["data.kind=random", "data.latent_shape=[6, 8, 16, 16]",
                                                           "data.text_len=24"])
     state = train(cfg, max_steps=2, progress=False, resume=False)
