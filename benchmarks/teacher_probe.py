@@ -52,7 +52,7 @@ def prompts(per_digit: int) -> list[tuple[int, str]]:
 
 @torch.no_grad()
 def score_checkpoint(path: str, cfg: dict, frames: int, per_digit: int, num_steps: int, guidance: float,
-                     use_ema: bool, sheet: str | None = None) -> dict:
+                     use_ema: bool, sheet: str | None = None, shift: float | None = None) -> dict:
     from selfforcing.autoencoders import get_autoencoder
     from selfforcing.models import CausalWanModel
     from selfforcing.sampling import sample_bidirectional
@@ -72,7 +72,8 @@ def score_checkpoint(path: str, cfg: dict, frames: int, per_digit: int, num_step
     null = text.encode([data.get("negative_prompt", "")]).states.expand(len(pairs), -1, -1)
     noise = torch.randn(len(pairs), frames, c, h, w, generator=torch.Generator().manual_seed(0))
     x0, _ = sample_bidirectional(model, noise, ctx, null_context=null, num_steps=num_steps,
-                                 shift=float(cfg.get("timestep_shift", 3.0)), guidance_scale=guidance)
+                                 shift=shift or float(cfg.get("timestep_shift", 3.0)),
+                                 guidance_scale=guidance)
     video = ae.decode(x0)  # [P, F, 3, H, W]
     if sheet:  # the first frame of every sample, a row per digit
         from selfforcing.io import write_contact_sheet
@@ -96,6 +97,7 @@ def main() -> None:
     p.add_argument("--per-digit", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=24)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--shift", type=float, default=None, help="sampling shift (default: the run's timestep_shift)")
     p.add_argument("--ema", action="store_true", help="score the EMA weights")
     p.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
     p.add_argument("--threads", type=int, default=2)
@@ -119,7 +121,7 @@ def main() -> None:
                    "frames": args.frames,
                    **score_checkpoint(path, cfg, args.frames, args.per_digit, args.num_steps, args.guidance,
                                       args.ema, sheet=os.path.join(run, f"probe_step_{step:06d}.png")
-                                      if args.sheets else None)}
+                                      if args.sheets else None, shift=args.shift)}
             print(json.dumps(res), flush=True)
             results.append(res)
     if args.out:

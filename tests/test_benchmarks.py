@@ -1,23 +1,14 @@
 """The benchmark tools that carry logic of their own: chunk_ab's variant parsing and its interleaved runs, and
 rolling_bound's summary of repeated stream runs."""
 
-import importlib.util
-import os
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_loader import load_benchmark
 
 
 def test_chunk_ab_parses_variants_and_names_a_malformed_one():
-    ab = _load("chunk_ab")
+    ab = load_benchmark("chunk_ab")
     assert ab.parse_variant("A=1, B=x=y") == {"A": "1", "B": "x=y"}
     assert ab.parse_variant("") == {} and ab.variant_name({}) == "defaults"
     with pytest.raises(ValueError, match="'SELFFORCING_CPU_FFN' is not NAME=VALUE"):
@@ -27,7 +18,7 @@ def test_chunk_ab_parses_variants_and_names_a_malformed_one():
 def test_chunk_ab_runs_each_variant_in_its_own_environment():
     """One round of two FFN settings on the tiny preset: each run reports the setting of its own variant (the
     environment reaches the fresh process) and the summary compares the two."""
-    ab = _load("chunk_ab")
+    ab = load_benchmark("chunk_ab")
     variants = [{"SELFFORCING_CPU_FFN": "feature_major"}, {"SELFFORCING_CPU_FFN": "auto"}]
     result = ab.ab(variants, rounds=1, repeats=2,
                    extra=["--preset", "tiny", "--context-frames", "3", "--threads", "1", "--text-len", "4"])
@@ -46,7 +37,7 @@ def test_rolling_bound_summarises_its_runs():
     """Two short runs of the rolling bound's protocol (x1 vs x2, a 6-frame window): the summary's counts and extremes
     are those of the per-run ratios, the work ratio is the analytic one of `bench stream`, and the cost-per-FLOP
     ratio of each run times the work ratio gives back its latency ratio."""
-    rb = _load("rolling_bound")
+    rb = load_benchmark("rolling_bound")
     result = rb.rolling_bound("tiny", runs=2, bound=1.15, lengths=(1, 2), log=lambda line: None, train_frames=6,
                               repeats=1)
     runs, summary = result["per_run"], result["summary"]

@@ -1,9 +1,7 @@
 """The one-digit judge of benchmarks/digit_rate.py: real clips of the benchmark's prompts read as their prompt's digit
 and move the captioned way; the same clips played backwards, captioned with another digit or held still do not."""
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
@@ -21,19 +19,12 @@ from selfforcing.eval.metrics import (
     temporal_flip_rate,
 )
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def dr():
-    return _load("digit_rate")
+    return load_benchmark("digit_rate")
 
 
 @pytest.fixture(scope="module")
