@@ -121,6 +121,26 @@ def test_generate_cli_writes_a_long_video(parts, tmp_path, capsys):
     assert read_video(out).shape == (96, 64, 64, 3)
 
 
+def test_generate_streams_through_a_window_of_the_training_length_by_default(parts, tmp_path, capsys):
+    """A streaming checkpoint whose pipeline.json says it trained on 12 frames generates through a rolling cache of 12
+    latent frames unless asked otherwise (the Self Forcing setting, and the server's); --window-frames 0 keeps the
+    whole video; a checkpoint that does not record its length keeps the whole video too."""
+    from selfforcing.pipeline import PipelineSpec
+
+    model, _, _ = parts
+    model.save_pretrained(tmp_path / "m")
+    argv = ["generate", "--prompt", "the digit 3 moves right", "--checkpoint", str(tmp_path / "m"), "--num-frames",
+            "30", "--text-len", "16", "--out", str(tmp_path / "x.mp4"), "--json"]
+
+    def window(extra=()):
+        assert main(argv + list(extra)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["window_frames"]
+
+    assert window() is None  # no pipeline.json: no recorded training length
+    PipelineSpec(training_frames=12, text_len=16).save(str(tmp_path / "m"))
+    assert window() == 12 and window(["--window-frames", "0"]) is None and window(["--window-frames", "9"]) == 9
+
+
 @pytest.mark.parametrize("sampler", ["many-step", "bidirectional"])
 def test_generate_cli_many_step_samplers(parts, tmp_path, capsys, sampler):
     model, _, _ = parts

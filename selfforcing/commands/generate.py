@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="architecture of a checkpoint file (default: tiny)")
     p.add_argument("--use-ema", action="store_true", help="load generator_ema from a training checkpoint")
     p.add_argument("--num-frames", type=int, default=48, help="pixel frames to generate")
-    p.add_argument("--window-frames", type=int, default=None, help="rolling KV window in latent frames")
+    p.add_argument("--window-frames", type=int, default=None,
+                   help="rolling KV window in latent frames (default for a streaming model: its training length "
+                        "from pipeline.json, as the server streams; 0: a cache over the whole video)")
     p.add_argument("--sink-frames", type=int, default=None, help="sink frames kept in the window")
     p.add_argument("--steps", default=None, help="nominal few-step list, warped with --shift (default: the "
                                                     "checkpoint's, else 1000,750,500,250)")
@@ -86,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
     prefix = None
     if args.init_video:
         prefix = to_float_video(read_video(args.init_video))[None]
+    window = args.window_frames
+    if window is None and spec.sampler == "few-step" and spec.training_frames:
+        window = ae.latent_frames(spec.training_frames)  # Self Forcing streams through a window of its training length
+    window = window or None  # 0: the whole video in the cache
     gen = StreamingGenerator(model, ae, text, (h, w), steps=spec.warped_steps().tolist(),
-                             window_frames=args.window_frames, sink_frames=args.sink_frames,
+                             window_frames=window, sink_frames=args.sink_frames,
                              max_frames=latent_frames + 64, negative_prompt=spec.negative_prompt)
     for i, prompt in enumerate(prompts):
         out = args.out if len(prompts) == 1 else f"{os.path.splitext(args.out)[0]}_{i}.mp4"
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             first_latency = chunks[0].seconds
         else:
             frames = sample_many_step(model, ae, text, spec, prompt, latent_frames, seed=args.seed + i,
-                                      window_frames=args.window_frames, sink_frames=args.sink_frames)
+                                      window_frames=args.window_frames or None, sink_frames=args.sink_frames)
             first_latency = time.perf_counter() - t0  # not streamed: the whole clip arrives at once
             chunks = [None]
         seconds = time.perf_counter() - t0
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             write_contact_sheet(args.sheet, frames[::every], labels=[str(i) for i in range(0, len(frames), every)])
         report = {"path": out, "prompt": prompt, "frames": int(frames.shape[0]), "seconds": round(seconds, 3),
                   "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
-                  "chunks": len(chunks), "sampler": spec.sampler}
+                  "chunks": len(chunks), "sampler": spec.sampler, "window_frames": window}
         print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
               f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)")
     return 0
