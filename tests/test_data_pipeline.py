@@ -94,5 +94,9 @@ def test_teacher_joint_training_reads_single_frames_of_stored_clips(tmp_path, ca
     for img, ctx in zip(batch["image_latents"][:, 0], batch["image_context"]):
         hits = [(r, f) for (r, f), fr in frames.items() if torch.equal(fr, img)]
         assert hits and torch.equal(store[hits[0][0]]["context"], ctx)
-    state = train(build_config(TrainConfig, recipe), progress=False, resume=False)
+    state = train(build_config(TrainConfig, {**recipe, "sample_every": 2}), progress=False, resume=False)
     assert all("image_loss" in h for h in state.history)
+    # the store names its autoencoder, so the run's sample videos decode as from rendered clips, with the caption
+    samples = tmp_path / "run" / "samples"
+    assert (samples / "step_000002.png").is_file()
+    assert (samples / "step_000002.txt").read_text().startswith("the digit ")

@@ -7,6 +7,7 @@ what makes resume exact: a run restarted at step N draws exactly the batches it 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -168,11 +169,23 @@ class StoreRecords:
             raise ValueError(f"store {cfg.data.path} holds {self.null_context.shape[-1]}-dim text states, "
                              f"the model expects text_dim={text_dim}")
 
+    @functools.cached_property
+    def autoencoder(self):
+        """The autoencoder a store of encoded clips names in its attrs (``data encode``), for sample videos; a store
+        without one (ODE pairs) has no decoder, so ``hasattr(source, "autoencoder")`` is False."""
+        name = self.store.attrs.get("autoencoder")
+        if not name:
+            raise AttributeError(f"store {self.cfg.data.path} names no autoencoder")
+        from ..autoencoders import get_autoencoder
+
+        return get_autoencoder(name, self.device)
+
     def batch(self, step: int, micro: int, purpose: int) -> dict:
         recs = [self.store[_pick(sample_seed(self.cfg.seed, step, purpose, i), len(self.store))]
                 for i in global_indices(self.cfg.batch_size, micro)]
         out = {k: torch.stack([r[k] for r in recs]).to(self.device)
                for k in ("latents", "ode_states", "context") if k in recs[0]}
+        out["prompts"] = [r.get("caption", r.get("prompt", "")) for r in recs]
         out["null_context"] = self.null_context[None].expand(len(recs), -1, -1).to(self.device)
         out["rng"] = batch_rng(self.cfg, step, micro, purpose, self.device)
         bi = self.cfg.data.image_batch_size
