@@ -129,47 +129,48 @@ def test_streaming_refuses_a_many_step_model_unless_forced(tmp_path):
         sample_many_step(gen.model, gen.autoencoder, gen.text_encoder, spec, "the digit 1 moves up", 3)
 
 
-def test_the_shipped_model_makes_digit_like_video():
-    """The default model is a real trained, text-conditioned generator. On 8 captions drawn as its training clips were
-    (from its pipeline.json), 12 frames each: the shipped digit classifier confidently reads a digit in a good share
-    of its frames and the prompt's digit in at least a quarter (chance: a tenth of the confident share), where the same
-    network with random weights gives none; and in the classifier's feature space its frames lie much closer to real
-    clips than the random network's do. Measured for this model: 45% / 35% against 0% / 0%, Frechet distance 0.45x
-    the random network's (62 against 137). The model shipped before it: 44% / 35%, 0.62x (it drew a stray bar above
-    the digit); the one before that: 45% / 19%, 0.41x (README "Results")."""
+# Floors of the shipped model on the cheap subset below, each well under what it measured (in the docstring), so that
+# a regression in the model, the sampler or the rolling cache fails `make test` while run-to-run noise does not.
+SHIPPED_FLOORS = {"captioned": 0.40, "per_digit": 0.08, "direction": 0.10}
+
+
+def test_the_shipped_model_draws_and_moves_the_prompts_digit():
+    """The default model is a trained, text-conditioned streaming generator. Every digit 0-9, in its held-out direction
+    (a caption never seen in training) and the opposite one, seed 0, 24 frames streamed through the rolling cache of
+    its training length (the cheap subset of ``benchmarks/digit_rate.py``, judged by the same library functions):
+    the classifier reads the prompt's digit in most frames overall and in a good share of every digit's frames, and
+    the digit moves the captioned way over the first 12 frames in most videos; the same network with random weights
+    draws no digit. Measured for this model (the same videos in benchmarks/results/digit_rate_joint_student.json):
+    the prompt's digit in 59% of frames, the worst digit (7) in 19%, the best (6) in 100%; 30% move as captioned."""
     import os
 
-    from selfforcing.data.moving_digits import render_clip
-    from selfforcing.eval.metrics import frame_features, frechet_distance, one_digit_reads
+    from selfforcing.data.moving_digits import DIRECTION_NAMES, caption_for
+    from selfforcing.eval.metrics import captioned_reads, direction_agreement, one_digit_tracks
 
     folder = resolve_checkpoint(None)
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
     assert size < 50e6
-    gen, spec = load_streaming_generator()
+    spec = PipelineSpec.for_checkpoint(folder)
     assert spec.sampler == "few-step" and spec.training_frames == 12 and spec.shift == 3.0
+    gen, _ = load_streaming_generator(window_frames=spec.training_frames)
+    prompts = [(d, k) for d in range(10) for k in ((-d) % 8, (4 - d) % 8)]  # held-out direction, then the opposite
 
-    clips = spec.clip_settings()
-    drawn = [render_clip("test", i, num_frames=1, **clips) for i in range(8)]
-    wanted = torch.tensor([int(c["labels"][0]) for c in drawn]).repeat_interleave(12)
+    def videos(generator, frames):
+        return torch.stack([torch.cat([c.frames for c in generator.stream(caption_for([d], [k]), frames, seed=0)])
+                            for d, k in prompts])
 
-    def videos(generator):
-        return torch.stack([torch.cat([c.frames for c in generator.stream(d["caption"], 12, seed=i)])
-                            for i, d in enumerate(drawn)])
-
-    def digit_rates(batch):
-        reads = one_digit_reads(batch.flatten(0, 1), wanted)
-        return float(reads["confident"].float().mean()), float(reads["captioned"].float().mean())
-
-    real = frame_features(torch.stack([render_clip("test", 100 + i, num_frames=12, **clips)["video"]
-                                       for i in range(32)]))
-    real = real.flatten(0, 1)
-    shipped = videos(gen)
+    shipped = videos(gen, 24)
+    tracks = one_digit_tracks(shipped)
+    digits = torch.tensor([d for d, _ in prompts])
+    captioned = captioned_reads(tracks, digits).float()
+    per_digit = {d: float(captioned[digits == d].mean()) for d in range(10)}
+    moves = direction_agreement(tracks["centers"], [DIRECTION_NAMES[k] for _, k in prompts], frames=12,
+                                size=tracks["size"])["agree"]
+    measured = (float(captioned.mean()), per_digit, float(moves.float().mean()))
+    assert measured[0] >= SHIPPED_FLOORS["captioned"], measured
+    assert min(per_digit.values()) >= SHIPPED_FLOORS["per_digit"], measured
+    assert measured[2] >= SHIPPED_FLOORS["direction"], measured
     torch.manual_seed(0)
     gen.model = CausalWanModel.from_config(gen.model.config).eval()  # the same architecture, random weights
-    random = videos(gen)
-    confident, captioned = digit_rates(shipped)
-    confident_random, captioned_random = digit_rates(random)
-    assert confident > 0.3 and captioned > 0.25, (confident, captioned)
-    assert confident_random < 0.05 and captioned_random < 0.05, (confident_random, captioned_random)
-    fd_shipped, fd_random = (frechet_distance(frame_features(v).flatten(0, 1), real) for v in (shipped, random))
-    assert fd_shipped < 0.6 * fd_random, (fd_shipped, fd_random)
+    random = videos(gen, 6)
+    assert float(captioned_reads(one_digit_tracks(random), digits).float().mean()) < 0.05
