@@ -211,11 +211,11 @@ def test_method_spec_file(tmp_path):
     (["--checkpoint", "sf=/tmp", "--prompts", "no_such_prompts.txt"], "prompt file"),
     ([], "at least one method"),
 ])
-def test_bad_input_is_a_clear_error(tmp_path, extra, message):
+def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     args = ["eval", "--out", str(tmp_path / "o"), "--quiet", "--device", "cpu"] + extra
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert message in str(info.value)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("selfforcing eval: ") and message in err[0]
     assert not os.path.exists(tmp_path / "o" / "results.json")
 
 
@@ -267,8 +267,9 @@ def test_real_clips_follow_the_training_data_in_pipeline_json(tmp_path):
     assert _real_clip_settings(flags, str(tmp_path / "plain")) == ((1, 2), None)
     assert _real_clip_settings(argparse.Namespace(num_digits=(2, 3), images_per_digit=4), str(tmp_path / "m")) == (
         (2, 3), 4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:  # an argparse error: usage status 2
         main(["eval", "--out", str(tmp_path / "o"), "--checkpoint", f"m={tmp_path / 'm'}", "--num-digits", "x"])
+    assert info.value.code == 2
     assert not os.path.exists(tmp_path / "o")
 
     settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), num_digits=(1, 1), images_per_digit=1)

@@ -160,6 +160,6 @@ def test_data_sample_rejects_bad_arguments(tmp_path, capsys, bad):
 
 def test_data_sample_reports_impossible_settings(tmp_path):
     args = data_parser().parse_args(["sample", "--num-digits", "1,4", "--out", str(tmp_path / "x.mp4")])
-    with pytest.raises(SystemExit, match="num_digits"):
+    with pytest.raises(ValueError, match="num_digits"):
         data_command.run(args)
     assert not (tmp_path / "x.mp4").exists()

@@ -30,6 +30,8 @@ import json
 import statistics
 import time
 
+from selfforcing.errors import UsageError
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -185,7 +187,7 @@ def build_model(preset: str, device: str = "cpu", dtype: str = "float32", compil
     from selfforcing.models import attention as attn
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise UsageError("--device cuda: no CUDA device is available")
     torch.manual_seed(0)
     model = CausalWanModel.from_preset(preset)
     # the whole model in one dtype (bf16 on CUDA: weights, activations and KV cache); nn.Module.to, not diffusers'

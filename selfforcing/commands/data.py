@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from selfforcing.errors import UsageError
+
 
 def _int_at_least(minimum: int):
     """argparse type: an integer >= ``minimum``."""
@@ -78,12 +80,9 @@ def _sample_run(args: argparse.Namespace) -> int:
     from selfforcing.data.moving_digits import render_clip
     from selfforcing.io import write_contact_sheet, write_gif, write_mp4
 
-    try:
-        clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size,
-                           num_digits=args.num_digits, speed=args.speed, seed=args.seed,
-                           images_per_digit=args.images_per_digit)
-    except ValueError as err:
-        raise SystemExit(f"selfforcing data sample: {err}") from None
+    clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size,
+                       num_digits=args.num_digits, speed=args.speed, seed=args.seed,
+                       images_per_digit=args.images_per_digit)  # impossible settings: a ValueError naming them
     write_mp4(args.out, clip["video"], fps=args.fps)
     if args.gif:
         write_gif(args.gif, clip["video"], fps=args.fps)
@@ -165,7 +164,7 @@ def _encode_run(args: argparse.Namespace) -> int:
         from selfforcing.data.video_folder import VideoFolderDataset
 
         if not args.path:
-            raise SystemExit("--dataset video-folder needs --path FOLDER")
+            raise UsageError("--dataset video-folder needs --path FOLDER")
         ds = VideoFolderDataset(args.path, args.num_frames, args.size, stride=args.stride)
         keys = [f"video/{i}" for i in range(len(ds))]
 

@@ -75,30 +75,27 @@ def run(args: argparse.Namespace) -> int:
     from selfforcing.eval.evaluate import (EvalSettings, evaluate, load_method_specs, parse_checkpoint_arg,
                                            parse_lengths)
 
-    try:
-        methods = load_method_specs(args.methods) if args.methods else []
-        for item in args.checkpoint:
-            spec = parse_checkpoint_arg(item)
-            spec.preset = args.preset
-            methods.append(spec)
-        if not methods:
-            raise ValueError("give at least one method: --checkpoint NAME=PATH[:SAMPLER] or --methods FILE")
-        lengths = parse_lengths(args.lengths)
-        prompts, num_prompts = None, 16
-        if args.prompts.strip().isdigit():
-            num_prompts = int(args.prompts)
-            if num_prompts < 1:
-                raise ValueError(f"--prompts N needs N >= 1, got {args.prompts}")
-        else:
-            from selfforcing.data.prompts import read_prompt_file
+    methods = load_method_specs(args.methods) if args.methods else []
+    for item in args.checkpoint:
+        spec = parse_checkpoint_arg(item)
+        spec.preset = args.preset
+        methods.append(spec)
+    if not methods:
+        raise ValueError("give at least one method: --checkpoint NAME=PATH[:SAMPLER] or --methods FILE")
+    lengths = parse_lengths(args.lengths)
+    prompts, num_prompts = None, 16
+    if args.prompts.strip().isdigit():
+        num_prompts = int(args.prompts)
+        if num_prompts < 1:
+            raise ValueError(f"--prompts N needs N >= 1, got {args.prompts}")
+    else:
+        from selfforcing.data.prompts import read_prompt_file
 
-            if not os.path.isfile(args.prompts):
-                raise FileNotFoundError(f"--prompts: neither a number nor an existing prompt file: {args.prompts}")
-            prompts = read_prompt_file(args.prompts)
-        steps = [float(v) for v in args.steps.split(",")]
-        num_digits, images_per_digit = _real_clip_settings(args, methods[0].checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"selfforcing eval: {e}") from None
+        if not os.path.isfile(args.prompts):
+            raise FileNotFoundError(f"--prompts: neither a number nor an existing prompt file: {args.prompts}")
+        prompts = read_prompt_file(args.prompts)
+    steps = [float(v) for v in args.steps.split(",")]
+    num_digits, images_per_digit = _real_clip_settings(args, methods[0].checkpoint)
     device = args.device
     if device is None:
         import torch
@@ -114,10 +111,7 @@ def run(args: argparse.Namespace) -> int:
         text_encoder=args.text_encoder, text_len=args.text_len, num_digits=num_digits,
         images_per_digit=images_per_digit, device=device)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        results = evaluate(methods, settings, log=log)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"selfforcing eval: {e}") from None
+    results = evaluate(methods, settings, log=log)
     print(json.dumps({"results": os.path.join(args.out, "results.json"), "report": os.path.join(args.out, "report.md"),
                       "plots": len(results["plots"]), "rows": len(results["rows"]), "seconds": results["seconds"]}))
     return 0
