@@ -104,7 +104,12 @@ def _build(cls, data: dict, where: str = ""):
         kwargs[name] = _coerce(value, hints[name], key)
     for name in fields:
         kwargs.setdefault(name, getattr(base, name))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a value check of the dataclass: its message starts with the key
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

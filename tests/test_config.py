@@ -68,3 +68,28 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert mode == 0o666 & ~mask  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("override,match", [
+    ("log_every=0", r"recipe.yaml: log_every must be >= 1 .*got 0"),
+    ("checkpoint_every=-1", r"checkpoint_every must be >= 0 .*got -1"),
+    ("sample_every=-5", r"sample_every must be >= 0"),
+    ("keep_checkpoints=-1", r"keep_checkpoints must be >= 0"),
+    ("max_steps=-1", r"max_steps must be >= 0"),
+    ("grad_accum=0", r"grad_accum must be >= 1"),
+    ("ema_weight=1.0", r"ema_weight must be >= 0 and < 1"),
+    ("data.num_frames=0", r"data.num_frames must be >= 1"),
+    ("generator_optim.lr=0", r"generator_optim.lr must be > 0"),
+    ("critic_optim.warmup_steps=-2", r"critic_optim.warmup_steps must be >= 0"),
+    ("dm.critic_updates_per_generator_update=0", r"dm.critic_updates_per_generator_update must be >= 1"),
+])
+def test_train_config_checks_intervals_and_counts(tmp_path, override, match):
+    """Intervals and counts of a training recipe are checked when it loads: a ConfigError names the file and key
+    (``log_every=0`` used to divide by zero after the first step, ``checkpoint_every=-1`` was accepted)."""
+    from selfforcing.training.config import TrainConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: teacher\nmax_steps: 4\n")
+    assert load_config(recipe, TrainConfig).log_every == 10  # the file itself is fine
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, TrainConfig, [override])

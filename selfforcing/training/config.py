@@ -6,9 +6,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ConfigError
+
 METHODS = ("teacher", "teacher_forcing", "diffusion_forcing", "ode_init", "causvid", "self_forcing")
 DISTRIBUTION_LOSSES = ("dmd", "sid", "gan")
 LR_DECAYS = ("none", "cosine", "linear")
+
+
+def check_range(obj, key: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False, meaning: str = "") -> None:
+    """Raise :class:`ConfigError` naming ``key`` (a dotted attribute path of ``obj``) when its value is outside
+    [low, high] (an open end with ``low_open`` / ``high_open``); ``meaning`` says what the value does."""
+    value = obj
+    for part in key.split("."):
+        value = getattr(value, part)
+    bad = (low is not None and (value <= low if low_open else value < low)) or \
+          (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ConfigError(f"{key} must be {bounds}{f' ({meaning})' if meaning else ''}, got {value!r}")
 
 
 @dataclass
@@ -40,11 +58,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.decay not in LR_DECAYS:
-            raise ValueError(f"unknown learning-rate decay {self.decay!r}; choose one of {list(LR_DECAYS)}")
-        if self.warmup_steps < 0 or self.decay_start_step < 0:
-            raise ValueError("warmup_steps and decay_start_step must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"decay: unknown learning-rate decay {self.decay!r}; choose one of {list(LR_DECAYS)}")
+        check_range(self, "lr", 0.0, low_open=True)
+        check_range(self, "max_grad_norm", 0.0, low_open=True)
+        check_range(self, "eps", 0.0, low_open=True)
+        check_range(self, "weight_decay", 0.0)
+        check_range(self, "warmup_steps", 0)
+        check_range(self, "decay_start_step", 0)
+        check_range(self, "min_lr_ratio", 0.0, 1.0)
 
 
 @dataclass
@@ -163,5 +184,21 @@ class TrainConfig:
         if self.data.image_batch_size and (self.method != "teacher" or self.data.kind not in ("moving-digits", "store")):
             raise ValueError("data.image_batch_size (image-video joint training) needs method=teacher and data.kind "
                              f"moving-digits or store, got method={self.method!r}, data.kind={self.data.kind!r}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
-            raise ValueError("batch_size and grad_accum must be >= 1 and max_steps >= 0")
+        check_range(self, "max_steps", 0)
+        check_range(self, "batch_size", 1)
+        check_range(self, "grad_accum", 1)
+        check_range(self, "log_every", 1, meaning="a metrics line every N steps")
+        check_range(self, "checkpoint_every", 0, meaning="a checkpoint every N steps; 0: never")
+        check_range(self, "sample_every", 0, meaning="sample videos every N steps; 0: never")
+        check_range(self, "keep_checkpoints", 0, meaning="the newest N checkpoints are kept; 0: all")
+        check_range(self, "ema_weight", 0.0, 1.0, high_open=True, meaning="0 turns EMA off")
+        check_range(self, "ema_start_step", 0)
+        check_range(self, "text_dropout", 0.0, 1.0)
+        check_range(self, "timestep_shift", 0.0, low_open=True)
+        check_range(self, "context_noise", 0.0, 1000.0)
+        check_range(self, "data.num_frames", 1)
+        check_range(self, "data.size", 1)
+        check_range(self, "data.text_len", 1)
+        check_range(self, "dm.timestep_shift", 0.0, low_open=True)
+        check_range(self, "dm.critic_updates_per_generator_update", 1)
+        check_range(self, "rollout.context_noise", 0.0, 1000.0)
