@@ -4,8 +4,11 @@ videos) goes through a temp file in the same directory and a rename, so a kill n
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+
+TEMP_PREFIX = ".tmp-"  # every temp file and folder of an atomic write starts with this
 
 
 def fsync_dir(path: str) -> None:
@@ -22,26 +25,84 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def temp_beside(path: str | os.PathLike) -> str:
+    """A new empty temp file in ``path``'s folder (created with its parents), named ``.tmp-XXXX-<name>``, for
+    :func:`commit_temp` to rename over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path))
+    os.close(fd)
+    return tmp
+
+
+def commit_temp(tmp: str, path: str | os.PathLike) -> None:
+    """fsync ``tmp``, give it the usual permissions (mkstemp makes 0600) and rename it over ``path``."""
+    path = os.fspath(path)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def discard_temp(tmp: str) -> None:
+    """Remove a temp file if it is still there."""
+    if os.path.exists(tmp):
+        os.remove(tmp)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(temp_path)``, fsync the temp file, then rename it over ``path`` (same directory).
 
     On any failure the temp file is removed and ``path`` is left as it was."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        commit_temp(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        discard_temp(tmp)
         raise
-    fsync_dir(folder)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temp files and folders (``.tmp-*``) that killed writes left directly inside ``folder``; returns
+    their paths. Call it only where no other process is writing."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+        except FileNotFoundError:
+            continue
+        removed.append(full)
+    return removed
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError naming ``path`` unless a file can be written there (before any long work): ``path`` must not be
+    a folder, and the nearest existing folder on its way must take a new file (checked by creating and removing
+    one, so permissions, read-only mounts and full quotas all count)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a folder, expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX + "check-")
+    except OSError as err:
+        raise PermissionError(f"cannot write {path}: the folder {folder} does not take new files "
+                              f"({err.strerror or err})") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _umask() -> int:

@@ -23,6 +23,17 @@ from .perf import timed_kernel_choice
 from .sampling import cache_chunk, generate_chunk
 
 
+class CacheTooLarge(MemoryError):
+    """A KV cache over the whole stream (no rolling window) would not fit: ``frames`` latent frames need ``need``
+    bytes, ``have`` bytes are available on the device."""
+
+    def __init__(self, frames: int, need: int, have: int, device: str = "cpu") -> None:
+        self.frames, self.need, self.have = frames, need, have
+        super().__init__(f"a KV cache over the whole stream ({frames} latent frames, no rolling window) needs "
+                         f"{need / 1e9:.1f} GB and {have / 1e9:.1f} GB of {device} memory is available: give "
+                         f"window_frames (a rolling cache) or fewer frames")
+
+
 @dataclass
 class Chunk:
     """One streamed chunk: pixel frames [f_pix, 3, H, W] in [-1, 1] (batch item 0 unless batch > 1: then
@@ -73,6 +84,8 @@ class StreamingGenerator:
         self.fuse_cache_pass = fuse_cache_pass
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if not (self.window and self.window > 0):
+            self._check_global_cache_fits()
         self.cache = model.new_kv_cache(batch_size, *self.latent_size, max_frames=max_frames,
                                         window_frames=self.window, sink_frames=self.sink)
         if self.device.type == "cpu" and self.dtype == torch.float32:
@@ -80,6 +93,20 @@ class StreamingGenerator:
 
             native_blocks.available()  # load (or build) the C++ blocks now, not inside the first chunk's latency
         self._reset_state()
+
+    def _check_global_cache_fits(self) -> None:
+        """Raise :class:`CacheTooLarge` before allocating a cache over the whole stream (no rolling window) that
+        would take more than 90% of the memory available on the device."""
+        from .models.kv_cache import available_memory_bytes, kv_cache_bytes
+
+        cfg = self.model.config
+        need = kv_cache_bytes(num_layers=cfg.num_layers, batch_size=self.batch_size,
+                              num_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+                              tokens_per_frame=self.model.tokens_per_frame(*self.latent_size),
+                              frames=self.max_frames, dtype=self.dtype)
+        have = available_memory_bytes(self.device)
+        if have is not None and need > 0.9 * have:
+            raise CacheTooLarge(self.max_frames, need, have, self.device.type)
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:

@@ -1,6 +1,8 @@
 """Streaming generation: Algorithm 2 chunk by chunk, rolling cache, prompt switching, continuation, CLI."""
 
+import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -121,6 +123,71 @@ def test_generate_cli_writes_a_long_video(parts, tmp_path, capsys):
     assert read_video(out).shape == (96, 64, 64, 3)
 
 
+def test_generate_encodes_each_chunk_into_the_mp4_as_it_is_made(parts, tmp_path, capsys, monkeypatch):
+    """``generate`` hands every chunk to the mp4 encoder before the next chunk is made (no video held in memory), and
+    what it encodes is the stream API's video."""
+    from selfforcing.io import Mp4Writer
+
+    model, ae, text = parts
+    model.save_pretrained(tmp_path / "m")
+    events, written = [], []
+    real_next, real_write = StreamingGenerator.next_chunk, Mp4Writer.write
+
+    def next_chunk(self):
+        events.append("chunk")
+        return real_next(self)
+
+    def write(self, video):
+        events.append("write")
+        written.append(video.clone())
+        return real_write(self, video)
+
+    monkeypatch.setattr(StreamingGenerator, "next_chunk", next_chunk)
+    monkeypatch.setattr(Mp4Writer, "write", write)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--prompt", "the digit 3 moves right", "--checkpoint", str(tmp_path / "m"),
+                 "--num-frames", "31", "--window-frames", "6", "--text-len", "16", "--out", str(out)]) == 0
+    assert events == ["chunk", "write"] * 11  # 31 frames: 11 chunks of 3 latent frames, the last one cut to 1 frame
+    assert [len(w) for w in written] == [3] * 10 + [1]
+    monkeypatch.setattr(StreamingGenerator, "next_chunk", real_next)
+    gen = StreamingGenerator(model, ae, build_text_encoder("minilm", 16), (16, 16), steps=STEPS, window_frames=6)
+    expected = torch.cat([c.frames for c in gen.stream("the digit 3 moves right", 31, seed=0)])[:31]
+    torch.testing.assert_close(torch.cat(written), expected, atol=1e-4, rtol=0)
+    assert read_video(out).shape == (31, 64, 64, 3)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("chunk failed"), KeyboardInterrupt()])
+def test_generate_that_fails_or_is_stopped_leaves_no_file(parts, tmp_path, capsys, monkeypatch, failure):
+    """A run that fails (or is stopped with Ctrl-C) midway leaves no partial mp4 and no temp file; a video already at
+    the path is left as it was."""
+    from selfforcing.commands import generate
+
+    model, _, _ = parts
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "videos" / "x.mp4"
+    real_next, made = StreamingGenerator.next_chunk, []
+
+    def next_chunk(self):
+        if len(made) == 3:
+            raise failure
+        made.append(1)
+        return real_next(self)
+
+    monkeypatch.setattr(StreamingGenerator, "next_chunk", next_chunk)
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    args = parser.parse_args(["--prompt", "the digit 3 moves right", "--checkpoint", str(tmp_path / "m"),
+                              "--num-frames", "30", "--text-len", "16", "--out", str(out)])
+    with pytest.raises(type(failure)):
+        generate.run(args)
+    assert made == [1, 1, 1] and os.listdir(out.parent) == []  # no mp4, no .tmp-* file
+    out.write_bytes(b"an older video")
+    made.clear()
+    with pytest.raises(type(failure)):
+        generate.run(args)
+    assert os.listdir(out.parent) == ["x.mp4"] and out.read_bytes() == b"an older video"
+
+
 def test_generate_streams_through_a_window_of_the_training_length_by_default(parts, tmp_path, capsys):
     """A streaming checkpoint whose pipeline.json says it trained on 12 frames generates through a rolling cache of 12
     latent frames unless asked otherwise (the Self Forcing setting, and the server's); --window-frames 0 keeps the
@@ -219,19 +286,35 @@ def test_original_format_generator_ema_generates_the_same_frames(parts, tmp_path
 
 
 def test_bad_generate_input(parts, tmp_path):
+    """The library-level errors behind ``generate``'s one-line CLI errors (the CLI itself: tests/test_cli.py)."""
+    from selfforcing.commands import generate
+    from selfforcing.errors import UsageError
+    from selfforcing.models.state_dict_adapter import load_checkpoint_file
+
     model, _, _ = parts
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "empty.txt").write_text("\n\n")
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+
+    def run(*argv):
+        return generate.run(parser.parse_args(["--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "x.mp4"),
+                                               *argv]))
+
     with pytest.raises(ValueError, match="no prompts"):
-        main(["generate", "--prompts", str(tmp_path / "empty.txt"), "--checkpoint", str(tmp_path / "m"), "--out", "x.mp4"])
-    with pytest.raises(SystemExit, match="--num-frames must be >= 1"):
-        main(["generate", "--prompt", "a", "--checkpoint", str(tmp_path / "m"), "--num-frames", "0", "--out", "x.mp4"])
+        run("--prompts", str(tmp_path / "empty.txt"))
+    with pytest.raises(UsageError, match="--num-frames must be >= 1"):
+        run("--prompt", "a", "--num-frames", "0")
+    with pytest.raises(ValueError, match="--prompt is empty"):
+        run("--prompt", " \t ")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint .*bad.pt"):
-        main(["generate", "--prompt", "a", "--checkpoint", str(tmp_path / "bad.pt"), "--out", "x.mp4"])
+        load_checkpoint_file(tmp_path / "bad.pt")
     torch.save({"generator": CausalWanModel.from_preset("tiny", num_layers=1).state_dict()}, tmp_path / "small.pt")
     with pytest.raises(ValueError, match="does not fit this model config"):
-        main(["generate", "--prompt", "a", "--checkpoint", str(tmp_path / "small.pt"), "--out", "x.mp4"])
+        generate.run(parser.parse_args(["--prompt", "a", "--checkpoint", str(tmp_path / "small.pt"),
+                                        "--out", str(tmp_path / "x.mp4")]))
+    assert not (tmp_path / "x.mp4").exists()
 
 
 @pytest.mark.parametrize("window,sink", [(None, None), (9, 0), (12, 3)])

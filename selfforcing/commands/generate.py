@@ -1,4 +1,11 @@
-"""`selfforcing generate`: stream a video for each prompt with the few-step KV-cache sampler, write mp4."""
+"""`selfforcing generate`: stream a video for each prompt with the few-step KV-cache sampler, write mp4.
+
+Memory stays flat however long the video: the KV cache rolls over a window of the model's training length (from
+``pipeline.json``) unless ``--window-frames 0`` asks for a cache over the whole video (refused up front, with both
+sizes, when it would not fit), and every chunk is encoded into the mp4 as soon as it is decoded. The output paths
+are checked for writability before the model loads, and a run that fails or is stopped leaves no file behind (the
+mp4 is written to a temp file and renamed when complete).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append",
                      help="a prompt (repeat for several videos; default: the checkpoint's default prompt)")
     src.add_argument("--prompts", help="a prompt file (one prompt a line)")
+    src.add_argument("--unconditional", action="store_true",
+                     help="no prompt: condition on the null prompt the model was trained with (an empty --prompt is "
+                          "an error)")
     p.add_argument("--checkpoint", default=None,
                    help="generator: a shipped model's name (default: moving-digits, the tiny causal model trained on "
                         "Moving-Digits), a save_pretrained folder, a training checkpoint, or an original Wan / CausVid / "
@@ -53,21 +63,77 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per video")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _switches(args: argparse.Namespace) -> dict[int, tuple[str, bool]]:
+    """``--switch CHUNK:PROMPT`` items as {chunk: (prompt, recache)}; a malformed or empty one is a UsageError."""
+    from selfforcing.errors import UsageError
 
-    from selfforcing.inference import StreamingGenerator
-    from selfforcing.io import read_video, to_float_video, write_contact_sheet, write_mp4
-    from selfforcing.pipeline import load_pipeline, sample_many_step
-
-    if args.num_frames < 1:
-        raise SystemExit(f"--num-frames must be >= 1, got {args.num_frames}")
     switches = {}
     for item in args.switch:
         chunk, _, prompt = item.partition(":")
-        if not chunk.isdigit() or not prompt:
-            raise SystemExit(f"--switch must be CHUNK:PROMPT, got {item!r}")
+        if not chunk.isdigit() or not prompt.strip():
+            raise UsageError(f"--switch must be CHUNK:PROMPT with a non-empty prompt, got {item!r}")
         switches[int(chunk)] = (prompt, args.recache)
+    return switches
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts asked for (None: the checkpoint's default prompt); empty ones are errors naming the flag."""
+    from selfforcing.data.prompts import read_prompt_file, require_prompt
+
+    if args.prompts:
+        return read_prompt_file(args.prompts)  # blank lines are skipped; a file with none is an error
+    if args.prompt:
+        return [require_prompt(p, "--prompt") for p in args.prompt]
+    return None
+
+
+def _output_paths(out: str, count: int) -> list[str]:
+    """The mp4 path of each of ``count`` videos: ``out`` itself for one, NAME_0.mp4, NAME_1.mp4, ... for several."""
+    return [out] if count == 1 else [f"{os.path.splitext(out)[0]}_{i}.mp4" for i in range(count)]
+
+
+def _sheet_every(num_frames: int) -> int:
+    """The contact sheet shows every k-th frame: at most 32 tiles."""
+    return max(1, -(-num_frames // 32))
+
+
+def _stream_few_step(gen, prompt: str, latent_frames: int, num_frames: int, seed: int, switches, prefix,
+                     mp4, keep_every: int | None) -> tuple[int, float, list]:
+    """Stream one video into the open ``mp4`` writer, chunk by chunk, keeping only every ``keep_every``-th frame
+    (for the contact sheet; None: none). Returns (chunks, first chunk's seconds, kept frames)."""
+    written, chunks, first, kept = 0, 0, 0.0, []
+    for chunk in gen.stream(prompt, latent_frames, seed=seed, switches=switches, prefix_video=prefix):
+        frames = chunk.frames[: num_frames - written]
+        if not len(frames):  # the last chunk's extra latent frames decode past --num-frames
+            continue
+        if keep_every:
+            kept += [(written + j, frames[j]) for j in range(-written % keep_every, len(frames), keep_every)]
+        mp4.write(frames)
+        written += len(frames)
+        first = first or chunk.seconds
+        chunks += 1
+    return chunks, first, kept
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfforcing.errors import UsageError
+    from selfforcing.fileio import check_writable
+    from selfforcing.inference import CacheTooLarge, StreamingGenerator
+    from selfforcing.io import Mp4Writer, read_video, to_float_video, write_contact_sheet
+    from selfforcing.pipeline import load_pipeline, sample_many_step
+
+    if args.num_frames < 1:
+        raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if args.window_frames is not None and args.window_frames < 0:
+        raise UsageError(f"--window-frames must be >= 0 (0: a cache over the whole video), got {args.window_frames}")
+    switches = _switches(args)
+    prompts = _prompts(args)
+    outs = _output_paths(args.out, len(prompts) if prompts else 1)
+    for path in outs + ([args.sheet] if args.sheet else []):
+        check_writable(path)  # before any compute: a read-only destination fails now, not after the video
+    prefix = to_float_video(read_video(args.init_video))[None] if args.init_video else None
     overrides = dict(sampler=args.sampler, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
                      text_len=args.text_len, shift=args.shift, num_steps=args.num_steps,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, fps=args.fps)
@@ -75,47 +141,49 @@ def run(args: argparse.Namespace) -> int:
         overrides["denoising_steps"] = tuple(float(s) for s in args.steps.split(","))
     if args.latent_size:
         overrides["latent_size"] = tuple(int(v) for v in args.latent_size.split(","))
-    prompts = args.prompt
-    if args.prompts:
-        from selfforcing.data.prompts import read_prompt_file
-
-        prompts = read_prompt_file(args.prompts)  # checked before the model loads: a bad file fails fast
     model, ae, text, spec = load_pipeline(args.checkpoint, preset=args.preset, use_ema=args.use_ema,
                                           device=args.device, **overrides)
+    if args.unconditional:
+        prompts = [spec.negative_prompt]  # the null prompt of text dropout / CFG
     prompts = prompts or [spec.default_prompt]
     h, w = spec.latent_size
     latent_frames = ae.latent_frames(args.num_frames)
-    prefix = None
-    if args.init_video:
-        prefix = to_float_video(read_video(args.init_video))[None]
     window = args.window_frames
     if window is None and spec.sampler == "few-step" and spec.training_frames:
         window = ae.latent_frames(spec.training_frames)  # Self Forcing streams through a window of its training length
     window = window or None  # 0: the whole video in the cache
-    gen = StreamingGenerator(model, ae, text, (h, w), steps=spec.warped_steps().tolist(),
-                             window_frames=window, sink_frames=args.sink_frames,
-                             max_frames=latent_frames + 64, negative_prompt=spec.negative_prompt)
-    for i, prompt in enumerate(prompts):
-        out = args.out if len(prompts) == 1 else f"{os.path.splitext(args.out)[0]}_{i}.mp4"
+    prefix_frames = ae.latent_frames(prefix.shape[1]) if prefix is not None else 0
+    capacity = latent_frames + prefix_frames + 2 * model.config.num_frame_per_block  # chunks may end past the count
+    try:
+        gen = StreamingGenerator(model, ae, text, (h, w), steps=spec.warped_steps().tolist(),
+                                 window_frames=window, sink_frames=args.sink_frames,
+                                 max_frames=capacity, negative_prompt=spec.negative_prompt)
+    except CacheTooLarge as err:
+        raise MemoryError(f"a KV cache over the whole video ({err.frames} latent frames) needs {err.need / 1e9:.1f} "
+                          f"GB and {err.have / 1e9:.1f} GB of memory is available: omit --window-frames (a rolling "
+                          f"window of the training length), give --window-frames N, or fewer --num-frames") from None
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
         t0 = time.perf_counter()
-        if spec.sampler == "few-step":
-            chunks = list(gen.stream(prompt, latent_frames, seed=args.seed + i, switches=switches, prefix_video=prefix))
-            frames = torch.cat([c.frames for c in chunks])
-            first_latency = chunks[0].seconds
-        else:
-            frames = sample_many_step(model, ae, text, spec, prompt, latent_frames, seed=args.seed + i,
-                                      window_frames=args.window_frames or None, sink_frames=args.sink_frames)
-            first_latency = time.perf_counter() - t0  # not streamed: the whole clip arrives at once
-            chunks = [None]
+        keep_every = _sheet_every(args.num_frames) if args.sheet and i == 0 else None
+        with Mp4Writer(out, fps=spec.fps) as mp4:
+            if spec.sampler == "few-step":
+                chunks, first_latency, kept = _stream_few_step(gen, prompt, latent_frames, args.num_frames,
+                                                               args.seed + i, switches, prefix, mp4, keep_every)
+            else:  # not streamed: the whole clip arrives at once
+                frames = sample_many_step(model, ae, text, spec, prompt, latent_frames, seed=args.seed + i,
+                                          window_frames=args.window_frames or None,
+                                          sink_frames=args.sink_frames)[: args.num_frames]
+                mp4.write(frames)
+                chunks, first_latency = 1, time.perf_counter() - t0
+                kept = [(j, frames[j]) for j in range(0, len(frames), keep_every)] if keep_every else []
+            count = mp4.frames
         seconds = time.perf_counter() - t0
-        frames = frames[: args.num_frames]
-        write_mp4(out, frames, fps=spec.fps)
-        if args.sheet and i == 0:
-            every = max(1, -(-len(frames) // 32))  # at most 32 tiles, labelled with their frame index
-            write_contact_sheet(args.sheet, frames[::every], labels=[str(i) for i in range(0, len(frames), every)])
-        report = {"path": out, "prompt": prompt, "frames": int(frames.shape[0]), "seconds": round(seconds, 3),
-                  "fps": round(frames.shape[0] / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
-                  "chunks": len(chunks), "sampler": spec.sampler, "window_frames": window}
+        if kept:
+            write_contact_sheet(args.sheet, torch.stack([f for _, f in kept]), labels=[str(j) for j, _ in kept])
+        report = {"path": out, "prompt": prompt, "frames": count, "seconds": round(seconds, 3),
+                  "fps": round(count / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
+                  "chunks": chunks, "sampler": spec.sampler, "window_frames": window,
+                  "unconditional": bool(args.unconditional)}
         print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
-              f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)")
+              f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)", flush=True)
     return 0

@@ -39,6 +39,16 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def require_prompt(prompt: str, where: str = "the prompt") -> str:
+    """``prompt`` as it is, after checking it: an empty or whitespace-only prompt is a ValueError naming ``where``
+    (unconditional generation is asked for explicitly, never by an empty prompt)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where} must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError(f"{where} is empty: give a prompt, or ask for unconditional generation explicitly")
+    return prompt
+
+
 def write_prompt_file(path: str | os.PathLike, prompts: Iterable[str]) -> str:
     """Write prompts one a line (UTF-8, stripped, atomic; parent folders created) so that
     :func:`read_prompt_file` gives them back; returns the path.

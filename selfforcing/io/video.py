@@ -1,8 +1,9 @@
 """Writing and reading videos. Tensors are float32 [F, 3, H, W] in [-1, 1]; files hold uint8 [F, H, W, 3].
 
 mp4 is H.264 (libx264, yuv420p) through PyAV; GIF and PNG through Pillow. Every write goes through a temp
-file in the target's directory and a rename (``selfforcing.fileio.atomic_write``, which also creates the
-parent directories), so a killed job never leaves a half-written video.
+file in the target's directory and a rename (``selfforcing.fileio``, which also creates the parent
+directories), so a killed job never leaves a half-written video. :class:`Mp4Writer` encodes a video chunk by
+chunk as it is made (``selfforcing generate`` streams to disk with it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, commit_temp, discard_temp, temp_beside
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -69,31 +70,107 @@ def _check_fps(fps: float) -> None:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
 
 
+def _check_crf(crf: int) -> None:
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
+
+
+class Mp4Writer:
+    """An H.264 mp4 (libx264, yuv420p, constant quality ``crf``) written as its frames come, chunk by chunk, so a
+    long video never sits in memory. The frames go to a temp file beside ``path``; :meth:`close` renames it to
+    ``path``, :meth:`abort` removes it, so ``path`` appears only complete. As a context manager it closes on
+    success and aborts on any exception (Ctrl-C included).
+
+        with Mp4Writer("out.mp4", fps=8) as mp4:
+            for chunk in chunks:
+                mp4.write(chunk)        # float [F, 3, H, W] in [-1, 1] or uint8 [F, H, W, 3]
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float = 8, crf: int = 18) -> None:
+        import av
+
+        _check_fps(fps)
+        _check_crf(crf)
+        self.path, self.fps, self.crf = os.fspath(path), fps, crf
+        self.frames = 0
+        self._size: tuple[int, int] | None = None
+        self._stream = None
+        self._tmp = temp_beside(self.path)
+        try:
+            self._container = av.open(self._tmp, mode="w", format="mp4")
+        except BaseException:
+            discard_temp(self._tmp)
+            raise
+
+    def write(self, video) -> None:
+        """Encode frames (see :func:`to_uint8_frames`; odd H / W padded to even). Every call must have the first
+        call's frame size."""
+        import av
+
+        if self._container is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        frames = _even(to_uint8_frames(video))
+        size = (frames.shape[1], frames.shape[2])
+        if self._stream is None:
+            self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
+            self._stream.height, self._stream.width = size
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(self.crf)}
+            self._size = size
+        elif size != self._size:
+            raise ValueError(f"{self.path}: frames of {size[0]}x{size[1]} after frames of {self._size[0]}x{self._size[1]}")
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+        self.frames += len(frames)
+
+    def close(self) -> str:
+        """Flush the encoder, finish the file and rename it to ``path``; returns the path. No frames is an error."""
+        if self._container is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        if self._stream is None:
+            self.abort()
+            raise ValueError(f"{self.path}: no frames were written")
+        try:
+            for packet in self._stream.encode():  # the encoder's delayed frames
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+            commit_temp(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the video: close the container and remove the temp file (``path`` is left as it was)."""
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away
+                pass
+            self._container = None
+        discard_temp(self._tmp)
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_mp4(path: str | os.PathLike, video, fps: float = 8, crf: int = 18) -> str:
     """Encode ``video`` (see :func:`to_uint8_frames`) as H.264 mp4 (libx264, yuv420p, constant quality ``crf``,
     0 = lossless luma .. 51) at ``fps``; odd H / W are padded to even. Atomic write; returns the path."""
-    import av
-
     _check_fps(fps)
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
-    frames = _even(to_uint8_frames(video))
-    path = os.fspath(path)
-
-    def write(tmp: str) -> None:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():  # flush the encoder's delayed frames
-                container.mux(packet)
-
-    atomic_write(path, write)
-    return path
+    _check_crf(crf)
+    frames = to_uint8_frames(video)  # checked before a temp file exists
+    with Mp4Writer(path, fps=fps, crf=crf) as mp4:
+        mp4.write(frames)
+    return os.fspath(path)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -33,6 +33,33 @@ from dataclasses import dataclass
 import torch
 
 
+def kv_cache_bytes(*, num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
+                   frames: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the self-attention buffers of a cache holding ``frames`` latent frames: K and V, each
+    num_layers x batch_size x num_heads x (frames * tokens_per_frame) x head_dim elements of ``dtype``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * batch_size * num_heads * frames * tokens_per_frame * head_dim * itemsize
+
+
+def available_memory_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory a new allocation can take on ``device``: free device memory on CUDA (plus what PyTorch's allocator
+    holds unused), MemAvailable of /proc/meminfo on CPU; None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class ChunkPlan:
     """Where a chunk of frames [start, start + num_frames) goes and what it may see."""

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,21 @@ def minilm_path() -> str:
     return path
 
 
+@contextmanager
+def _no_loading_bar():
+    """Load a small encoder without transformers' per-parameter "Loading weights" progress bar (it prints on every
+    command that encodes a prompt)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -200,7 +216,8 @@ class MiniLMTextEncoder(HFTextEncoder):
         else:
             _require_model_folder(path, "BERT")
             name = f"bert:{os.path.abspath(path)}"
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        with _no_loading_bar():
+            model = AutoModel.from_pretrained(path, local_files_only=True)
         max_positions = int(model.config.max_position_embeddings)
         if text_len > max_positions:
             raise ValueError(f"text_len={text_len} exceeds the {max_positions} positions of the BERT model at {path}")
