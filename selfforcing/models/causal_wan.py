@@ -646,9 +646,13 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         if os.path.isdir(path):
             cfg_path = os.path.join(path, "config.json")
             if os.path.isfile(cfg_path):
-                with open(cfg_path) as fh:
-                    if "_class_name" in json.load(fh):  # a diffusers directory (ours or WanTransformer3DModel)
-                        return cls.from_pretrained(path, **overrides)
+                try:
+                    with open(cfg_path, encoding="utf-8") as fh:
+                        config = json.load(fh)
+                except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                    raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+                if isinstance(config, dict) and "_class_name" in config:  # a diffusers folder (ours or Wan's)
+                    return cls._from_pretrained_folder(path, **overrides)
             # an original Wan2.1 release folder: weights in (sharded) safetensors, original key names
             shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not shards:
@@ -664,6 +668,22 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             state.update(load_checkpoint_file(f, use_ema=use_ema))
         model.load_weights(state, source=path)
         return model
+
+    @classmethod
+    def _from_pretrained_folder(cls, path: str, **overrides) -> CausalWanModel:
+        """``from_pretrained`` of a diffusers folder; a folder without weights (an export cut short) or with
+        unreadable ones is a ValueError naming the folder."""
+        import os
+
+        names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+        if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+            raise ValueError(f"{path}: has config.json but no weights (diffusion_pytorch_model.safetensors): an "
+                             f"incomplete save_pretrained folder")
+        try:
+            return cls.from_pretrained(path, **overrides)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path}: cannot load the save_pretrained folder ({' '.join(str(err).split())})") from err
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load of a native state dict; mismatches raise ValueError naming the keys and shapes."""

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import reason
+
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
 
 
@@ -116,6 +118,8 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -124,7 +128,7 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {path}: {reason(err)} (truncated or not a checkpoint)") from err
     try:
         return to_native(obj, use_ema=use_ema)
     except ValueError as err:
