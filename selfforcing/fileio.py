@@ -84,6 +84,23 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     return removed
 
 
+def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` to ``folder`` (same parent), replacing an existing ``folder``: that one is
+    first renamed to a ``.tmp-`` name and removed after, so a kill leaves ``folder`` complete (old or new) or
+    absent, and the leftover is removed by :func:`remove_stale_temps`."""
+    tmp, folder = os.fspath(tmp), os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    old = None
+    if os.path.exists(folder):
+        old = tempfile.mkdtemp(dir=parent, prefix=TEMP_PREFIX + "old-")
+        os.rmdir(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise OSError naming ``path`` unless a file can be written there (before any long work): ``path`` must not be
     a folder, and the nearest existing folder on its way must take a new file (checked by creating and removing

@@ -100,6 +100,107 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
     assert left == ["latest", "step_000006.pt", "step_000008.pt"], left
 
 
+def _final_complete(folder) -> bool:
+    """A finished export: EMA weights, the raw weights beside them, and both pipeline specs."""
+    need = ["config.json", "diffusion_pytorch_model.safetensors", "pipeline.json", "raw/config.json",
+            "raw/diffusion_pytorch_model.safetensors", "raw/pipeline.json"]
+    return all(os.path.isfile(os.path.join(folder, n)) for n in need)
+
+
+def _temp_files(root) -> list[str]:
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if n.startswith(".tmp-")]
+
+
+def _run_and_kill(cmd, out_dir, rng, watch: str | None, env) -> str:
+    """Start ``cmd``; SIGKILL it as soon as a ``.tmp-`` entry whose name contains ``watch`` appears in the run (a
+    write in progress), or at a random moment when ``watch`` is None. Returns how it ended."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + (rng.uniform(3.0, 9.0) if watch is None else 120.0)
+    ckpt = os.path.join(out_dir, "checkpoints")
+    while proc.poll() is None and time.monotonic() < deadline:
+        if watch is not None and any(n.startswith(".tmp-") and watch in n
+                                     for d in (out_dir, ckpt) if os.path.isdir(d) for n in os.listdir(d)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return f"killed during {watch}"
+        time.sleep(0.0005 if watch else 0.01)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return "killed"
+    assert proc.returncode == 0
+    return "finished"
+
+
+@pytest.mark.slow
+def test_random_kills_during_training_checkpoints_and_export_resume_exactly(tmp_path):
+    """SIGKILL at random moments, in the middle of a checkpoint write and in the middle of the export of final/;
+    resume each time. The run ends with the parameters of a straight run, no temp file survives, final/ is complete
+    or absent after every kill, and metrics.jsonl holds each step once."""
+    import json
+    import random
+
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    steps = 6
+    straight = _write_recipe(tmp_path / "straight.yaml", tmp_path / "straight", steps_every=1)
+    subprocess.run(_train_cmd(straight, steps), check=True, capture_output=True, timeout=300, env=env)
+    out = tmp_path / "killed"
+    recipe = _write_recipe(tmp_path / "killed.yaml", out, steps_every=1)
+    cmd = _train_cmd(recipe, steps)
+    rng = random.Random(26)
+    ends = []
+    for watch in ("step_", None, "final", "final", "final", "final"):
+        if watch == "final" and any(e == "killed during final" for e in ends):
+            break  # the export was interrupted once: enough
+        ends.append(_run_and_kill(cmd, str(out), rng, watch, env))
+        assert not os.path.exists(out / "final") or _final_complete(out / "final"), ends
+    assert "killed during final" in ends, ends  # the export really was cut short (a finished run re-exports)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=env)  # resume to the end
+
+    assert _temp_files(out) == []
+    assert _final_complete(out / "final")
+    for sub in ("diffusion_pytorch_model.safetensors", "raw/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / "final" / sub), load_file(out / "final" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    a, b = _final(tmp_path / "straight", steps), _final(out, steps)
+    for name in a["models"]:
+        assert all(torch.equal(a["models"][name][k], b["models"][name][k]) for k in a["models"][name]), name
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert logged == sorted(set(logged)) and logged[-1] == steps
+
+
+def test_resume_skips_a_corrupt_checkpoint_with_a_warning(tmp_path):
+    """The newest checkpoint truncated (or empty): resume warns, naming it and the reason, and continues from the
+    one before; metrics.jsonl is cut back to that step, including a line the kill left half-written."""
+    import json
+
+    from selfforcing.training.checkpoint import CheckpointWarning
+
+    cfg = _cfg(tmp_path, method="teacher", max_steps=4, checkpoint_every=1, keep_checkpoints=3, log_every=1)
+    straight = [p.detach().clone() for p in train(cfg, progress=False, resume=False).models["generator"].parameters()]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_000002.pt", "step_000003.pt", "step_000004.pt"]
+    newest = ckpt / "step_000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    (ckpt / "step_000003.pt").write_bytes(b"")  # empty
+    (ckpt / ".tmp-abc-step_000005.pt").write_bytes(b"half")  # a write that was killed
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "lo')  # a line cut short
+    with pytest.warns(CheckpointWarning) as record:
+        state = train(cfg, max_steps=2, progress=False, resume=True)
+    messages = [str(w.message) for w in record]
+    assert any("step_000004.pt" in m and "cannot be read" in m for m in messages), messages
+    assert any("step_000003.pt" in m and "empty" in m for m in messages), messages
+    assert state.step == 2 and not (ckpt / ".tmp-abc-step_000005.pt").exists()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    state = train(cfg, progress=False, resume=True)  # on to the end: the same weights as the straight run
+    assert state.step == 4
+    assert all(torch.equal(a, b) for a, b in zip(straight, state.models["generator"].parameters()))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
 def test_torchrun_ddp_and_fsdp2_equal_one_rank(tmp_path):

@@ -4,6 +4,11 @@ resume exactly: step, model and optimiser states, EMA shadow, and the config.
 Layout under ``<out_dir>/checkpoints/``: ``step_000200.pt`` (full: one file written by rank 0) or
 ``step_000200/`` (sharded: torch.distributed.checkpoint, every rank writes its shards), plus ``latest``
 (a text file naming the newest complete checkpoint, replaced atomically after the checkpoint is complete).
+A write in progress lives under a ``.tmp-`` name; temp files left by a killed write are removed after the next
+write and when training starts (:func:`selfforcing.fileio.remove_stale_temps`).
+
+Resume (:func:`resume_checkpoint`) loads the newest checkpoint that reads back intact; a corrupt or truncated one
+is skipped with a :class:`CheckpointWarning` naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -21,8 +27,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..fileio import atomic_write, atomic_write_text
+from ..errors import reason
+from ..fileio import TEMP_PREFIX, atomic_write, atomic_write_text, remove_stale_temps
 from .distributed import barrier, is_main
+
+_STEP_NAME = re.compile(r"step_(\d{6,})(\.pt)?")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that cannot be read back (truncated, empty, missing parts); the message names it and why."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped at resume (the message names it and the reason)."""
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -61,7 +78,7 @@ def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, em
         import torch.distributed.checkpoint as dcp
 
         path = os.path.join(ckpt_dir, name)
-        tmp = path + ".tmp"
+        tmp = os.path.join(ckpt_dir, TEMP_PREFIX + name)
         if is_main() and os.path.exists(tmp):
             shutil.rmtree(tmp)
         barrier()
@@ -92,14 +109,21 @@ def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, em
     if is_main():
         atomic_write_text(os.path.join(ckpt_dir, "latest"), os.path.basename(path) + "\n")
         _prune(ckpt_dir, keep)
+        remove_stale_temps(ckpt_dir)  # what a killed earlier write left behind
     barrier()
     return path
 
 
+def checkpoint_paths(ckpt_dir: str) -> list[str]:
+    """The checkpoints in ``ckpt_dir`` (``step_NNNNNN.pt`` files and ``step_NNNNNN/`` folders), newest step first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(ckpt_dir) if (m := _STEP_NAME.fullmatch(name))]
+    return [os.path.join(ckpt_dir, name) for _, name in sorted(found, reverse=True)]
+
+
 def _prune(ckpt_dir: str, keep: int) -> None:
-    found = sorted(p for p in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d{6}(\.pt)?", p))
-    for p in found[:-keep] if keep > 0 else []:
-        full = os.path.join(ckpt_dir, p)
+    for full in checkpoint_paths(ckpt_dir)[keep:] if keep > 0 else []:
         shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
 
 
@@ -144,28 +168,57 @@ def check_architectures(path: str, saved: dict | None, models: dict) -> None:
                              f"with the recipe (preset and overrides) it was trained with, or start a new out_dir")
 
 
-def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
-    """Restore models, optimisers and EMA from ``path`` (full file or sharded dir); returns its meta (step...).
-    A network built differently from the one saved (its recorded architecture) is a ValueError."""
+def read_checkpoint(path: str) -> dict:
+    """The saved state of a full checkpoint file (or the ``meta.pt`` of a sharded folder, whose shards
+    :func:`load_checkpoint` reads in place). Raises :class:`CorruptCheckpoint` naming the file and the reason when
+    it is missing, empty, truncated or not a training checkpoint."""
     if os.path.isdir(path):
-        meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
-        check_architectures(path, meta.get("architectures"), models)
-        import torch.distributed.checkpoint as dcp
+        meta_path = os.path.join(path, "meta.pt")
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CorruptCheckpoint(f"{path}: no .metadata (the sharded write did not finish)")
+        state = _torch_read(meta_path)
+    else:
+        state = _torch_read(path)
+        if "models" not in state:
+            raise CorruptCheckpoint(f"{path}: not a training checkpoint (no 'models')")
+    if "step" not in state:
+        raise CorruptCheckpoint(f"{path}: not a training checkpoint (no 'step')")
+    return state
 
-        state = _sharded_state(models, optimizers, ema)
-        dcp.load(state, checkpoint_id=path)
-        for k, m in models.items():
-            set_model_state_dict(m, state[f"model.{k}"])
-        for k, o in optimizers.items():
-            set_optimizer_state_dict(models[k], o, state[f"optim.{k}"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        return meta
+
+def _torch_read(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CorruptCheckpoint(f"{path}: missing")
+    if os.path.getsize(path) == 0:
+        raise CorruptCheckpoint(f"{path}: the file is empty (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"cannot read training checkpoint {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any reader failure means the file is not intact
+        raise CorruptCheckpoint(f"{path}: cannot be read ({reason(err)})") from err
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{path}: holds a {type(state).__name__}, not a checkpoint")
+    return state
+
+
+def load_checkpoint(path: str, models: dict, optimizers: dict, ema, state: dict | None = None) -> dict:
+    """Restore models, optimisers and EMA from ``path`` (full file or sharded dir); returns its meta (step...).
+    ``state``: what :func:`read_checkpoint` returned for it (read now when None). An unreadable checkpoint is a
+    :class:`CorruptCheckpoint`; a network built differently from the one saved (its recorded architecture) is a
+    ValueError."""
+    state = read_checkpoint(path) if state is None else state
     check_architectures(path, state.get("architectures"), models)
+    if os.path.isdir(path):
+        import torch.distributed.checkpoint as dcp
+
+        sharded = _sharded_state(models, optimizers, ema)
+        dcp.load(sharded, checkpoint_id=path)
+        for k, m in models.items():
+            set_model_state_dict(m, sharded[f"model.{k}"])
+        for k, o in optimizers.items():
+            set_optimizer_state_dict(models[k], o, sharded[f"optim.{k}"])
+        if ema is not None:
+            ema.load_state_dict(sharded["ema"])
+        return state
     for k, m in models.items():
         set_model_state_dict(m, state["models"][k], options=StateDictOptions(full_state_dict=True))
     for k, o in optimizers.items():
@@ -173,3 +226,23 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema) -> dict:
     if ema is not None and state.get("ema") is not None:
         ema.load_full_state_dict(state["ema"])
     return state
+
+
+def resume_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, ema) -> dict | None:
+    """Load the newest checkpoint in ``ckpt_dir`` that reads back intact; returns its meta (None: nothing to resume).
+
+    A corrupt one (truncated, empty, half-written sharded folder) is skipped with a :class:`CheckpointWarning` naming
+    it and the reason, and the next older one is tried; when none is intact training starts over (warned too). A
+    checkpoint of a differently built network is an error, not a skip."""
+    paths = checkpoint_paths(ckpt_dir)
+    for path in paths:
+        try:
+            state = read_checkpoint(path)
+        except CorruptCheckpoint as err:
+            warnings.warn(f"skipping checkpoint {err}", CheckpointWarning, stacklevel=2)  # err starts with the path
+            continue
+        return load_checkpoint(path, models, optimizers, ema, state=state)
+    if paths:
+        warnings.warn(f"no intact checkpoint in {ckpt_dir} ({len(paths)} skipped): training starts from step 0",
+                      CheckpointWarning, stacklevel=2)
+    return None

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import save_config, to_dict
+from ..fileio import TEMP_PREFIX, atomic_write_text, remove_stale_temps, replace_folder
 from ..models import CausalWanModel
 from ..pipeline import PipelineSpec
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .config import ModelSpec, OptimConfig, TrainConfig
 from .data import SAMPLE_PURPOSE, build_batch_source
 from .ema import EMA
@@ -203,18 +205,22 @@ def _write_samples(cfg: TrainConfig, state: TrainState, batches) -> None:
 class _Logger:
     """TensorBoard (optional), Weights & Biases (optional) and a JSONL file, on rank 0."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, step: int = 0) -> None:
+        """Log from ``step`` on: lines of later steps (written before a kill) are dropped from metrics.jsonl and
+        TensorBoard, so a resumed run never repeats a step."""
         self.tb = self.wandb = None
         self.jsonl = None
         if not D.is_main():
             return
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        truncate_metrics(path, step)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=step + 1)
             except ImportError:
                 pass
         if cfg.wandb_project:
@@ -239,20 +245,53 @@ class _Logger:
                 h.close()
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (the step a run resumes from; 0 drops them all), and drop
+    a line cut short by a kill. Rewritten atomically; nothing happens when there is nothing to drop."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step and line.endswith("\n"):
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def stale_temp_folders(cfg: TrainConfig) -> list[str]:
+    """The folders of a run where killed atomic writes can leave ``.tmp-*`` files: the run folder (``final/``
+    export), its checkpoints, samples and its own text-embedding cache (a cache given in the recipe may be shared
+    with other runs, so it is left alone)."""
+    return [os.path.join(cfg.out_dir, sub) for sub in ("", "checkpoints", "samples", "text_cache")]
+
+
 def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True, resume: bool = True) -> TrainState:
-    """Run (or resume) the recipe ``cfg`` up to ``max_steps`` (default ``cfg.max_steps``)."""
+    """Run (or resume) the recipe ``cfg`` up to ``max_steps`` (default ``cfg.max_steps``).
+
+    Resume starts from the newest intact checkpoint in ``out_dir/checkpoints`` (a corrupt one is skipped with a
+    warning); temp files of writes killed before are removed first, and metrics.jsonl is cut back to the step the
+    run resumes from."""
     device = D.init_from_env()
+    if D.is_main():
+        for folder in stale_temp_folders(cfg):
+            remove_stale_temps(folder)
+    D.barrier()
     state = setup(cfg, device)
     text_dim = state.method.generator.config.text_dim
     batches = build_batch_source(cfg, text_dim, device)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if resume and (path := latest_checkpoint(ckpt_dir)):
-        meta = load_checkpoint(path, state.models, state.optimizers, state.ema)
+    if resume and (meta := resume_checkpoint(ckpt_dir, state.models, state.optimizers, state.ema)) is not None:
         state.step = int(meta["step"])
     if D.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
-    logger = _Logger(cfg)
+    logger = _Logger(cfg, state.step)
     total = cfg.max_steps if max_steps is None else max_steps
     bar = None
     if progress and D.is_main():
@@ -321,7 +360,8 @@ def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
 def export_generator(state: TrainState, folder: str, spec: PipelineSpec | None = None) -> None:
     """Write the trained generator as a ``save_pretrained`` folder (the EMA weights when EMA is on, else the raw
     ones; the raw ones also go to ``folder/raw`` in that case), with ``spec`` as ``pipeline.json`` beside it.
-    A collective under FSDP2: every rank calls it."""
+    Atomic: the folder is built under a ``.tmp-`` name and renamed, so a kill leaves the old folder or none, never
+    a partial one. A collective under FSDP2: every rank calls it."""
     from .checkpoint import gather_model_state
 
     generator = state.method.generator
@@ -330,9 +370,14 @@ def export_generator(state: TrainState, folder: str, spec: PipelineSpec | None =
     if D.is_main():
         config = {k: v for k, v in generator.config.items() if not k.startswith("_")}
         out = CausalWanModel(**config)
-        for weights, where in ((ema, folder), (raw, os.path.join(folder, "raw"))) if ema is not None else ((raw, folder),):
+        # written whole into a temp folder beside it, then renamed: ``folder`` is always complete or absent
+        tmp = os.path.join(os.path.dirname(os.path.abspath(folder)), f"{TEMP_PREFIX}{os.path.basename(folder)}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        for weights, where in ((ema, tmp), (raw, os.path.join(tmp, "raw"))) if ema is not None else ((raw, tmp),):
             out.load_weights({k: v.to(out.proj_out.weight.dtype) for k, v in weights.items()}, source="trained generator")
             out.save_pretrained(where)
             if spec is not None:
                 spec.save(where)
+        replace_folder(tmp, folder)
     D.barrier()
