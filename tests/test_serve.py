@@ -339,6 +339,97 @@ def test_token(host):
         wait_sessions(srv, 0)
 
 
+def test_token_holders_are_never_locked_out_and_the_token_never_logged(host, capfd):
+    """Clients without a token fill more than --max-sessions and idle: they take no session slot, are closed after
+    the auth timeout, and a token holder (header, X-Token, first message, or the old URL way) gets a session within
+    a second. No log line of the run (uvicorn's access and error logs at INFO included) holds the token; an invalid
+    UTF-8 frame is one WARNING line, not a traceback; the API docs are off."""
+    from websockets.frames import Frame, Opcode
+
+    token = "Tok3n-s3cret/+="  # characters that URL-encoding changes
+
+    async def admitted_within(connect_kwargs, url_suffix="", first=None) -> float:
+        t0 = time.monotonic()
+        ws = await websockets.connect(srv.ws_url + url_suffix, **connect_kwargs)
+        if first is not None:
+            assert (await recv_json(ws))["auth_required"]  # not admitted yet
+            await ws.send(json.dumps(first))
+        ready = await recv_json(ws)
+        elapsed = time.monotonic() - t0
+        assert ready["type"] == "ready" and ready["session"] and not ready["auth_required"], ready
+        return ws, elapsed
+
+    async def run():
+        idle = []
+        for _ in range(5):  # more than max_sessions (2), none with a token, none sending anything
+            ws = await websockets.connect(srv.ws_url)
+            assert (await recv_json(ws)) == {"type": "ready", "session": None, "auth_required": True,
+                                             "auth_timeout_s": 1.5, "detail": 'send {"type": "auth", "token": ...} first'}
+            idle.append(ws)
+        assert health(srv)["sessions"] == 0
+        a, t_a = await admitted_within({"additional_headers": {"Authorization": f"Bearer {token}"}})
+        b, t_b = await admitted_within({}, first={"type": "auth", "token": token})
+        assert t_a < 1.0 and t_b < 1.0 and health(srv)["sessions"] == 2
+        await b.send(start_msg(num_frames=1, prompt="   "))  # a blank prompt is an error, the connection stays
+        reply = await recv_json(b)
+        assert reply["error"] == "invalid_message" and "prompt is empty" in reply["detail"]
+        await b.send(start_msg(num_frames=1, prompt="", unconditional=True))
+        assert (await recv_json(b))["type"] == "started"
+        await a.close()
+        await b.close()
+        await asyncio.to_thread(wait_sessions, srv, 0)
+        c, t_c = await admitted_within({"additional_headers": {"X-Token": token}})
+        d, t_d = await admitted_within({}, url_suffix="?token=" + urllib.parse.quote(token, safe=""))
+        assert t_c < 1.0 and t_d < 1.0
+        await d.close()
+        c.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe not utf-8"))  # uvicorn logs this one itself
+        c.send_data()
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await recv_json(c, timeout=10)
+        assert info.value.rcvd.code == 1007
+        wrong = await websockets.connect(srv.ws_url, additional_headers={"Authorization": "Bearer nope"})
+        assert (await recv_json(wrong))["error"] == "unauthorized"
+        for ws in idle:  # dropped once the auth timeout passes
+            assert (await recv_json(ws, timeout=10))["error"] == "unauthorized"
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd.code == 1008
+
+    import urllib.parse
+
+    with ServerThread(create_app(host=host, token=token, auth_timeout_s=1.5), log_level="info") as srv:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert get(srv.url + path)[0] == 404
+        assert get(srv.url + "/models?token=" + urllib.parse.quote(token, safe=""))[0] == 200
+        assert post_json(srv.url + "/generate", {"prompt": " ", "num_frames": 1},
+                         {"Authorization": f"Bearer {token}"})[0] == 422
+        asyncio.run(run())
+        wait_sessions(srv, 0)
+    out = capfd.readouterr()
+    logged = out.out + out.err
+    assert '"WebSocket /ws/stream?token=[redacted]" [accepted]' in logged  # the URL way was logged, redacted
+    assert "GET /models?token=[redacted]" in logged
+    assert "Invalid UTF-8 sequence received from client. (closed the connection)" in logged
+    for secret in (token, urllib.parse.quote(token, safe=""), urllib.parse.quote_plus(token)):
+        assert secret not in logged
+    assert "Traceback" not in logged
+
+
+def test_connection_error_log_is_capped(caplog):
+    from selfforcing.serve.app import MAX_ERROR_LOGS_PER_CONNECTION, ConnectionLog
+
+    conn = ConnectionLog("session x")
+    with caplog.at_level("ERROR", logger="selfforcing.serve"):
+        for i in range(10):
+            conn.error("failed", ValueError(f"bad {i}"))
+        conn.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:MAX_ERROR_LOGS_PER_CONNECTION] == [f"session x failed: ValueError: bad {i}"
+                                                     for i in range(MAX_ERROR_LOGS_PER_CONNECTION)]
+    assert lines[MAX_ERROR_LOGS_PER_CONNECTION:] == [f"session x: {10 - MAX_ERROR_LOGS_PER_CONNECTION} more errors not logged"]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
 def test_cli_registers_serve():
     from selfforcing.cli import build_parser
 
@@ -413,3 +504,31 @@ def test_browser_plays_the_stream(server):
         finally:
             browser.close()
     wait_sessions(server, 0)
+
+
+def test_browser_page_sends_the_token_in_a_message_not_the_url(host, capfd):
+    """The page opened as /?token=T takes the token out of its address bar and sends it as the WebSocket's first
+    message: the stream plays, and the WebSocket URL the server saw (and logged) has no token."""
+    path = _chromium()
+    if path is None:
+        pytest.skip("no chromium binary found (Debian: apt-get install chromium); the browser test needs one")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    token = "page-t0ken"
+    with ServerThread(create_app(host=host, token=token), log_level="info") as srv, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(srv.url + f"/?token={token}")
+            page.wait_for_function("window.sfState && window.sfState.status.startsWith('ready: session')",
+                                   timeout=20_000)
+            assert token not in page.url
+            page.click("#start")
+            page.wait_for_function("window.sfState.framesDrawn >= 2", timeout=30_000)
+            page.click("#stop")
+            page.wait_for_function("window.sfState.status.startsWith('done')", timeout=30_000)
+        finally:
+            browser.close()
+        wait_sessions(srv, 0)
+    logged = "".join(capfd.readouterr())
+    assert '"WebSocket /ws/stream" [accepted]' in logged and token not in logged

@@ -3,6 +3,13 @@
 
 ``create_app(checkpoint)`` loads the model once; ``ServerThread(app)`` runs it on uvicorn in a thread (tests,
 benchmarks); ``selfforcing serve`` runs it in the foreground.
+
+With a token, a client is authenticated before it takes a session slot: by the header ``Authorization: Bearer T``
+(or ``X-Token: T``), by a first message ``{"type": "auth", "token": T}`` (or a start message carrying ``token``),
+or, for old clients, by ``?token=T`` in the URL. A connection that has not authenticated within ``auth_timeout_s``
+is closed (1008) and never counts against ``max_sessions``. The token is redacted from every log line (uvicorn's
+access and error logs included, see :class:`RedactingFilter`), each connection logs at most
+``MAX_ERROR_LOGS_PER_CONNECTION`` error lines, and the API docs (/docs, /redoc, /openapi.json) are off.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -21,26 +29,109 @@ from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSock
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from .protocol import (MAX_PROMPT_CHARS, GenerateRequest, PauseMessage, PromptMessage, ProtocolError, ResumeMessage,
-                       StartMessage, StopMessage, message, parse_client_message)
+from .protocol import (MAX_PROMPT_CHARS, AuthMessage, GenerateRequest, PauseMessage, PromptMessage, ProtocolError,
+                       ResumeMessage, StartMessage, StopMessage, message, parse_client_message)
 from .sessions import Busy, ModelHost, Session
 
 log = logging.getLogger("selfforcing.serve")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 WS_MAX_MESSAGE_BYTES = 1 << 20  # larger client messages close the connection (1009); smaller bad ones get errors
-AUTH_TIMEOUT_S = 10.0  # a client that must send its token in the first message has this long to do so
+AUTH_TIMEOUT_S = 5.0  # a client that must send its token in the first message has this long to do so
+MAX_ERROR_LOGS_PER_CONNECTION = 3  # further errors of one connection are counted, not logged
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "selfforcing.serve")
 
 
 def _same(given: str | None, token: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
 
+def request_token(headers, query) -> str | None:
+    """The token a request carries: ``Authorization: Bearer T``, else ``X-Token: T``, else ``?token=T`` in the URL
+    (kept for old clients; the URL ends up in access logs, where it is redacted). None when it has none."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if headers.get("x-token", "").strip():
+        return headers["x-token"].strip()
+    return query.get("token")
+
+
+class RedactingFilter(logging.Filter):
+    """Makes a log record safe to write: the token (as sent, and URL-encoded) and the value of every ``token=``
+    URL parameter become ``[redacted]`` in the message, its arguments and its traceback text; and a traceback a
+    client causes on purpose (an invalid UTF-8 frame, which uvicorn logs at ERROR) becomes one WARNING line."""
+
+    _QUERY = re.compile(r"([?&]token=)[^&\s\"']*")
+
+    def __init__(self, token: str | None) -> None:
+        super().__init__()
+        from urllib.parse import quote, quote_plus
+
+        self.secrets = sorted({t for t in (token, token and quote(token, safe=""), token and quote_plus(token)) if t},
+                              key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return self._QUERY.sub(r"\1[redacted]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeDecodeError):
+            record.msg = f"{record.msg} (closed the connection)"
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: self.redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+def install_log_filter(log_filter: logging.Filter) -> None:
+    """Put ``log_filter`` on the server's loggers and on every handler they or the root logger write through, so
+    records of child loggers (which skip their parents' logger filters) pass it too."""
+    loggers = [logging.getLogger(name) for name in SERVER_LOGGERS] + [logging.getLogger()]
+    for logger in loggers:
+        logger.addFilter(log_filter)
+        for handler in logger.handlers:
+            handler.addFilter(log_filter)
+
+
+class ConnectionLog:
+    """Error logging of one connection: one line per error (the traceback only at DEBUG), at most
+    ``MAX_ERROR_LOGS_PER_CONNECTION`` lines, so one client cannot flood the log."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.logged, self.dropped = name, 0, 0
+
+    def error(self, what: str, err: BaseException) -> None:
+        if self.logged >= MAX_ERROR_LOGS_PER_CONNECTION:
+            self.dropped += 1
+            return
+        self.logged += 1
+        log.error("%s %s: %s: %s", self.name, what, type(err).__name__, str(err)[:300])
+        log.debug("%s %s", self.name, what, exc_info=err)
+
+    def close(self) -> None:
+        if self.dropped:
+            log.error("%s: %d more errors not logged", self.name, self.dropped)
+
+
 def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | None = None, max_sessions: int = 4,
                max_prompt_chars: int = MAX_PROMPT_CHARS, window_frames: int | None = None,
                sink_frames: int | None = None, torch_threads: int | None = None, preset: str = "tiny",
-               idle_timeout_s: float = 300.0) -> FastAPI:
+               idle_timeout_s: float = 300.0, auth_timeout_s: float = AUTH_TIMEOUT_S,
+               max_pending_auth: int | None = None) -> FastAPI:
     """The server for ``checkpoint`` (a shipped model name, a folder or a file; None: the default model), or for an
-    already loaded ``host``. ``token``: a bearer token every client must present (None: no authentication)."""
+    already loaded ``host``. ``token``: a bearer token every client must present (None: no authentication);
+    ``auth_timeout_s``: how long a WebSocket may wait before sending it; ``max_pending_auth``: WebSockets waiting
+    to authenticate at once (default 4 per session slot, at least 16; more are refused as busy)."""
     owns_host = host is None
     if host is None:
         host = ModelHost(checkpoint, preset=preset, window_frames=window_frames, sink_frames=sink_frames,
@@ -53,8 +144,12 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
         if owns_host:  # a host passed in may serve other apps too
             host.close()
 
-    app = FastAPI(title="selfforcing", summary="Self Forcing streaming video server", lifespan=lifespan)
+    docs = {} if token is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="selfforcing", summary="Self Forcing streaming video server", lifespan=lifespan, **docs)
     app.state.host = host
+    app.state.log_filter = RedactingFilter(token)
+    install_log_filter(app.state.log_filter)
+    pending = {"auth": 0, "max": max_pending_auth or max(16, 4 * host.max_sessions)}
 
     def error_response(status: int, error: str, detail) -> JSONResponse:
         return JSONResponse({"type": "error", "error": error, "detail": detail}, status_code=status)
@@ -73,8 +168,7 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
     def require_token(request: Request) -> None:
         if token is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not _same(given.strip(), token):
+        if not _same(request_token(request.headers, request.query_params), token):
             raise HTTPException(401, "send the header 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -109,56 +203,85 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
         return Response(data, media_type="video/mp4",
                         headers={"Content-Disposition": 'attachment; filename="selfforcing.mp4"'})
 
+    async def authenticate_by_message(ws: WebSocket):
+        """Wait (``auth_timeout_s`` at most, no session slot held) for a first message that carries the token: an
+        auth message, or a start message with ``token``. Returns it, or None after refusing the connection."""
+        if pending["auth"] >= pending["max"]:
+            await _refuse(ws, "busy", "too many connections are waiting to authenticate; try again", 1013)
+            return None
+        pending["auth"] += 1
+        try:
+            await ws.send_text(message("ready", session=None, auth_required=True, auth_timeout_s=auth_timeout_s,
+                                       detail='send {"type": "auth", "token": ...} first'))
+            event = await asyncio.wait_for(ws.receive(), auth_timeout_s)
+        except asyncio.TimeoutError:
+            await _refuse(ws, "unauthorized", f"no token within {auth_timeout_s:g} s", 1008)
+            return None
+        finally:
+            pending["auth"] -= 1
+        if event["type"] == "websocket.disconnect":
+            return None
+        try:
+            msg = parse_client_message(event.get("text"), max_prompt_chars)
+        except ProtocolError:
+            msg = None
+        if not isinstance(msg, (AuthMessage, StartMessage)) or not _same(msg.token, token):
+            await _refuse(ws, "unauthorized", 'wrong or missing token: the first message must be {"type": "auth", '
+                                              '"token": ...} (or a start message with "token")', 1008)
+            return None
+        return msg
+
     @app.websocket("/ws/stream")
     async def ws_stream(ws: WebSocket):
         await ws.accept()
-        query_token = ws.query_params.get("token")
-        if token is not None and query_token is not None and not _same(query_token, token):
-            return await _refuse(ws, "unauthorized", "wrong token", 1008)
+        first = None
+        if token is not None:  # authenticated before a session slot is taken
+            given = request_token(ws.headers, ws.query_params)
+            if given is None:
+                first = await authenticate_by_message(ws)
+                if first is None:
+                    return
+            elif not _same(given, token):
+                return await _refuse(ws, "unauthorized", "wrong token", 1008)
         try:
             sid = host.acquire("stream")
         except Busy as err:
             return await _refuse(ws, "busy", str(err), 1013)
-        authed = token is None or query_token is not None
+        client = ws.client
+        errors = ConnectionLog(f"session {sid} ({client.host}:{client.port})" if client else f"session {sid}")
         session = Session(host, sid, ws.send_text, ws.send_bytes)
         try:
-            await session.send("ready", session=sid, auth_required=not authed, max_prompt_chars=max_prompt_chars,
-                               frame_size=list(host.frame_size()[::-1]), fps=host.spec.fps,
-                               default_prompt=host.spec.default_prompt)
+            if not isinstance(first, StartMessage):
+                await session.send("ready", session=sid, auth_required=False, max_prompt_chars=max_prompt_chars,
+                                   frame_size=list(host.frame_size()[::-1]), fps=host.spec.fps,
+                                   default_prompt=host.spec.default_prompt)
+            else:
+                await _handle(session, first)
             while True:
-                timeout = AUTH_TIMEOUT_S if not authed else (None if session.streaming else idle_timeout_s)
+                timeout = None if session.streaming else idle_timeout_s
                 try:
                     event = await asyncio.wait_for(ws.receive(), timeout)
                 except asyncio.TimeoutError:
-                    await _refuse(ws, "unauthorized" if not authed else "idle",
-                                  "no token sent" if not authed else f"no message for {idle_timeout_s:g} s", 1008)
+                    await _refuse(ws, "idle", f"no message for {idle_timeout_s:g} s", 1008)
                     break
                 if event["type"] == "websocket.disconnect":
                     break
                 try:
                     msg = parse_client_message(event.get("text"), max_prompt_chars)
                 except ProtocolError as err:
-                    if not authed:
-                        await _refuse(ws, "unauthorized", "the first message must be a start message with the token",
-                                      1008)
-                        break
                     await session.send("error", error=err.error, detail=err.detail)
                     continue
-                if not authed:
-                    if not (isinstance(msg, StartMessage) and _same(msg.token, token)):
-                        await _refuse(ws, "unauthorized", "wrong or missing token", 1008)
-                        break
-                    authed = True
                 await _handle(session, msg)
         except (WebSocketDisconnect, ConnectionError):
             pass  # the client went away
         except RuntimeError as err:  # starlette's "not connected" after a close, or a failed start
             log.debug("session %s ended: %s", sid, err)
-        except Exception:  # never let one client take the server down
-            log.exception("session %s failed", sid)
+        except Exception as err:  # never let one client take the server down (nor flood its log)
+            errors.error("failed", err)
         finally:
             await session.close()
             host.release(sid)
+            errors.close()
 
     return app
 
@@ -170,6 +293,9 @@ async def _refuse(ws: WebSocket, error: str, detail: str, code: int) -> None:
 
 
 async def _handle(session: Session, msg) -> None:
+    if isinstance(msg, AuthMessage):  # already admitted (or no token needed): nothing to do
+        await session.send("ack", command="auth")
+        return
     if isinstance(msg, StartMessage):
         await session.start(msg)
         return
@@ -197,7 +323,7 @@ def _render_mp4(host: ModelHost, req: GenerateRequest) -> bytes:
     from ..io import write_mp4
 
     gen = host.new_generator()
-    gen.start(req.prompt, seed=req.seed)
+    gen.start(host.prompt_of(req), seed=req.seed)
     frames, count = [], 0
     while count < req.num_frames:
         chunk = gen.next_chunk().frames
@@ -214,9 +340,11 @@ def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_
     import uvicorn
 
     sessions = app.state.host.max_sessions
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=WS_MAX_MESSAGE_BYTES,
-                          ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_graceful_shutdown=5,
-                          limit_concurrency=max(64, 8 * sessions), **kwargs)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=WS_MAX_MESSAGE_BYTES,
+                            ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_graceful_shutdown=5,
+                            limit_concurrency=max(64, 8 * sessions), **kwargs)
+    install_log_filter(app.state.log_filter)  # after uvicorn's logging setup, which makes new handlers
+    return config
 
 
 class ServerThread:

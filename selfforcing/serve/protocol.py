@@ -2,15 +2,20 @@
 
 Client -> server (JSON text messages; extra fields are errors, types are strict):
 
+    {"type": "auth", "token": "..."}                                    # first, when the server wants a token
     {"type": "start", "prompt": "...", "seed": 0, "num_frames": 48 | null, "fps": 8.0 | null,
      "format": "jpeg" | "png", "recache": false, "token": "..."}        # null num_frames: unbounded
     {"type": "prompt", "prompt": "...", "recache": true}                # switch the prompt mid-stream
     {"type": "pause"} | {"type": "resume"} | {"type": "stop"}
 
+A prompt must hold text: an empty or whitespace-only prompt is an error, unless the message says
+``"unconditional": true`` (and then the prompt must be empty or left out): the model's null prompt is used.
+
 Server -> client: JSON text messages (:func:`message`), and after each ``chunk`` message exactly ``frames``
 binary messages, one encoded image (JPEG or PNG) per frame, in order:
 
-    {"type": "ready", "session": "...", "model": {...}}                 # on connect
+    {"type": "ready", "session": "...", "auth_required": false, ...}    # on admission
+    {"type": "ready", "session": null, "auth_required": true}           # with a token and none sent yet
     {"type": "started", "prompt", "seed", "num_frames", "fps", "format", "width", "height"}
     {"type": "chunk", "index", "start_frame", "frames", "latency_s", "prompt", "width", "height", "format"}
     {"type": "ack", "command": "prompt" | "pause" | "resume" | "stop", ...}
@@ -25,7 +30,7 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 MAX_PROMPT_CHARS = 500  # default cap on a prompt's length (the command line can change it)
 MAX_FRAMES = 100_000  # a bounded stream may ask for at most this many frames
@@ -36,9 +41,28 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StartMessage(_Message):
+class _Prompted(_Message):
+    """A message with a prompt: text, or explicitly none with ``unconditional``."""
+
+    prompt: StrictStr = ""
+    unconditional: StrictBool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_unconditional(self):
+        if self.unconditional and self.prompt.strip():
+            raise ValueError("unconditional is true but a prompt is given: send one or the other")
+        if not self.unconditional and not self.prompt.strip():
+            raise ValueError('the prompt is empty: send a prompt, or "unconditional": true for a video without one')
+        return self
+
+
+class AuthMessage(_Message):
+    type: Literal["auth"]
+    token: StrictStr
+
+
+class StartMessage(_Prompted):
     type: Literal["start"]
-    prompt: StrictStr = Field(min_length=1)
     seed: StrictInt = Field(default=0, ge=0, le=2**63 - 1)
     num_frames: StrictInt | None = Field(default=None, ge=1, le=MAX_FRAMES)
     fps: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=MAX_FPS)
@@ -47,9 +71,8 @@ class StartMessage(_Message):
     token: StrictStr | None = None  # the bearer token, when the server wants one and the URL has none
 
 
-class PromptMessage(_Message):
+class PromptMessage(_Prompted):
     type: Literal["prompt"]
-    prompt: StrictStr = Field(min_length=1)
     recache: StrictBool | None = None  # None: the start message's choice
 
 
@@ -65,15 +88,14 @@ class StopMessage(_Message):
     type: Literal["stop"]
 
 
-ClientMessage = Annotated[StartMessage | PromptMessage | PauseMessage | ResumeMessage | StopMessage,
+ClientMessage = Annotated[AuthMessage | StartMessage | PromptMessage | PauseMessage | ResumeMessage | StopMessage,
                           Field(discriminator="type")]
 _ADAPTER = TypeAdapter(ClientMessage)
 
 
-class GenerateRequest(_Message):
+class GenerateRequest(_Prompted):
     """``POST /generate``: one bounded video as an mp4."""
 
-    prompt: StrictStr = Field(min_length=1)
     num_frames: StrictInt = Field(default=24, ge=1, le=1024)
     seed: StrictInt = Field(default=0, ge=0, le=2**63 - 1)
     fps: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=MAX_FPS)
@@ -108,7 +130,7 @@ def parse_client_message(text: str | bytes | None, max_prompt_chars: int = MAX_P
     if not isinstance(data, dict):
         raise ProtocolError("bad_message", f"a message is a JSON object, got {type(data).__name__}")
     if "type" not in data:
-        raise ProtocolError("bad_message", "a message needs a 'type' (start, prompt, pause, resume, stop)")
+        raise ProtocolError("bad_message", "a message needs a 'type' (auth, start, prompt, pause, resume, stop)")
     prompt = data.get("prompt")
     if isinstance(prompt, str) and len(prompt) > max_prompt_chars:
         raise ProtocolError("prompt_too_long", f"prompt has {len(prompt)} characters; the limit is {max_prompt_chars}")

@@ -125,6 +125,11 @@ class ModelHost:
             "num_frame_per_block": cfg.num_frame_per_block,
         }
 
+    def prompt_of(self, msg) -> str:
+        """The text a start / prompt / generate message conditions on: its prompt, or with ``unconditional`` the
+        null prompt the model was trained with (its pipeline.json negative_prompt, usually empty)."""
+        return self.spec.negative_prompt if msg.unconditional else msg.prompt
+
     def frame_size(self) -> tuple[int, int]:
         h, w = self.spec.latent_size
         s = self.autoencoder.spatial_compression
@@ -201,10 +206,10 @@ class Session:
         self._resumed.set()
         if self.gen is None:
             self.gen = await self.host.run(self.host.new_generator)
-        await self.host.run(self.gen.start, msg.prompt, msg.seed)
+        await self.host.run(self.gen.start, self.host.prompt_of(msg), msg.seed)
         w, h = self.host.frame_size()[::-1]
         fps = float(msg.fps) if msg.fps is not None else None
-        await self.send("started", prompt=msg.prompt, seed=msg.seed, num_frames=msg.num_frames, fps=fps,
+        await self.send("started", prompt=msg.prompt, unconditional=msg.unconditional, seed=msg.seed, num_frames=msg.num_frames, fps=fps,
                         format=msg.format, recache=msg.recache, width=w, height=h)
         self.task = asyncio.create_task(self._loop(msg))
 
@@ -212,7 +217,7 @@ class Session:
         recache = self.start_msg.recache if msg.recache is None else msg.recache
         if self._switch is not None:  # two switches before the next chunk: the last prompt, re-cache if any asked
             recache = recache or self._switch.recache
-        self._switch = _Switch(msg.prompt, recache)
+        self._switch = _Switch(self.host.prompt_of(msg), recache)
         return recache
 
     def pause(self) -> None:
