@@ -100,3 +100,66 @@ def test_teacher_joint_training_reads_single_frames_of_stored_clips(tmp_path, ca
     samples = tmp_path / "run" / "samples"
     assert (samples / "step_000002.png").is_file()
     assert (samples / "step_000002.txt").read_text().startswith("the digit ")
+
+
+def _random_mp4(path, seed: int, num_frames: int = 30) -> None:
+    """An mp4 of random 64x64 frames, its index at the front (so a cut file still opens and says 30 frames)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for _ in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_encode_skips_videos_that_fail_mid_file_and_never_substitutes(tmp_path, capsys):
+    """Files that open and decode their first frames, then fail (garbage in the middle, a cut tail), and a file that
+    is not a video at all: each is skipped and counted by reason; the store holds the good clips once each, each
+    under its own caption, and no record duplicates another."""
+    import random
+
+    import pytest
+
+    from selfforcing.data.video_folder import decode_frames, uint8_to_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, name in enumerate(["a_good", "b_garbage", "c_good", "d_cut", "e_good"]):
+        _random_mp4(folder / f"{name}.mp4", seed=i)
+        (folder / f"{name}.txt").write_text(f"clip {name}")
+    data = bytearray((folder / "b_garbage.mp4").read_bytes())
+    third = len(data) // 3
+    data[third:2 * third] = random.Random(0).randbytes(third)  # decodes ~10 frames, then the decoder fails
+    (folder / "b_garbage.mp4").write_bytes(bytes(data))
+    cut = (folder / "d_cut.mp4").read_bytes()
+    (folder / "d_cut.mp4").write_bytes(cut[: len(cut) // 4])  # ends after a few frames; its header says 30
+    (folder / "f_empty.mp4").write_bytes(b"")
+    (folder / "f_empty.txt").write_text("clip f_empty")
+    out = str(tmp_path / "store")
+    with pytest.warns(UserWarning) as warned:
+        assert main(["data", "encode", "--dataset", "video-folder", "--path", str(folder), "--num-frames", "20",
+                     "--autoencoder", "identity", "--batch-size", "4", "--out", out]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 3 and summary["total"] == 6 and summary["existing"] == 0
+    assert summary["skipped"] == {"decode_failed": 1, "too_short": 1, "unreadable": 1}
+    messages = " ".join(str(w.message) for w in warned)
+    assert all(name in messages for name in ("b_garbage.mp4", "d_cut.mp4", "f_empty.mp4"))
+    store = Store(out)
+    records = [store[i] for i in range(len(store))]
+    assert sorted(r["caption"] for r in records) == ["clip a_good", "clip c_good", "clip e_good"]
+    for r in records:  # each record is its own file's clip (identity autoencoder: latents are the pixels)
+        own = uint8_to_video(decode_frames(str(folder / (r["caption"][5:] + ".mp4")), 20), (64, 64))
+        assert torch.equal(r["latents"], own)
+    assert all(not torch.equal(a["latents"], b["latents"]) for i, a in enumerate(records) for b in records[i + 1:])
+    assert main(["data", "encode", "--dataset", "video-folder", "--path", str(folder), "--num-frames", "20",
+                 "--autoencoder", "identity", "--out", out]) == 0  # resumed: the bad files are tried (and skipped) again
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["written"], summary["existing"], sum(summary["skipped"].values())) == (0, 3, 3)

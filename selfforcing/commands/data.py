@@ -99,10 +99,19 @@ def _sample_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- encode / ode-pairs
-def fill_store(out: str, attrs: dict, keys: list[str], make_records, batch_size: int, null_context, desc: str) -> int:
-    """Write ``make_records(batch_keys) -> [(tensors, metadata)]`` for every key not yet in the store at ``out``
-    (resumable: a killed job continues where it stopped), plus the unconditional text states in
-    ``out/null_context.pt``. Returns the number of records written now."""
+class Skipped:
+    """What ``make_records`` returns for an item it could not read: ``kind`` is the summary key (e.g.
+    decode_failed); the warning naming the file has been given already."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+def fill_store(out: str, attrs: dict, keys: list[str], make_records, batch_size: int, null_context,
+               desc: str) -> tuple[int, dict[str, int]]:
+    """Write ``make_records(batch_keys) -> [(tensors, metadata) or Skipped]`` for every key not yet in the store at
+    ``out`` (resumable: a killed job continues where it stopped), plus the unconditional text states in
+    ``out/null_context.pt``. Returns (records written now, {skip kind: count} of the items left out now)."""
     import os
 
     import torch
@@ -111,16 +120,28 @@ def fill_store(out: str, attrs: dict, keys: list[str], make_records, batch_size:
     from selfforcing.data.store import StoreWriter
     from selfforcing.fileio import atomic_write
 
-    written = 0
+    written, skipped = 0, {}
     with StoreWriter(out, resume=os.path.isdir(out), attrs=attrs) as writer:
         todo = [k for k in keys if k not in writer]
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not todo):
             batch = todo[start:start + batch_size]
-            for key, (tensors, meta) in zip(batch, make_records(batch)):
+            for key, record in zip(batch, make_records(batch)):
+                if isinstance(record, Skipped):
+                    skipped[record.kind] = skipped.get(record.kind, 0) + 1
+                    continue
+                tensors, meta = record
                 writer.add(tensors, meta, key=key)
                 written += 1
     atomic_write(os.path.join(out, "null_context.pt"), lambda tmp: torch.save(null_context.cpu().contiguous(), tmp))
-    return written
+    return written, skipped
+
+
+def _summary(out: str, written: int, skipped: dict[str, int], total: int) -> str:
+    """The JSON line of a store job: records written now, items left out by kind, items already in the store
+    before, and the total (written + skipped + existing)."""
+    existing = total - written - sum(skipped.values())
+    return json.dumps({"store": out, "written": written, "skipped": dict(sorted(skipped.items())),
+                       "existing": existing, "total": total})
 
 
 def _encode_args(p: argparse.ArgumentParser) -> None:
@@ -161,28 +182,47 @@ def _encode_run(args: argparse.Namespace) -> int:
             return render_clip(args.split, int(key.rsplit("/", 1)[1]), num_frames=args.num_frames, size=args.size,
                                num_digits=(lo, hi), seed=args.seed, images_per_digit=args.images_per_digit)
     else:
-        from selfforcing.data.video_folder import VideoFolderDataset
+        from collections import Counter
+
+        from selfforcing.data.video_folder import VideoDecodeError, VideoFolderDataset, skip_kind
 
         if not args.path:
             raise UsageError("--dataset video-folder needs --path FOLDER")
         ds = VideoFolderDataset(args.path, args.num_frames, args.size, stride=args.stride)
         keys = [f"video/{i}" for i in range(len(ds))]
+        probe_skips = dict(Counter(ds.skip_kinds.values()))  # files left out when the folder was probed
 
         def load(key):
-            return ds[int(key.rsplit("/", 1)[1])]
+            """The clip of one file, or Skipped when it fails at any point while being read (never another clip
+            in its place)."""
+            i = int(key.rsplit("/", 1)[1])
+            try:
+                return {"video": ds.load(i), "caption": ds.videos[i].caption}
+            except VideoDecodeError as err:
+                ds.skip(i, err)
+                return Skipped(skip_kind(err))
 
     @torch.no_grad()
     def make_records(batch_keys):
         items = [load(k) for k in batch_keys]
-        latents = ae.encode(torch.stack([it["video"] for it in items]))
-        states = text.encode([it["caption"] for it in items]).states
-        return [({"latents": z, "context": c}, {"caption": it["caption"]}) for z, c, it in zip(latents, states, items)]
+        good = [it for it in items if not isinstance(it, Skipped)]
+        if not good:
+            return items
+        latents = iter(ae.encode(torch.stack([it["video"] for it in good])))
+        states = iter(text.encode([it["caption"] for it in good]).states)
+        return [it if isinstance(it, Skipped) else ({"latents": next(latents), "context": next(states)},
+                                                    {"caption": it["caption"]}) for it in items]
 
     attrs = {"dataset": args.dataset, "autoencoder": args.autoencoder, "text_encoder": text.identity,
              "num_frames": args.num_frames, "size": args.size}
-    n = fill_store(args.out, attrs, keys, make_records, args.batch_size, text.encode([args.negative_prompt]).states[0],
-                   "encode")
-    print(json.dumps({"store": args.out, "written": n, "total": len(keys)}))
+    n, skipped = fill_store(args.out, attrs, keys, make_records, args.batch_size,
+                            text.encode([args.negative_prompt]).states[0], "encode")
+    total = len(keys)
+    if args.dataset == "video-folder":  # the files the probe left out count too
+        for kind, count in probe_skips.items():
+            skipped[kind] = skipped.get(kind, 0) + count
+        total += sum(probe_skips.values())
+    print(_summary(args.out, n, skipped, total))
     return 0
 
 
@@ -247,8 +287,8 @@ def _ode_run(args: argparse.Namespace) -> int:
 
     attrs = {"teacher": args.teacher, "steps": args.steps, "shift": args.shift, "guidance_scale": args.guidance_scale,
              "few_step_timesteps": few.tolist(), "latent_shape": list(shape), "text_encoder": text.identity}
-    n = fill_store(args.out, attrs, keys, make_records, args.batch_size, null[0].cpu(), "ode pairs")
-    print(json.dumps({"store": args.out, "written": n, "total": len(keys)}))
+    n, skipped = fill_store(args.out, attrs, keys, make_records, args.batch_size, null[0].cpu(), "ode pairs")
+    print(_summary(args.out, n, skipped, len(keys)))
     return 0
 
 

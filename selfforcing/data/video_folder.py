@@ -25,7 +25,10 @@ Bad files never stop a run:
 - a file that fails later, in ``__getitem__`` (changed on disk, corrupt past its first frame), is warned
   about and counted the same way, and the item falls through to the next index that decodes
   (index + 1, index + 2, ... wrapping around), so the result for an index is deterministic. The dataset's
-  length does not change. Counts made inside DataLoader workers stay in those worker processes.
+  length does not change. Counts made inside DataLoader workers stay in those worker processes. Code that
+  must not substitute one clip for another (``selfforcing data encode``) calls :meth:`load` and
+  :meth:`skip` instead. ``skip_kinds`` says why each file was left out: unreadable, too_short or
+  decode_failed.
 
 Errors (not skips): ``root`` missing or holding no videos, a video with no caption (unless
 ``default_caption`` is given), a malformed caption file, and bad arguments.
@@ -67,6 +70,12 @@ class ClipTooShortError(VideoDecodeError):
     def __init__(self, message: str, decoded: int) -> None:
         super().__init__(message)
         self.decoded = decoded
+
+
+def skip_kind(err: VideoDecodeError) -> str:
+    """Why a video read failed, as a summary key: ``too_short`` (it ended before the clip's last frame) or
+    ``decode_failed`` (an error while decoding)."""
+    return "too_short" if isinstance(err, ClipTooShortError) else "decode_failed"
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,7 @@ class VideoFolderDataset(Dataset):
         self.num_frames, self.stride, self.size = num_frames, stride, _normalize_size(size)
         self.start, self.seed, self.epoch = start, seed, 0
         self.skipped: dict[str, str] = {}
+        self.skip_kinds: dict[str, str] = {}  # path -> unreadable | too_short | decode_failed
 
         extensions = tuple(e.lower() for e in extensions)
         relative_paths = _find_videos(self.root, extensions)
@@ -315,11 +325,11 @@ class VideoFolderDataset(Dataset):
             try:
                 width, height, frame_count = probe_video(path)
             except VideoDecodeError as err:
-                self._skip(path, str(err))
+                self._skip(path, str(err), "unreadable")
                 continue
             if frame_count is not None and frame_count < span:
                 self._skip(path, f"{path}: has {frame_count} frames, a clip of {num_frames} frames with "
-                                 f"stride {stride} needs {span}")
+                                 f"stride {stride} needs {span}", "too_short")
                 continue
             self.videos.append(VideoEntry(path, caption_of[rel], width, height, frame_count))
         if not self.videos:
@@ -356,9 +366,16 @@ class VideoFolderDataset(Dataset):
         return {rel: table.get(rel, default_caption) for rel in relative_paths}
 
     # -- skipping -------------------------------------------------------------------------------------
-    def _skip(self, path: str, reason: str) -> None:
-        self.skipped[path] = reason  # reasons start with the path (VideoDecodeError messages do)
+    def _skip(self, path: str, reason: str, kind: str) -> None:
+        """Leave ``path`` out: ``reason`` (starting with the path) is warned and kept in ``skipped``, ``kind``
+        (unreadable, too_short or decode_failed) in ``skip_kinds``."""
+        self.skipped[path] = reason
+        self.skip_kinds[path] = kind
         warnings.warn(f"skipping video {reason}", SkippedVideoWarning, stacklevel=3)
+
+    def skip(self, index: int, err: VideoDecodeError) -> None:
+        """Leave item ``index``'s file out after :meth:`load` raised ``err`` (counted, warned)."""
+        self._skip(self.videos[index].path, str(err), skip_kind(err))
 
     @property
     def num_skipped(self) -> int:
@@ -416,7 +433,7 @@ class VideoFolderDataset(Dataset):
             try:
                 video = self.load(i)
             except VideoDecodeError as err:
-                self._skip(entry.path, str(err))
+                self.skip(i, err)
                 continue
             return {"video": video, "caption": entry.caption, "path": entry.path}
         raise RuntimeError(f"no video in {self.root} could be decoded ({self.num_skipped} skipped; "
