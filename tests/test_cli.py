@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -104,3 +105,92 @@ def test_bench_stream_json_schema(capsys):
                                                           "rolling_kv_full_window_x2_over_x1",
                                                           "rolling_kv_flops_x2_over_x1",
                                                           "rolling_kv_seconds_per_flop_x2_over_x1"}
+
+
+# ------------------------------------------------------------------------------------------------ user errors
+def _bad_inputs(tmp_path):
+    """(argv, words the one error line must hold) for each mistake a user can make, with the files it needs."""
+    from selfforcing.models import CausalWanModel
+
+    model = CausalWanModel.from_preset("tiny", num_layers=1)
+    model.save_pretrained(tmp_path / "good")
+    (tmp_path / "broken_json").mkdir()
+    (tmp_path / "broken_json" / "config.json").write_text('{"_class_name": "CausalWanModel",\n')
+    (tmp_path / "half_export").mkdir()  # an export killed after config.json
+    (tmp_path / "half_export" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00" * 512)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: teacher\nmax_steps: 2\nout_dir: {tmp_path / 'run'}\ntensorboard: false\n"
+                      "data: {kind: random, latent_shape: [3, 8, 4, 4], text_len: 4}\n")
+    (tmp_path / "broken.yaml").write_text("method: [teacher\n")
+    unwritable = "/sys/x.mp4" if os.geteuid() == 0 else str(_read_only_dir(tmp_path) / "x.mp4")
+    out = ["--out", str(tmp_path / "o" / "x.mp4")]
+    gen = ["generate", "--num-frames", "3"]
+    return [
+        (gen + ["--num-frames", "1000000", "--window-frames", "0"] + out, ["KV cache over the whole video", "GB"]),
+        (gen + ["--out", str(tmp_path / "a_file" / "x.mp4")], ["a_file is a file, not a folder"]),
+        (gen + ["--out", unwritable], ["cannot write", "does not take new files"]),
+        (gen + ["--out", str(tmp_path)], ["is a folder, expected a file path"]),
+        (gen + ["--checkpoint", str(tmp_path / "empty.pt")] + out, ["empty.pt", "empty (0 bytes)"]),
+        (gen + ["--checkpoint", str(tmp_path / "broken_json")] + out, ["broken_json/config.json: not valid JSON"]),
+        (gen + ["--checkpoint", str(tmp_path / "half_export")] + out, ["half_export", "no weights"]),
+        (gen + ["--checkpoint", str(tmp_path / "missing")] + out, ["checkpoint not found", "missing"]),
+        (gen + ["--prompt", "   "] + out, ["--prompt is empty", "unconditional"]),
+        (gen + ["--prompt", ""] + out, ["--prompt is empty"]),
+        (gen + ["--prompts", str(tmp_path / "nope.txt")] + out, ["prompt file not found", "nope.txt"]),
+        (gen + ["--num-frames", "0"] + out, ["--num-frames must be >= 1"]),
+        (gen + ["--switch", "two:x"] + out, ["--switch must be CHUNK:PROMPT"]),
+        (gen + ["--switch", "2: "] + out, ["--switch must be CHUNK:PROMPT"]),
+        (gen + ["--init-video", str(tmp_path / "corrupt.mp4")] + out, ["cannot decode video", "corrupt.mp4"]),
+        (["train", "--config", str(tmp_path / "nope.yaml")], ["config file not found", "nope.yaml"]),
+        (["train", "--config", str(recipe), "log_every=0"], ["recipe.yaml", "log_every must be >= 1"]),
+        (["train", "--config", str(recipe), "checkpoint_every=-1"], ["recipe.yaml", "checkpoint_every must be >= 0"]),
+        (["train", "--config", str(recipe), "lr=1"], ["unknown config key lr"]),
+        (["train", "--config", str(tmp_path / "broken.yaml")], ["broken.yaml: not valid YAML"]),
+        (["data", "encode", "--dataset", "video-folder", "--out", str(tmp_path / "s")], ["needs --path"]),
+        (["data", "encode", "--dataset", "video-folder", "--path", str(tmp_path / "none"), "--out",
+          str(tmp_path / "s")], ["video folder not found"]),
+        (gen + ["--num-frames", "many"] + out, ["--num-frames", "invalid int value"]),  # argparse's own errors
+        (["generate", "--prompt", "a"], ["the following arguments are required: --out"]),
+    ]
+
+
+def _read_only_dir(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o500, exist_ok=True)
+    return folder
+
+
+def test_every_user_error_is_one_line_with_status_2(tmp_path, capsys):
+    """Each bad input of issue 26 through the CLI: exit status 2, one line on stderr naming the problem (file or key
+    and reason), no traceback, and no output file."""
+    failures = []
+    for argv, words in _bad_inputs(tmp_path):
+        try:
+            status = main(argv)
+        except SystemExit as exit_:  # argparse reports usage errors by exiting
+            status = exit_.code
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        ok = (status == 2 and len(lines) == 1 and lines[0].startswith(f"selfforcing {argv[0]}")
+              and all(w in lines[0] for w in words) and "Traceback" not in err)
+        if not ok:
+            failures.append((argv, status, err))
+    assert not failures, failures
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    """Run as a program: a user's error is one line and status 2; with --debug (anywhere on the line) the traceback."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    argv = [sys.executable, "-m", "selfforcing.cli", "generate", "--checkpoint", str(tmp_path / "empty.pt"),
+            "--out", str(tmp_path / "x.mp4")]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert plain.stderr.splitlines() == [f"selfforcing generate: cannot read checkpoint {tmp_path / 'empty.pt'}: "
+                                         f"the file is empty (0 bytes)"]
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "ValueError: cannot read checkpoint" in debug.stderr
