@@ -58,3 +58,18 @@ def test_rolling_bound_summarises_its_runs():
     assert summary["seconds_per_flop_ratio_needed"] == pytest.approx(1.15 / summary["flops_x2_over_x1"])
     for r in runs:
         assert r["seconds_per_flop_x2_over_x1"] * r["flops_x2_over_x1"] == pytest.approx(r["all_chunks_x2_over_x1"])
+
+
+def test_generate_memory_streams_a_long_video_and_stops_a_endless_one(tmp_path):
+    """benchmarks/generate_memory.py, short: part 1 reads RSS after every chunk of a real `generate` run; part 2
+    stops `generate --num-frames 1000000` with Ctrl-C: status 130, one line, no mp4 and no temp file left, and
+    its memory is the size of a rolling window's (a cache for 10^6 frames would need hundreds of GB)."""
+    bench = load_benchmark("generate_memory")
+    long = bench.measure_generate(60, str(tmp_path))
+    assert long["chunks"] == 20 and long["window_pixel_frames"] == 12 and len(long["rss_mb_per_chunk"]) == 20
+    assert long["rss_mb_max_after_first_window"] >= long["rss_mb_after_first_window"] > 0
+    (tmp_path / "stop").mkdir()
+    stop = bench.measure_stop(3.0, str(tmp_path / "stop"))
+    assert stop["exit_status"] == 130 and stop["stderr"] == ["selfforcing generate: stopped"]
+    assert stop["files_left"] == [] and stop["samples"] >= 5
+    assert stop["rss_mb_max"] < 4096
