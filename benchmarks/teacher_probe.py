@@ -8,7 +8,8 @@ video per prompt with its many-step sampler (``--num-steps`` Euler steps, CFG ``
 0-9 in ``--per-digit`` directions (seeds fixed), over ``--frames`` latent frames (1: single frames, the image
 probe; the training length: clips). The shipped digit classifier reads every decoded frame
 (:func:`selfforcing.eval.metrics.one_digit_reads`): ``captioned`` = share of frames whose detected digit is the
-prompt's (probability > 0.5), also per digit; for clips also the flip rate. The wall time of a checkpoint is
+prompt's (probability > 0.5), also per digit; for clips also the flip rate and the share of samples whose digit
+moves within 45 degrees of the caption's direction (:func:`selfforcing.eval.metrics.motion_direction_agreement`). The wall time of a checkpoint is
 the sum of ``seconds_per_step`` in ``metrics.jsonl`` up to its step, so runs of different recipes compare at
 equal wall time. Prints JSON lines; ``--out`` writes them all as one JSON file.
 """
@@ -24,7 +25,7 @@ import re
 import torch
 
 from selfforcing.data.moving_digits import DIRECTION_NAMES
-from selfforcing.eval.metrics import one_digit_reads, temporal_flip_rate
+from selfforcing.eval.metrics import motion_direction_agreement, one_digit_reads, temporal_flip_rate
 
 
 def wall_time_by_step(run: str) -> dict[int, float]:
@@ -87,6 +88,8 @@ def score_checkpoint(path: str, cfg: dict, frames: int, per_digit: int, num_step
            "per_digit": per_digit_rate, "min_digit": min(per_digit_rate.values())}
     if video.shape[1] > 1:
         out["flip_rate"] = temporal_flip_rate(video, max_digits=1)
+        out["direction_agreement"] = float(motion_direction_agreement(video, [k for _, k in pairs],
+                                                                      frames=video.shape[1]).float().mean())
     return out
 
 

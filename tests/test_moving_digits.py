@@ -243,3 +243,30 @@ def test_dataset_interface_dataloader_and_bad_input():
         render_clip("train", 0, seed=-1)
     with pytest.raises(ValueError, match="num_frames"):
         MovingDigits(num_frames=0)
+
+
+def test_start_behind_puts_the_digit_behind_its_motion_with_the_same_draws():
+    """``start="behind"``: along each axis the digit moves on, frame 0 lies in the third of the box its motion
+    leaves, so the clip's first frames move the captioned way with no bounce; labels, images, speeds and the
+    caption are the uniform start's (the same random draws, only the start mapped)."""
+    limit = 64 - 28
+    for i in range(40):
+        uni = render_clip("train", i, num_frames=12, num_digits=(1, 1), start="uniform")
+        beh = render_clip("train", i, num_frames=12, num_digits=(1, 1), start="behind")
+        assert beh["caption"] == uni["caption"] and torch.equal(beh["labels"], uni["labels"])
+        assert torch.equal(beh["image_indices"], uni["image_indices"])
+        assert torch.allclose(beh["velocities"], uni["velocities"])
+        v, p0 = beh["velocities"][0], beh["positions"][0, 0]
+        for axis in range(2):
+            if v[axis] > 0:
+                assert p0[axis] <= limit / 3 + 1e-4
+            elif v[axis] < 0:
+                assert p0[axis] >= 2 * limit / 3 - 1e-4
+            else:
+                assert p0[axis] == uni["positions"][0, 0, axis]
+        # the first frames move the captioned way: no bounce before the digit has crossed half its travel
+        frames = min(11, int(limit / 2 / v.abs().max()))
+        step = beh["positions"][1:frames + 1, 0] - beh["positions"][:frames, 0]
+        assert torch.allclose(step, v.expand_as(step), atol=1e-4)
+    with pytest.raises(ValueError, match="start must be one of"):
+        render_clip("train", 0, start="middle")

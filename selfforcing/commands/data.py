@@ -66,6 +66,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=range_of(float), default="1,3", help="speed range, pixels per frame (LO,HI)")
     p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
                    help="draw each digit class from its first K MNIST images (1: ten fixed glyphs; default: all)")
+    p.add_argument("--start", default="uniform", choices=["uniform", "behind"],
+                   help="where a digit starts: anywhere, or behind its motion (the motion shows all clip long)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--index", type=_int_at_least(0), default=0, help="clip index within the split")
     p.add_argument("--out", required=True, help="mp4 file to write")
@@ -82,7 +84,7 @@ def _sample_run(args: argparse.Namespace) -> int:
 
     clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size,
                        num_digits=args.num_digits, speed=args.speed, seed=args.seed,
-                       images_per_digit=args.images_per_digit)  # impossible settings: a ValueError naming them
+                       images_per_digit=args.images_per_digit, start=args.start)  # impossible settings: a ValueError naming them
     write_mp4(args.out, clip["video"], fps=args.fps)
     if args.gif:
         write_gif(args.gif, clip["video"], fps=args.fps)
@@ -154,6 +156,8 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-digits", default="1,2")
     p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
                    help="draw each digit class from its first K MNIST images (default: all)")
+    p.add_argument("--start", default="uniform", choices=["uniform", "behind"],
+                   help="where a digit starts: anywhere, or behind its motion (the motion shows all clip long)")
     p.add_argument("--stride", type=int, default=1, help="frame stride (video folders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autoencoder", default="moving-digits")
@@ -180,7 +184,8 @@ def _encode_run(args: argparse.Namespace) -> int:
 
         def load(key):
             return render_clip(args.split, int(key.rsplit("/", 1)[1]), num_frames=args.num_frames, size=args.size,
-                               num_digits=(lo, hi), seed=args.seed, images_per_digit=args.images_per_digit)
+                               num_digits=(lo, hi), seed=args.seed, images_per_digit=args.images_per_digit,
+                               start=args.start)
     else:
         from collections import Counter
 
@@ -215,6 +220,8 @@ def _encode_run(args: argparse.Namespace) -> int:
 
     attrs = {"dataset": args.dataset, "autoencoder": args.autoencoder, "text_encoder": text.identity,
              "num_frames": args.num_frames, "size": args.size}
+    if args.dataset == "moving-digits":
+        attrs.update(num_digits=args.num_digits, images_per_digit=args.images_per_digit, start=args.start)
     n, skipped = fill_store(args.out, attrs, keys, make_records, args.batch_size,
                             text.encode([args.negative_prompt]).states[0], "encode")
     total = len(keys)

@@ -47,6 +47,7 @@ NUM_CLASSES = 10
 TRAIN_FRACTION = 0.8
 MAX_DIGITS = 3
 SPLITS = ("train", "test")
+START_POSITIONS = ("uniform", "behind")  # where a digit starts: see render_clip
 
 
 def is_held_out(digit: int, direction: int) -> bool:
@@ -261,6 +262,7 @@ def render_clip(
     speed: tuple[float, float] = (1.0, 3.0),
     seed: int = 0,
     images_per_digit: int | None = None,
+    start: str = "uniform",
 ) -> dict:
     """Render one clip, deterministically for (split, index, seed) and the settings.
 
@@ -269,6 +271,12 @@ def render_clip(
     :func:`digit_pool`: with ``images_per_digit = k`` only the first k train images of the class, in both
     splits), a top-left position
     p_0 ~ U[0, L]^2 with L = size - 28, and a speed s ~ U[speed]; v = s * unit(direction).
+    ``start="behind"`` puts the digit in the part of the box its motion leaves: along every axis the velocity
+    moves on, u ~ U[0, L] becomes u / 3 (moving towards L) or L - u / 3 (moving towards 0), the same draws.
+    Why: a uniform start preserves the uniform distribution of positions under reflection, so every frame's
+    position has the same marginal whatever the caption's direction, and within a clip of the training length
+    about half the digits bounce back early; a clip whose digit starts behind its motion shows that motion
+    for most of the clip, so the caption's direction is visible frame by frame, not only in the frames' joint.
     Motion: p_{f+1} = p_f + v, then per axis a coordinate outside [0, L] is reflected at the wall it crossed
     (p -> -p or p -> 2L - p, repeated while outside) and that velocity component flips sign.
     Pixels: frame f holds each digit's 28x28 image at (round(x_f), round(y_f)) (round half to even), digits
@@ -292,6 +300,8 @@ def render_clip(
     speed_lo, speed_hi = _check_range("speed", speed, 0.0, float("inf"))
     if speed_lo <= 0 or not np.isfinite(speed_hi):
         raise ValueError(f"speed must be a finite range of positive pixels per frame, got {speed!r}")
+    if start not in START_POSITIONS:
+        raise ValueError(f"start must be one of {START_POSITIONS}, got {start!r}")
     images, _ = load_mnist_digits()
     pools = digit_pool(split, images_per_digit)
     rng = _clip_rng(split, int(index), int(seed))
@@ -310,6 +320,8 @@ def render_clip(
     pos = rng.uniform(0, limit, size=(n, 2))
     spd = rng.uniform(speed_lo, speed_hi, size=n)
     vel = np.array([np.array(DIRECTIONS[k][1]) / np.linalg.norm(DIRECTIONS[k][1]) * s for k, s in zip(dirs, spd)])
+    if start == "behind":
+        pos = np.where(vel > 0, pos / 3, np.where(vel < 0, limit - pos / 3, pos))
     v0 = vel.copy()
     positions = np.zeros((num_frames, n, 2), dtype=np.float32)
     canvas = np.zeros((num_frames, size, size), dtype=np.uint8)
@@ -376,15 +388,16 @@ class MovingDigits(Dataset):
         seed: int = 0,
         speed: tuple[float, float] = (1.0, 3.0),
         images_per_digit: int | None = None,
+        start: str = "uniform",
     ) -> None:
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
             raise ValueError(f"length must be an integer >= 0, got {length!r}")
         self.split, self.num_frames, self.size = split, num_frames, size
         self.num_digits, self.length, self.seed, self.speed = tuple(num_digits), int(length), seed, tuple(speed)
-        self.images_per_digit = images_per_digit
+        self.images_per_digit, self.start = images_per_digit, start
         # render one clip now so bad settings fail here with a clear message, not inside a DataLoader worker
         render_clip(split, 0, num_frames=num_frames, size=size, num_digits=self.num_digits, speed=self.speed,
-                    seed=seed, images_per_digit=images_per_digit)
+                    seed=seed, images_per_digit=images_per_digit, start=start)
 
     def __len__(self) -> int:
         return self.length
@@ -396,7 +409,7 @@ class MovingDigits(Dataset):
             raise IndexError(f"index {index} out of range for {self.length} clips")
         return render_clip(self.split, int(index), num_frames=self.num_frames, size=self.size,
                            num_digits=self.num_digits, speed=self.speed, seed=self.seed,
-                           images_per_digit=self.images_per_digit)
+                           images_per_digit=self.images_per_digit, start=self.start)
 
     @staticmethod
     def test_prompts(n: int | None = None) -> list[str]:

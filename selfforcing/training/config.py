@@ -83,6 +83,7 @@ class DataConfig:
     size: int = 64
     num_digits: tuple[int, int] = (1, 2)
     images_per_digit: int | None = None  # moving-digits: draw each class from its first k images (None: all)
+    start: str = "uniform"  # moving-digits: where a digit starts, uniform or behind its motion (render_clip)
     autoencoder: str = "moving-digits"
     text_encoder: str = "minilm"
     text_len: int = 32

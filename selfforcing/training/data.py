@@ -127,7 +127,7 @@ class MovingDigitsLatents:
                                                                                      d.num_frames, 0)
         return [render_clip("train", _pick(sample_seed(self.cfg.seed, step, purpose, i, stream), 2**31),
                             num_frames=frames, size=d.size, num_digits=tuple(d.num_digits), seed=self.cfg.seed,
-                            images_per_digit=d.images_per_digit)
+                            images_per_digit=d.images_per_digit, start=d.start)
                 for i in global_indices(n, micro)]
 
     def _encode(self, clips: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
