@@ -22,8 +22,9 @@ all training captions (each digit gets the 4 straight or the 4 diagonal directio
   there, 12 for the tiny teacher): its own samples, judged like the rest (one 12-frame window).
 * ``real``: for each prompt and seed s, the s-th clip of one digit whose caption is the prompt (split ``test`` for
   held-out captions, ``train`` otherwise; images from the first ``--images-per-digit`` MNIST images of each class,
-  default 4 as the shipped model's data, ``all`` for every image). A checkpoint's run also judges these clips
-  (from its ``pipeline.json`` data settings) as ``reference`` (``--no-reference`` skips that).
+  default 4 as the shipped model's data, ``all`` for every image; ``--start``: where their digits start). A
+  checkpoint's run also judges these clips (from its ``pipeline.json`` data settings) as ``reference``
+  (``--no-reference`` skips that).
 
 The judge (:mod:`selfforcing.eval.metrics`, one digit detection per frame, the same code for real and generated
 videos): ``captioned_digit_rate`` = share of frames whose detected digit is the prompt's with probability > 0.5
@@ -100,14 +101,16 @@ def real_clip_indices(prompts, per_prompt: int, images_per_digit: int | None, ma
     return want
 
 
-def real_videos(prompts, seeds: int, frames: int, images_per_digit: int | None):
-    """Gray real clips float [B, F, H, W] in [-1, 1] for prompts x seeds (s-th matching clip), and their sources."""
+def real_videos(prompts, seeds: int, frames: int, images_per_digit: int | None, start: str = "uniform"):
+    """Gray real clips float [B, F, H, W] in [-1, 1] for prompts x seeds (s-th matching clip; a clip's caption does
+    not depend on ``start``, where its digit starts), and their sources."""
     where = real_clip_indices(prompts, seeds, images_per_digit)
     videos, sources = [], []
     for p in prompts:
         for s in range(seeds):
             split, index = where[p][s]
-            clip = render_clip(split, index, num_frames=frames, num_digits=(1, 1), images_per_digit=images_per_digit)
+            clip = render_clip(split, index, num_frames=frames, num_digits=(1, 1), images_per_digit=images_per_digit,
+                               start=start)
             if clip["caption"] != caption_for([p[0]], [p[1]]):
                 raise RuntimeError(f"{split} clip {index} is {clip['caption']!r}, not the prompt {p}")
             videos.append(clip["video"][:, 0])
@@ -203,6 +206,8 @@ def main(argv=None) -> dict:
                    help="a streaming model's rolling KV-cache window in latent frames (default: its training length, "
                         "as Self Forcing streams; 0: a cache over the whole video)")
     p.add_argument("--sink-frames", type=int, default=0, help="frames of the rolling window kept as sinks")
+    p.add_argument("--start", default=None, choices=["uniform", "behind"],
+                   help="where real clips' digits start (default: the checkpoint's training clips; real: uniform)")
     p.add_argument("--no-reference", action="store_true", help="a checkpoint's run: skip judging the real clips")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -222,14 +227,16 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if args.what == "real":
         ipd = _images_per_digit(args.images_per_digit, 4)
-        gray, sources = real_videos(prompts, args.seeds, args.frames, ipd)
-        result.update(sampler="real", images_per_digit=ipd)
+        start = args.start or "uniform"
+        gray, sources = real_videos(prompts, args.seeds, args.frames, ipd, start)
+        result.update(sampler="real", images_per_digit=ipd, start=start)
     else:
         from selfforcing.inference import StreamingGenerator
         from selfforcing.pipeline import load_pipeline, sample_many_step
 
         model, ae, text, spec = load_pipeline(args.what, device=args.device)
         ipd = _images_per_digit(args.images_per_digit, spec.clip_settings()["images_per_digit"])
+        start = args.start or spec.clip_settings()["start"]
         gen = None
         if spec.sampler == "few-step":
             window = spec.training_frames // ae.temporal_compression if args.window_frames is None \
@@ -260,9 +267,9 @@ def main(argv=None) -> dict:
                            for d, k, s, rec, src in zip(digits, directions, seeds, per_video,
                                                         sources or [None] * len(per_video))]
     if args.what != "real" and not args.no_reference:
-        ref, _ = judge(real_videos(prompts, args.seeds, args.frames, ipd)[0], digits, directions, held,
+        ref, _ = judge(real_videos(prompts, args.seeds, args.frames, ipd, start)[0], digits, directions, held,
                        window=args.window)
-        result["reference"] = {"what": "real", "images_per_digit": ipd, **ref}
+        result["reference"] = {"what": "real", "images_per_digit": ipd, "start": start, **ref}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
     if args.out:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The laptop pipeline on Moving-Digits, stage by stage. Every stage resumes where it stopped, so an interrupted run
 # continues when the same command is run again (finished stages return at once):
-#   0. a store of encoded clips (autoencoder latents + MiniLM states), so no training step renders or encodes
+#   0. a store of encoded clips (autoencoder latents + MiniLM states), so no training step renders or encodes; each
+#      digit starts behind its motion (--start behind), so a clip shows its caption's direction from end to end
 #   1. the bidirectional teacher (configs/tiny/teacher.yaml: image-video joint training from the store)
 #   2. teacher ODE pairs   3. ODE-regression init of the causal student   4. Self Forcing with DMD
 # Each stage's wall time is appended to $RUNS/stage_times.jsonl ({"stage", "seconds", "finished"}).
@@ -26,8 +27,8 @@ stage() {  # name command...: run it, then append its wall time to $R/stage_time
         "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$BUDGET" >> "$R/stage_times.jsonl"
 }
 
-stage store "$SF" data encode "${STORE[@]}" --num-frames 12 --num-digits 1,1 --images-per-digit 4 --text-len 24 \
-    --batch-size 64 --out "$R/store"
+stage store "$SF" data encode "${STORE[@]}" --num-frames 12 --num-digits 1,1 --images-per-digit 4 --start behind \
+    --text-len 24 --batch-size 64 --out "$R/store"
 stage teacher "$SF" train --config configs/tiny/teacher.yaml --no-progress out_dir="$R/teacher" data.path="$R/store" \
     "${TEACHER[@]}" "$@"
 stage ode_pairs "$SF" data ode-pairs --teacher "$R/teacher/final" "${ODE[@]}" --num-digits 1,1 \

@@ -112,10 +112,12 @@ class PipelineSpec:
 
     def clip_settings(self) -> dict:
         """The Moving-Digits settings of the training clips as ``render_clip`` keywords: ``num_digits`` (lo, hi) and
-        ``images_per_digit`` (None: every image), the dataset's defaults where ``dataset`` does not say."""
+        ``images_per_digit`` (None: every image), ``start`` (where digits start), the dataset's defaults where
+        ``dataset`` does not say."""
         lo, hi = self.dataset.get("num_digits", (1, 2))
         images = self.dataset.get("images_per_digit")
-        return {"num_digits": (int(lo), int(hi)), "images_per_digit": None if images is None else int(images)}
+        return {"num_digits": (int(lo), int(hi)), "images_per_digit": None if images is None else int(images),
+                "start": self.dataset.get("start", "uniform")}
 
     def replace(self, **changes) -> PipelineSpec:
         """A copy with the non-None ``changes`` applied (command-line overrides)."""

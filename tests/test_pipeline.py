@@ -44,11 +44,13 @@ def test_clip_settings_follow_the_recorded_dataset():
 
     from selfforcing.data.moving_digits import digit_pool, render_clip
 
-    spec = PipelineSpec(dataset={"kind": "moving-digits", "num_digits": [1, 1], "images_per_digit": 4, "size": 64})
-    assert spec.clip_settings() == {"num_digits": (1, 1), "images_per_digit": 4}
+    spec = PipelineSpec(dataset={"kind": "moving-digits", "num_digits": [1, 1], "images_per_digit": 4, "size": 64,
+                                 "start": "behind"})
+    assert spec.clip_settings() == {"num_digits": (1, 1), "images_per_digit": 4, "start": "behind"}
     defaults = {k: v.default for k, v in inspect.signature(render_clip).parameters.items()}
     assert PipelineSpec().clip_settings() == {"num_digits": defaults["num_digits"],
-                                              "images_per_digit": defaults["images_per_digit"]}
+                                              "images_per_digit": defaults["images_per_digit"],
+                                              "start": defaults["start"]}
     clip = render_clip("test", 0, num_frames=1, **spec.clip_settings())
     pool = digit_pool("test", 4)
     assert len(clip["labels"]) == 1 and int(clip["image_indices"][0]) in pool[int(clip["labels"][0])].tolist()
@@ -174,3 +176,22 @@ def test_the_shipped_model_draws_and_moves_the_prompts_digit():
     gen.model = CausalWanModel.from_config(gen.model.config).eval()  # the same architecture, random weights
     random = videos(gen, 6)
     assert float(captioned_reads(one_digit_tracks(random), digits).float().mean()) < 0.05
+
+
+def test_the_spec_records_where_the_training_clips_digits_started(tmp_path):
+    """pipeline.json's dataset says where the training clips' digits started: the recipe's data.start, or for a
+    store the setting it was encoded with (its manifest's attrs); stores from before the attr read as uniform."""
+    import torch
+
+    from selfforcing.config import build_config
+    from selfforcing.data.store import StoreWriter
+    from selfforcing.training.config import TrainConfig
+    from selfforcing.training.trainer import _clip_start
+
+    for name, attrs in (("behind", {"start": "behind"}), ("old", {})):
+        with StoreWriter(str(tmp_path / name), attrs=attrs) as w:
+            w.add({"latents": torch.zeros(1)}, {"caption": "the digit 1 moves up"})
+    store = build_config(TrainConfig, {"data": {"kind": "store", "path": str(tmp_path / "behind")}})
+    assert _clip_start(store) == "behind"
+    assert _clip_start(build_config(TrainConfig, {"data": {"kind": "store", "path": str(tmp_path / "old")}})) == "uniform"
+    assert _clip_start(build_config(TrainConfig, {"data": {"start": "behind"}})) == "behind"

@@ -339,6 +339,16 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
 _SAMPLER_OF_METHOD = {"teacher": "bidirectional", "teacher_forcing": "many-step", "diffusion_forcing": "many-step"}
 
 
+def _clip_start(cfg: TrainConfig) -> str:
+    """Where the training clips' digits started (Moving-Digits ``start``): the recipe's setting, or for a store the
+    setting it was encoded with (its manifest's attrs; "uniform" for stores written before the attr existed)."""
+    if cfg.data.kind == "store" and cfg.data.path:
+        from ..data.store import read_manifest
+
+        return read_manifest(cfg.data.path).get("attrs", {}).get("start", "uniform")
+    return cfg.data.start
+
+
 def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
     """The :class:`~selfforcing.pipeline.PipelineSpec` of a generator trained by ``cfg``: the recipe's autoencoder,
     text encoder, latent size, few-step timesteps and shift, so that ``generate`` samples it as it was trained."""
@@ -352,7 +362,7 @@ def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
         shift=cfg.timestep_shift, num_steps=24, guidance_scale=cfg.dm.guidance_scale,
         negative_prompt=cfg.data.negative_prompt, training_frames=cfg.data.num_frames,
         dataset={"kind": cfg.data.kind, "num_digits": list(cfg.data.num_digits),
-                 "images_per_digit": cfg.data.images_per_digit, "size": cfg.data.size},
+                 "images_per_digit": cfg.data.images_per_digit, "size": cfg.data.size, "start": _clip_start(cfg)},
         extra={"recipe_method": cfg.method, "dm_loss": cfg.dm.loss, "trained_steps": step, "seed": cfg.seed,
                "batch_size": cfg.batch_size, "out_dir": cfg.out_dir})
 
