@@ -17,7 +17,7 @@ $(STAMP): $(PY) $(REQS)
 	@if grep -qv '^\s*\(#\|$$\)' requirements/nodeps.txt; then \
 		$(PIP) install --quiet --no-deps -c requirements/constraints.txt -r requirements/nodeps.txt; fi
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -c "from selfforcing.models.native_blocks import main; main()"  # the C++ blocks (~1 min, then cached)
+	$(PY) -c "from selfforcing.accel.cpu.native import main; main()"  # the C++ blocks (~1 min, then cached)
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -20,7 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfforcing.commands.bench import _steps, build_model
-from selfforcing.perf import keep_freed_memory, timed_kernel_choice
+from selfforcing.accel.cpu import timed_kernel_choice
+from selfforcing.perf import keep_freed_memory
 from selfforcing.sampling import generate_chunk
 
 
@@ -94,7 +95,7 @@ def _native_stages(chunk, chunks: int) -> dict | None:
     """Milliseconds per chunk step in each stage of the C++ forward over ``chunks`` steps (None where it does not run),
     with the steps' own median wall time: what is not in a stage is Python (time embedding, plans, sampler) and
     glue."""
-    from selfforcing.models import native_blocks
+    from selfforcing.accel.cpu import native as native_blocks
 
     if native_blocks.blocks_setting() == "python" or native_blocks.extension() is None:
         return None

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from . import flow
-from .perf import timed_kernel_choice
+from .accel import cpu as cpu_acceleration
+from .accel.cpu import timed_kernel_choice
 from .sampling import cache_chunk, generate_chunk
 
 
@@ -89,9 +90,7 @@ class StreamingGenerator:
         self.cache = model.new_kv_cache(batch_size, *self.latent_size, max_frames=max_frames,
                                         window_frames=self.window, sink_frames=self.sink)
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            from .models import native_blocks
-
-            native_blocks.available()  # load (or build) the C++ blocks now, not inside the first chunk's latency
+            cpu_acceleration.prepare()  # load (or build) the C++ blocks now, not inside the first chunk's latency
         self._reset_state()
 
     def _check_global_cache_fits(self) -> None:

@@ -1,4 +1,6 @@
-"""Analytic FLOP counts of the model's hot path, and the machine's measured float32 matmul peak.
+"""Analytic FLOP counts of the model's hot path, the machine's measured float32 matmul peak, and the allocator setting
+that streaming relies on. (The CPU kernels themselves, their timed choice and the switches live in
+:mod:`selfforcing.accel.cpu` and :mod:`selfforcing.models.wan.runtime`.)
 
 FLOPs count multiply-adds as 2 and include every matmul (projections, attention scores and values, FFN,
 patch embedding, head); elementwise work (norms, RoPE, modulation, softmax) is left out, as is customary.
@@ -6,7 +8,6 @@ patch embedding, head); elementwise work (norms, RoPE, modulation, softmax) is l
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -35,85 +36,6 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
-
-
-# ---------------------------------------------------------------------------------------------- switches
-_SHORTCUTS = [True]
-_TIMED_CHOICE = [False]
-
-
-@contextlib.contextmanager
-def _switched(stack: list, value: bool):
-    stack.append(value)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def cpu_shortcuts_enabled() -> bool:
-    """Whether the model's no-grad CPU shortcuts may run (see :func:`plain_pytorch`)."""
-    return _SHORTCUTS[-1]
-
-
-def plain_pytorch():
-    """Within this block the model runs without its CPU inference shortcuts: torch's own kernels (nn.Linear, RMSNorm,
-    LayerNorm, tanh-GELU, SDPA for every attention) and out-of-place residual updates, the path that autograd takes.
-    The values are the same to float rounding (tests/test_perf.py); it is the plain-PyTorch baseline against which
-    ``selfforcing bench chunk --compare-plain`` measures the shortcuts. Structural choices stay (the head-major KV
-    cache written in place, RoPE as a complex product, the cached text K/V)."""
-    return _switched(_SHORTCUTS, False)
-
-
-def timed_choice_enabled() -> bool:
-    """Whether kernels may be chosen by timing them (see :func:`timed_kernel_choice`)."""
-    return _TIMED_CHOICE[-1]
-
-
-def timed_kernel_choice():
-    """Within this block the model may choose between equivalent kernels by timing them (:func:`fastest_name`).
-
-    Why only within a block: two kernels agree to float rounding, not bit for bit, and a timing can pick either, so
-    two processes may compute different bits. Streaming inference (``StreamingGenerator``, the benchmarks) opts in
-    for speed; training does not, so that a run resumed after a kill equals a straight run bit for bit."""
-    return _switched(_TIMED_CHOICE, True)
-
-
-# ---------------------------------------------------------------------------------------------- path choice
-_FASTEST: dict[tuple, str] = {}
-
-
-def fastest_name(key: tuple, candidates: dict, args: tuple, repeats: int = 5) -> str:
-    """The name of the fastest of ``candidates`` (name -> function) on ``args`` for ``key``, timed once per process.
-
-    The candidates must compute the same function (to float rounding). The first call for a key times each of them
-    ``repeats`` + 1 times (the first round also warms caches and oneDNN's primitive cache up), interleaved so that a
-    slow spell of a shared machine falls on all alike, and keeps the one with the lowest best time; later calls with
-    that key only look it up. Why: on this project's 2-core VM the
-    faster of two FFN kernels (oneDNN's fused GELU linear vs BLAS on transposed activations) changed from day to day
-    by 10-20% either way (README, Performance), so no fixed choice is right. ``key`` should hold everything the
-    timing depends on (shapes, dtype, thread count). One candidate: no timing."""
-    name = _FASTEST.get(key)
-    if name is not None:
-        return name
-    if len(candidates) == 1:
-        name = next(iter(candidates))
-        _FASTEST[key] = name
-        return name
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(repeats + 1):
-        for cand, fn in candidates.items():
-            t0 = time.perf_counter()
-            fn(*args)
-            best[cand] = min(best[cand], time.perf_counter() - t0)
-    name = min(best, key=best.get)
-    _FASTEST[key] = name
-    return name
-
-
-def chosen_paths() -> dict[tuple, str]:
-    """The choices :func:`fastest_name` made in this process, key -> implementation (for benchmark reports)."""
-    return dict(_FASTEST)
 
 
 def _layer_flops(config, n: int, m: int, lt: int, cross_kv_cached: bool) -> int:

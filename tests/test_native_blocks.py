@@ -1,4 +1,4 @@
-"""The C++ blocks (selfforcing/models/native_blocks.py) compute the Python blocks' numbers, to float rounding, on every
+"""The C++ blocks (selfforcing/accel/cpu/native.py) compute the Python blocks' numbers, to float rounding, on every
 path a cached CPU inference forward takes, run only where they are meant to, and fail safe: a bad setting is a clear
 error, a failed build falls back to Python with a warning, an error inside C++ reaches Python as an exception. Their
 two fused kernels are checked against torch's own ops directly."""
@@ -6,22 +6,24 @@ two fused kernels are checked against torch's own ops directly."""
 import pytest
 import torch
 
-from selfforcing.models import CausalWanModel, native_blocks
-from selfforcing.models.causal_wan import onednn_linear_available
-from selfforcing.perf import timed_kernel_choice
+from selfforcing.accel.cpu import native as native_blocks
+from selfforcing.accel.cpu import timed_kernel_choice
+from selfforcing.accel.cpu.ffn import onednn_linear_available
+from selfforcing.models import CausalWanModel
 
-pytestmark = pytest.mark.skipif(native_blocks.extension() is None, reason="the C++ extension did not build here")
+# every test but the fallback's needs the extension; the fallback test runs whether or not it builds here
+needs_build = pytest.mark.skipif(native_blocks.extension() is None, reason="the C++ extension did not build here")
 
 
 def _count_calls(monkeypatch) -> list:
     calls = []
-    real = native_blocks.run_forward
+    real = native_blocks.run
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("kv_only", args[7] if len(args) > 7 else None))
-        return real(*args, **kwargs)
+    def counted(args):
+        calls.append(args.kv_only)
+        return real(args)
 
-    monkeypatch.setattr(native_blocks, "run_forward", counted)
+    monkeypatch.setattr(native_blocks, "run", counted)
     return calls
 
 
@@ -61,6 +63,7 @@ def _both(monkeypatch, make_model, make_cache, **kw):
     return results["python"], results["native"]
 
 
+@needs_build
 @pytest.mark.parametrize("ffn", ["feature_major", "onednn"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_native_blocks_equal_python_blocks_on_a_rolling_stream(monkeypatch, ffn, fused):
@@ -84,6 +87,7 @@ def _assert_same(expected: tuple, actual: tuple) -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5)
 
 
+@needs_build
 def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_and_gathered_reads(monkeypatch):
     """No norm before cross-attention, 80 text tokens (SDPA instead of the short-key path), batch 2, and a chunk
     after skip_to (its keys gathered through read_index)."""
@@ -101,6 +105,7 @@ def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_an
     _assert_same((out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
 
 
+@needs_build
 def test_native_blocks_run_only_in_streaming_inference(monkeypatch):
     """Not outside timed_kernel_choice (training keeps its path), not with gradients, not with
     SELFFORCING_CPU_BLOCKS=python; a bad setting names the variable."""
@@ -147,27 +152,39 @@ def test_a_failed_build_warns_once_and_the_python_blocks_run(monkeypatch):
         model(x, t, ctx, kv_cache=model.new_kv_cache(1, 16, 16, max_frames=3))
 
 
+@needs_build
 def test_an_error_inside_the_cpp_blocks_is_a_python_exception():
-    """A malformed call fails with a message that names the problem, not a crash (the GIL is released inside)."""
+    """A malformed call fails with a message that names the problem, not a crash (the GIL is released inside); the
+    arguments cross by name, so a missing one is named too."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
     ext = native_blocks.extension()
     empty = torch.empty(0, dtype=torch.long)
     z = torch.zeros(1)
-    args = ([torch.zeros(1, 1, 2, 4, 4)], torch.zeros(8, 8), torch.zeros(8), 2, 2, torch.zeros(1, 1, 6, 8),
-            torch.zeros(1, 1, 8), torch.zeros(4, 2, 2), [z] * 5, [], [], z, z, empty, 0, empty, empty, 0, empty, False,
-            2, 1e-6, 1e-6, 64, True, False, torch.zeros(1, 2, 8), torch.zeros(4, 8), torch.zeros(4), 1e-6, empty)
+    args = native_blocks.NativeForward(
+        latents=[torch.zeros(1, 1, 2, 4, 4)], patch_weight=torch.zeros(8, 8), patch_bias=torch.zeros(8), patch_h=2,
+        patch_w=2, e=torch.zeros(1, 1, 6, 8), temb=torch.zeros(1, 1, 8), rope=torch.zeros(4, 2, 2), weights=[z] * 5,
+        text_k=[], text_v=[], cache_k=z, cache_v=z, slots=empty, visible=0, read_index=empty, pending_slots=empty,
+        pending_visible=0, pending_read_index=empty, kv_only=False, heads=2, ln_eps=1e-6, rms_eps=1e-6, short_keys=64,
+        cross_norm=True, ffn_onednn=False, head_table=torch.zeros(1, 2, 8), proj_weight=torch.zeros(4, 8),
+        proj_bias=torch.zeros(4), head_eps=1e-6, key_ends=empty)
     with pytest.raises(RuntimeError, match="tensors per block"):
-        ext.run_forward(*args)
-    cacheless_pass = list(args)  # one block's worth of weights, no cache, but a cache pass asked for
-    cacheless_pass[8:13] = [[z] * ext.weights_per_block, [z], [z], torch.empty(0), torch.empty(0)]
-    cacheless_pass[19] = True
+        ext.run_forward(args)
+    # one block's worth of weights, no cache, but a cache pass asked for
+    cacheless_pass = replace(args, weights=[z] * ext.weights_per_block, text_k=[z], text_v=[z],
+                             cache_k=torch.empty(0), cache_v=torch.empty(0), kv_only=True)
     with pytest.raises(RuntimeError, match="without a KV cache has no finished chunk to fuse and no cache pass"):
-        ext.run_forward(*cacheless_pass)
+        ext.run_forward(cacheless_pass)
     with pytest.raises(RuntimeError, match="one or two latent chunks"):
-        ext.run_forward([torch.zeros(1, 1, 2, 4, 4)] * 3, *args[1:])
+        ext.run_forward(replace(args, latents=[torch.zeros(1, 1, 2, 4, 4)] * 3))
     with pytest.raises(RuntimeError, match="divisible by the patch size"):
-        ext.run_forward([torch.zeros(1, 1, 2, 5, 4)], *args[1:])
+        ext.run_forward(replace(args, latents=[torch.zeros(1, 1, 2, 5, 4)]))
+    with pytest.raises(AttributeError, match="rms_eps"):
+        ext.run_forward(SimpleNamespace(**{k: v for k, v in vars(args).items() if k != "rms_eps"}))
 
 
+@needs_build
 def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():
     """The feature-major FFN's one-pass bias + tanh-GELU: within 1e-6 of torch's GELU(tanh) from -60 to 60 (the
     rational tanh saturates correctly), in place, parallel over rows with any thread count; a bad input is an error
@@ -192,10 +209,11 @@ def test_fused_bias_gelu_equals_torch_gelu_and_checks_its_input():
     assert len(gomp) <= 1, gomp
 
 
+@needs_build
 def test_fused_rms_rope_equals_the_python_bias_norm_and_rotation():
     """rms_rope_ = the projection's bias, _rms_normed, then apply_rope_cis (batch 2, 3 heads, with or without each of
     bias, gain and table), in place."""
-    from selfforcing.models.causal_wan import _rms_normed, apply_rope_cis
+    from selfforcing.models.wan.blocks import apply_rope_cis, rms_normed
 
     ext = native_blocks.extension()
     g = torch.Generator().manual_seed(0)
@@ -209,7 +227,7 @@ def test_fused_rms_rope_equals_the_python_bias_norm_and_rotation():
             ref = torch.nn.RMSNorm(96, eps=1e-6, elementwise_affine=gain is not None)
             if gain is not None:
                 ref.weight.copy_(gain)
-            expected = _rms_normed(ref, y.clone() if b is None else y + b)
+            expected = rms_normed(ref, y.clone() if b is None else y + b)
             if table is not None:
                 expected = apply_rope_cis(expected.unflatten(2, (3, 32)), table).flatten(2)
             out = y.clone()
@@ -233,11 +251,12 @@ def _modulation(batch=2, frames=3, d=64, seed=0):
     return table, e, (table[None] + e).unsqueeze(3).unbind(2)
 
 
+@needs_build
 def test_fused_modulated_norm_equals_the_python_one():
     """modulated_norm = _modulated_norm of a LayerNorm without gain or bias, with the shift and scale of frames f0..
     taken from the block's table and e (batch 2; before the attention and before the FFN), a new tensor; a bad shape
     is an error that says so."""
-    from selfforcing.models.causal_wan import _modulated_norm
+    from selfforcing.models.wan.blocks import modulated_norm
 
     ext = native_blocks.extension()
     x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
@@ -245,7 +264,7 @@ def test_fused_modulated_norm_equals_the_python_one():
     norm = torch.nn.LayerNorm(64, eps=1e-6, elementwise_affine=False)
     with torch.no_grad():
         for j, f0, sh, sc in ((0, 0, shift[:, :3], scale[:, :3]), (3, 1, c_shift[:, 1:], c_scale[:, 1:])):
-            expected = _modulated_norm(x, norm, sc, sh)
+            expected = modulated_norm(x, norm, sc, sh)
             out = ext.modulated_norm(x, table, e, j, f0, 1e-6)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
             assert out.data_ptr() != x.data_ptr()
@@ -255,13 +274,14 @@ def test_fused_modulated_norm_equals_the_python_one():
         ext.modulated_norm(x, table, e[:, :, :5], 0, 0, 1e-6)
 
 
+@needs_build
 @pytest.mark.parametrize("t", [40, 37])
 def test_fused_residual_updates_equal_the_python_block_steps(t):
     """The three residual updates of CausalWanBlock.forward with their norms: after the self-attention (a fused
     finished chunk's frame dropped, with and without the cross-attention norm), after the cross-attention, and after
     the FFN (its output row-major with bias, or feature-major with the bias added in the update; 37 tokens per frame
     leave rows outside the 8 x 8 tiles of the AVX2 form)."""
-    from selfforcing.models.causal_wan import _fp32_layer_norm, _modulated_norm
+    from selfforcing.models.wan.blocks import fp32_layer_norm, modulated_norm
 
     ext = native_blocks.extension()
     g = torch.Generator().manual_seed(2)
@@ -278,13 +298,13 @@ def test_fused_residual_updates_equal_the_python_block_steps(t):
         for use_norm in (True, False):
             y, h = ext.gate_residual_norm(x, a, ob, table, e, drop, use_norm, norm2.weight, norm2.bias, 1e-6)
             torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
-            expected_h = _fp32_layer_norm(y_ref, norm2) if use_norm else y_ref
+            expected_h = fp32_layer_norm(y_ref, norm2) if use_norm else y_ref
             torch.testing.assert_close(h, expected_h, rtol=1e-5, atol=1e-5)
         norm3 = torch.nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
         y2_ref = y_ref + (c + cb).view(b, nf, t, d)
         h3 = ext.residual_modulated_norm_(y, c, cb, table, e, drop, 1e-6)
         torch.testing.assert_close(y, y2_ref, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(h3, _modulated_norm(y2_ref, norm3, c_scale[:, drop:], c_shift[:, drop:]),
+        torch.testing.assert_close(h3, modulated_norm(y2_ref, norm3, c_scale[:, drop:], c_shift[:, drop:]),
                                    rtol=1e-5, atol=1e-5)
         y3_ref = y2_ref + (f + fb).view(b, nf, t, d) * c_gate[:, drop:]
         row_major = ext.gate_residual_ffn_(y.clone(), (f + fb).view(-1, d), False, torch.empty(0), table, e, drop)
@@ -297,6 +317,7 @@ def test_fused_residual_updates_equal_the_python_block_steps(t):
         ext.gate_residual_ffn_(y, f.view(-1, d), False, fb, table, e, drop)
 
 
+@needs_build
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("keys", [1, 13, 16, 64])
 def test_short_attention_equals_the_explicit_softmax(keys, portable):
@@ -315,6 +336,7 @@ def test_short_attention_equals_the_explicit_softmax(keys, portable):
         ext.short_attention(q, torch.randn(2, 65, 3, 32), torch.randn(2, 65, 3, 32))
 
 
+@needs_build
 def test_write_kv_equals_the_cache_write():
     """write_kv = KVCache.write (index_copy_ of the transposed K and V into the slots) with the value bias added, for
     rows narrowed out of a bigger projection; a slot out of range is an error, and nothing is written."""
@@ -336,6 +358,7 @@ def test_write_kv_equals_the_cache_write():
     assert torch.equal(cache_k, before)
 
 
+@needs_build
 def test_native_blocks_see_a_replaced_or_updated_parameter(monkeypatch):
     """The C++ blocks keep the parameter list (and transposed copies of the attention projections) between forwards;
     a parameter replaced by a new tensor (a load with assign=True, say) or updated in place is used from the next
@@ -362,6 +385,7 @@ def test_native_blocks_see_a_replaced_or_updated_parameter(monkeypatch):
     torch.testing.assert_close(updated, forward("python"), rtol=1e-5, atol=2e-5)
 
 
+@needs_build
 @pytest.mark.parametrize("batch,queries,keys", [(1, 192, 768), (2, 50, 65), (1, 1, 2048), (1, 7, 3000)])
 def test_window_attention_equals_sdpa(batch, queries, keys):
     """window_attention = torch's SDPA for queries as the projection's strided view and keys / values as the
@@ -379,6 +403,7 @@ def test_window_attention_equals_sdpa(batch, queries, keys):
     torch.testing.assert_close(ext.window_attention(q, k, v, sdpa=True), expected, rtol=0, atol=0)
 
 
+@needs_build
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_window_attention_with_key_prefixes_equals_masked_sdpa(sdpa):
     """With key_ends, query i attends to keys [0, key_ends[i]) only: torch's SDPA under the same boolean mask, for
@@ -402,8 +427,10 @@ def test_window_attention_with_key_prefixes_equals_masked_sdpa(sdpa):
         ext.window_attention(q, k, v, key_ends=ends[:-1])
 
 
+@needs_build
 @pytest.mark.parametrize("latent,frames,batch,kw", [(16, 12, 1, {}), (12, 9, 2, {"cross_attn_norm": False}),
                                                      (12, 7, 1, {"independent_first_frame": True})])
+@needs_build
 def test_native_blocks_equal_python_blocks_without_a_cache(monkeypatch, latent, frames, batch, kw):
     """A cache-less no-grad forward (what `bench stream`'s recompute and sliding_window strategies run over
     [context | chunk] at every step) takes the C++ blocks, block-causal through key prefixes or bidirectional, and
@@ -431,6 +458,7 @@ def test_native_blocks_equal_python_blocks_without_a_cache(monkeypatch, latent, 
     assert (out["native"][0] - out["native"][1]).abs().max() > 1e-2  # block-causal differs from bidirectional
 
 
+@needs_build
 def test_native_blocks_leave_other_masks_and_taps_to_python(monkeypatch):
     """A local attention window (not a prefix mask), teacher forcing, hidden-layer taps and gradients stay on the
     Python blocks."""
@@ -449,6 +477,7 @@ def test_native_blocks_leave_other_masks_and_taps_to_python(monkeypatch):
     assert len(calls) == 1
 
 
+@needs_build
 @pytest.mark.parametrize("rows", [1, 7, 192, 384])
 def test_linear_t_equals_the_matmul(rows):
     """linear_t = x @ w^T through the transposed weight (6-row tiles and a remainder), and the matmul itself where the
@@ -462,6 +491,7 @@ def test_linear_t_equals_the_matmul(rows):
     assert torch.equal(ext.linear_t(x, w40, w40.t().contiguous()), torch.mm(x, w40.t()))
 
 
+@needs_build
 def test_stage_timer_accounts_for_a_forward_only_while_on():
     """profile_sections(True) makes the C++ forward add each stage's wall time (what profile_chunk.py reports); off,
     nothing is added; the stages of one forward sum to no more than its wall time."""
@@ -492,6 +522,7 @@ def test_stage_timer_accounts_for_a_forward_only_while_on():
     assert 0 < sum(stages.values()) <= wall
 
 
+@needs_build
 def test_transposed_weight_copies_only_where_the_tile_gemm_runs():
     """The register-tile GEMM (and so a transposed copy of a projection's weight) only for input widths up to 512,
     where it beat MKL: the small presets' projections get copies, a wider model's (Wan-like) none, so its memory is

@@ -10,16 +10,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selfforcing.commands.bench import STRATEGIES, new_stream_state
 from selfforcing.models import CausalWanModel
-from selfforcing.models.causal_wan import _cpu_inference
-from selfforcing.perf import (cache_pass_flops, chunk_step_flops, cpu_shortcuts_enabled, forward_flops, plain_pytorch,
-                              rolling_chunk_flops)
+from selfforcing.models.wan.runtime import cpu_inference, cpu_shortcuts_enabled, plain_pytorch
+from selfforcing.perf import cache_pass_flops, chunk_step_flops, forward_flops, rolling_chunk_flops
 
 
-def test_forward_flops_match_torch_flop_counter(monkeypatch):
-    from selfforcing.models import causal_wan
-
-    # torch's FLOP counter does not see oneDNN's fused linear op: count the FFN through the BLAS path
-    monkeypatch.setattr(causal_wan, "onednn_linear_available", lambda: False)
+def test_forward_flops_match_torch_flop_counter():
+    # the model without an accelerator runs the FFN through BLAS, which torch's FLOP counter sees (oneDNN's op not)
     torch.manual_seed(0)
     model = CausalWanModel.from_preset("tiny", num_layers=2).eval()
     cache = model.new_kv_cache(1, 16, 16, max_frames=12)
@@ -91,7 +87,7 @@ def test_inference_fast_path_equals_the_autograd_path():
     fast = _forward_all_modes(model, grad=False)
     slow = _forward_all_modes(model, grad=True)
     with plain_pytorch(), torch.no_grad():  # the baseline of `bench chunk --compare-plain`: shortcuts switched off
-        assert not _cpu_inference(torch.ones(2)) and not cpu_shortcuts_enabled()
+        assert not cpu_inference(torch.ones(2)) and not cpu_shortcuts_enabled()
         plain = _forward_all_modes(model, grad=False)
     assert cpu_shortcuts_enabled()
     assert len(fast) == len(slow) == len(plain) == 9
@@ -131,9 +127,10 @@ def test_cpu_inference_kernels_equal_torch_reference():
     matmul attention for short key sequences (text), the feature-major and oneDNN FFNs, the in-place RMSNorm."""
     import torch.nn.functional as F
 
-    from selfforcing.models.attention import _SHORT_KEYS, attention
-    from selfforcing.models.causal_wan import (CPU_FFN_SETTINGS, FeedForward, _fp32_layer_norm, _rms_normed,
-                                               gelu_tanh_, onednn_linear_available)
+    from selfforcing.accel.cpu import timed_kernel_choice
+    from selfforcing.accel.cpu.ffn import FFN_SETTINGS, forward_onednn, onednn_linear_available
+    from selfforcing.models.wan.attention import SHORT_KEYS, attention
+    from selfforcing.models.wan.blocks import FeedForward, fp32_layer_norm, gelu_tanh_, rms_normed
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 6
@@ -141,7 +138,7 @@ def test_cpu_inference_kernels_equal_torch_reference():
         torch.testing.assert_close(gelu_tanh_(x.clone()), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
         assert gelu_tanh_(torch.tensor([-1e4, 0.0, 1e4])).tolist() == [0.0, 0.0, 1e4]  # no overflow at the tails
     q = torch.randn(2, 40, 4, 16, generator=g)
-    for keys in (1, 16, _SHORT_KEYS, _SHORT_KEYS + 1):
+    for keys in (1, 16, SHORT_KEYS, SHORT_KEYS + 1):
         k, v = torch.randn(2, keys, 4, 16, generator=g), torch.randn(2, keys, 4, 16, generator=g)
         ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         with torch.no_grad():
@@ -154,11 +151,11 @@ def test_cpu_inference_kernels_equal_torch_reference():
     h = torch.randn(2, 3, 7, 32, generator=g)
     slow = ffn.net[2](F.gelu(ffn.net[0].proj(h), approximate="tanh"))
     with torch.no_grad():
-        paths = {"forward": ffn(h), "feature_major": ffn._forward_feature_major(h)}
-        if onednn_linear_available():  # x86 builds of torch; elsewhere forward() takes the feature-major path
-            paths["onednn"] = ffn._forward_onednn(h)
-        for setting in CPU_FFN_SETTINGS:  # SELFFORCING_CPU_FFN: each choice of forward() computes the same FFN
-            with pytest.MonkeyPatch.context() as mp:
+        paths = {"forward": ffn(h), "feature_major": ffn.forward_feature_major(h)}
+        if onednn_linear_available():  # x86 builds of torch; elsewhere the accelerator takes the feature-major path
+            paths["onednn"] = forward_onednn(ffn, h)
+        for setting in FFN_SETTINGS:  # SELFFORCING_CPU_FFN: each choice of the accelerator computes the same FFN
+            with pytest.MonkeyPatch.context() as mp, timed_kernel_choice():
                 mp.setenv("SELFFORCING_CPU_FFN", setting)
                 paths[f"forward[{setting}]"] = ffn(h)
     for name, fast in paths.items():
@@ -166,20 +163,20 @@ def test_cpu_inference_kernels_equal_torch_reference():
         torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5, msg=name)
     plain = torch.nn.LayerNorm(32, 1e-6, elementwise_affine=False)  # given a unit gain on CPU: the same bits
     with torch.no_grad():
-        assert torch.equal(_fp32_layer_norm(h, plain), F.layer_norm(h, (32,), eps=1e-6))
+        assert torch.equal(fp32_layer_norm(h, plain), F.layer_norm(h, (32,), eps=1e-6))
     norm = torch.nn.RMSNorm(32, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
         y = torch.randn(2, 9, 32, generator=g) * 3
-        torch.testing.assert_close(_rms_normed(norm, y.clone()), norm(y), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rms_normed(norm, y.clone()), norm(y), atol=1e-6, rtol=1e-5)
 
 
 def test_fastest_name_times_once_and_keeps_the_faster_implementation():
     """fastest_name times every candidate on the first call of a key and only looks the winner up from then on; the
     FFN times its kernels only inside timed_kernel_choice (streaming), never in training; SELFFORCING_CPU_FFN must
     name a known FFN kernel."""
-    from selfforcing.models.causal_wan import FeedForward
-    from selfforcing.perf import chosen_paths, fastest_name, timed_kernel_choice
+    from selfforcing.accel.cpu import chosen_paths, fastest_name, timed_kernel_choice
+    from selfforcing.models.wan.blocks import FeedForward
 
     calls = {"slow": 0, "fast": 0}
 
@@ -212,7 +209,7 @@ def test_fastest_name_times_once_and_keeps_the_faster_implementation():
             ffn(h)
         assert len(shape_keys()) == 1
 
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad(), timed_kernel_choice():
         mp.setenv("SELFFORCING_CPU_FFN", "mkl")
         with pytest.raises(ValueError, match="SELFFORCING_CPU_FFN='mkl'"):
             FeedForward(8, 16)(torch.randn(3, 8))
@@ -228,7 +225,7 @@ def test_time_embedding_cache_returns_what_the_layers_compute_and_follows_the_we
     t = torch.tensor([1000.0, 1000.0, 500.0])
 
     def computed():
-        from selfforcing.models.causal_wan import timestep_sinusoid
+        from selfforcing.models.wan.blocks import timestep_sinusoid
 
         with torch.no_grad():
             temb = ce.time_embedder(timestep_sinusoid(t, ce.freq_dim).to(ce.time_proj.weight.dtype))
@@ -261,7 +258,7 @@ def test_rope_tables_built_from_per_frame_tables_equal_the_whole_range():
     """WanRotaryEmbedding.table assembles a range from cached per-frame tables (a stream's chunk, its fused cache pass
     and the next chunk share frames); each is bit for bit the table of the whole range computed at once, for
     overlapping ranges, repeated ranges (teacher forcing) and far positions."""
-    from selfforcing.models.causal_wan import WanRotaryEmbedding
+    from selfforcing.models.wan.blocks import WanRotaryEmbedding
 
     rope = WanRotaryEmbedding(64)
     for start, frames, repeats in ((0, 3, 1), (3, 6, 1), (6, 3, 1), (2, 3, 2), (100_000, 3, 1), (3, 6, 1)):

@@ -273,7 +273,8 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
     def noise():
         return torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
 
-    from selfforcing.perf import rolling_chunk_flops, timed_kernel_choice
+    from selfforcing.accel.cpu import timed_kernel_choice
+    from selfforcing.perf import rolling_chunk_flops
 
     tpf = model.tokens_per_frame(h, w)
 
@@ -359,7 +360,7 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
     The FLOPs counted are those of the separate passes either way (the fused pass does no less useful work).
 
     ``compare_plain``: a second stream on the same weights runs in lockstep, its steps timed alternately with these
-    (order swapped every step), in plain PyTorch: :func:`selfforcing.perf.plain_pytorch` and the cache pass as its
+    (order swapped every step), in plain PyTorch: :func:`selfforcing.models.wan.runtime.plain_pytorch` and the cache pass as its
     own forward. Its median and the ratio of the two medians go into the result: a comparison that a slow spell of
     a shared machine cannot tilt, unlike two numbers taken on different days."""
     import torch
@@ -438,7 +439,8 @@ class _ChunkStream:
 
     def step(self, x, generator) -> float:
         """Generate the chunk for noise ``x`` [1, k, C, H, W]; the seconds it took (device synchronised)."""
-        from selfforcing.perf import plain_pytorch, timed_kernel_choice
+        from selfforcing.accel.cpu import timed_kernel_choice
+        from selfforcing.models.wan.runtime import plain_pytorch
         from selfforcing.sampling import generate_chunk
 
         device = str(x.device.type)
@@ -456,17 +458,17 @@ class _ChunkStream:
 
 def _cpu_ffn_report() -> dict:
     """The FFN kernel setting and, under ``auto``, the kernel timed fastest for each FFN shape of the run."""
-    from selfforcing.models.causal_wan import cpu_ffn_setting
-    from selfforcing.perf import chosen_paths
+    from selfforcing.accel.cpu import chosen_paths
+    from selfforcing.accel.cpu.ffn import ffn_setting
 
     chosen = {f"{'C++ blocks, ' if k[0] == 'native_ffn' else ''}{k[1]} tokens x {k[2]}->{k[3]}, {k[4]} threads": v
               for k, v in chosen_paths().items() if k[0] in ("cpu_ffn", "native_ffn")}
-    return {"setting": cpu_ffn_setting(), "chosen": chosen}
+    return {"setting": ffn_setting(), "chosen": chosen}
 
 
 def _cpu_blocks_report() -> dict:
     """Which blocks CPU streaming ran: the setting, and whether the C++ blocks were built (and why not)."""
-    from selfforcing.models import native_blocks
+    from selfforcing.accel.cpu import native as native_blocks
 
     err = native_blocks.build_error()
     return {"setting": native_blocks.blocks_setting(),

@@ -1,7 +1,8 @@
-"""Models: the causal Wan DiT, its KV cache, presets and checkpoint adapters."""
+"""Models: one folder per model family (``wan/``: the causal Wan DiT, its KV cache, presets and checkpoint adapter).
 
-from .causal_wan import CausalWanModel
-from .kv_cache import KVCache
-from .presets import PRESETS, preset_config
+``selfforcing.models.attention``, ``.kv_cache``, ``.presets`` and ``.state_dict_adapter`` are kept as short names of
+the Wan family's modules."""
+
+from .wan import PRESETS, CausalWanModel, KVCache, preset_config
 
 __all__ = ["CausalWanModel", "KVCache", "PRESETS", "preset_config"]

@@ -18,7 +18,8 @@ Encoders:
 * :class:`~selfforcing.text.cache.CachedTextEncoder` (in ``cache.py``): an on-disk cache in front of
   either, so training never encodes a prompt twice.
 
-:func:`build_text_encoder` picks one from a name (``"minilm"``) or a folder (by its ``config.json``).
+:func:`~selfforcing.text.build.build_text_encoder` (in ``build.py``) picks one from a name (``"minilm"``) or a
+folder (by its ``config.json``).
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ class UMT5TextEncoder(HFTextEncoder):
         _check_text_len(text_len)
         dtype = _as_dtype(dtype)
         model_dir, tok_dir = resolve_umt5_folders(path)
-        model_type = _read_model_type(model_dir)
+        model_type = read_model_type(model_dir)
         if model_type != "umt5":
             raise ValueError(f"{model_dir}/config.json has model_type {model_type!r}, expected 'umt5'")
         model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
@@ -311,49 +312,10 @@ class UMT5TextEncoder(HFTextEncoder):
         return wan_prompt_clean(prompt)
 
 
-def _read_model_type(folder: str) -> str | None:
+def read_model_type(folder: str) -> str | None:
+    """The ``model_type`` in ``folder``/config.json (None if it names none); unreadable: ValueError."""
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
             return json.load(fh).get("model_type")
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {err}") from err
-
-
-def build_text_encoder(name_or_path: str, text_len: int | None = None, *, device: str | torch.device = "cpu",
-                       dtype: torch.dtype | str = torch.float32, cache_dir: str | None = None) -> TextEncoder:
-    """A text encoder from a name or a local folder.
-
-    * ``"minilm"`` (or ``"all-minilm-l6-v2"``): :class:`MiniLMTextEncoder` (``text_len`` default 32);
-    * a folder whose ``config.json`` (or ``text_encoder/config.json``) says ``model_type: umt5``:
-      :class:`UMT5TextEncoder` (``text_len`` default 512, run in ``dtype``);
-    * a folder whose ``config.json`` says ``model_type: bert``: :class:`MiniLMTextEncoder` on it.
-
-    With ``cache_dir`` the encoder is wrapped in :class:`~selfforcing.text.cache.CachedTextEncoder`."""
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"text encoder must be a name or a folder path, got {type(name_or_path).__name__}")
-    name_or_path = os.fspath(name_or_path)
-    if name_or_path.lower() in ("minilm", "all-minilm-l6-v2"):
-        encoder: TextEncoder = MiniLMTextEncoder(text_len or 32, device)
-    elif os.path.isdir(name_or_path):
-        config_dir = name_or_path
-        if not os.path.isfile(os.path.join(config_dir, "config.json")):
-            config_dir = os.path.join(name_or_path, "text_encoder")
-        if not os.path.isfile(os.path.join(config_dir, "config.json")):
-            raise FileNotFoundError(f"{name_or_path} has no config.json (nor text_encoder/config.json): "
-                                    "not a text-encoder folder")
-        model_type = _read_model_type(config_dir)
-        if model_type == "umt5":
-            encoder = UMT5TextEncoder(name_or_path, text_len or 512, dtype=dtype, device=device)
-        elif model_type == "bert":
-            encoder = MiniLMTextEncoder(text_len or 32, device, path=name_or_path)
-        else:
-            raise ValueError(f"{config_dir}/config.json has model_type {model_type!r}; "
-                             "supported text encoders are 'umt5' and 'bert'")
-    else:
-        raise ValueError(f"unknown text encoder {name_or_path!r}: use 'minilm' or an existing local folder "
-                         "(UMT5 or BERT, transformers format)")
-    if cache_dir is not None:
-        from .cache import CachedTextEncoder
-
-        encoder = CachedTextEncoder(encoder, cache_dir)
-    return encoder

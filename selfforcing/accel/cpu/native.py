@@ -1,8 +1,8 @@
 """Native blocks: a CPU inference forward, from the patch embedding to the output head, run by C++.
 
 Why. The small preset's chunk step is ~3,500 short torch ops. Run from Python, each one pays the interpreter,
-module calls and argument parsing on top of the kernel; on this project's 2-core VM that was 30-70 ms of a
-250-450 ms step (README, Performance). ``csrc/native_blocks.cpp`` runs the same products (BLAS, oneDNN, SDPA) in the
+module calls and argument parsing on top of the kernel; on this project's 2-core VM that was a sizeable share of a
+chunk step (docs/performance.md). ``csrc/native_blocks.cpp`` runs the same products (BLAS, oneDNN, SDPA) in the
 same order from C++ with the GIL released, and fuses everything between them into one pass over the rows each time:
 the adaLN LayerNorm with its modulation, each projection's bias with the pass that first reads its output (the q/k
 RMSNorm with the RoPE rotation, the cache write of v, the residual updates), each residual update with the norm that
@@ -14,14 +14,15 @@ Built with torch's extension builder (``torch.utils.cpp_extension.load``, the ma
 use in a process, about a minute on a 2-core machine, and cached under :func:`build_directory` for later processes
 (``make install`` builds it). If it cannot be built, a warning says why once and the Python blocks run.
 
-Where. Like the timed FFN choice, only within :func:`selfforcing.perf.timed_kernel_choice` (streaming inference,
-the benchmarks), for a float32 CPU forward without gradients, against a KV cache (streaming) or without one,
+Where. Like the timed FFN choice, only while the CPU accelerator is installed
+(:func:`selfforcing.accel.cpu.timed_kernel_choice`: streaming inference, the benchmarks), for a float32 CPU forward without gradients, against a KV cache (streaming) or without one,
 bidirectional or block-causal (``bench stream``'s recompute and sliding-window strategies); a local attention
 window, sinks in a cache-less mask, teacher forcing and hidden-layer taps stay in Python. Training keeps the path it
 has always taken, bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native``
 | ``python``.
 
-The C++ mirrors ``CausalWanBlock.forward`` on that path op for op; a change to one must be made to the other, and
+The arguments cross as one :class:`NativeForward`, read by name. The C++ mirrors ``CausalWanBlock.forward`` on that
+path op for op; a change to one must be made to the other, and
 the equality test fails if they drift apart.
 """
 
@@ -32,8 +33,13 @@ import operator
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 
 import torch
+
+from ...models.wan.attention import SHORT_KEYS, CachedAttention, FullAttention, prefix_key_ends
+from ...models.wan.blocks import rms_norm_eps
+from . import ffn as ffn_kernels
 
 BLOCKS_ENV = "SELFFORCING_CPU_BLOCKS"
 BLOCKS_SETTINGS = ("auto", "native", "python")
@@ -42,6 +48,7 @@ SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "native_blocks.cpp")
 # denormals to zero for the whole process); -fopenmp makes at::parallel_for parallel, on the libgomp.so.1 that torch
 # has already loaded (same soname, so the loader binds the extension to it)
 _CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
+EXTENSION_NAME = "selfforcing_cpu_blocks"
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
@@ -55,11 +62,11 @@ def blocks_setting() -> str:
 
 
 def build_directory() -> str:
-    """Where the compiled extension is cached: ``$SELFFORCING_BUILD_DIR`` or ``~/.cache/selfforcing``, one folder per
-    torch version."""
+    """Where the compiled extension is cached: under ``$SELFFORCING_BUILD_DIR`` or ``~/.cache/selfforcing``, one folder
+    per torch version and extension."""
     root = os.environ.get("SELFFORCING_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "selfforcing")
-    return os.path.join(root, "torch-" + torch.__version__.replace("+", "-"))
+    return os.path.join(root, "torch-" + torch.__version__.replace("+", "-"), EXTENSION_NAME)
 
 
 def extension(verbose: bool = False):
@@ -72,7 +79,7 @@ def extension(verbose: bool = False):
 
                 path = build_directory()
                 os.makedirs(path, exist_ok=True)
-                _STATE["module"] = load(name="selfforcing_native_blocks", sources=[SOURCE], extra_cflags=_CFLAGS,
+                _STATE["module"] = load(name=EXTENSION_NAME, sources=[SOURCE], extra_cflags=_CFLAGS,
                                         extra_ldflags=["-fopenmp"], build_directory=path, verbose=verbose)
             except Exception as err:  # noqa: BLE001 - whatever failed, the Python blocks still run
                 _STATE["module"], _STATE["error"] = None, err
@@ -96,24 +103,6 @@ def available() -> bool:
     if not built and setting == "native":
         raise RuntimeError(f"{BLOCKS_ENV}=native, but the C++ blocks could not be built: {build_error()}")
     return built
-
-
-def ffn_uses_onednn(ffn, rows: int) -> bool:
-    """Which FFN kernel the C++ blocks run for ``rows`` tokens: oneDNN's (True) or the feature-major one with the
-    fused bias + GELU, chosen as the Python FFN chooses (:meth:`FeedForward.cpu_kernel`: ``SELFFORCING_CPU_FFN``, or
-    under ``auto`` the faster of the two C++ FFNs, timed on random tokens at the first call of each shape, key
-    ``native_ffn``)."""
-    ext, up, down = extension(), ffn.net[0].proj, ffn.net[2]
-    candidates = {name: (lambda h, o=(name == "onednn"): ext.feed_forward(h, up.weight, up.bias, down.weight,
-                                                                           down.bias, o))
-                  for name in ffn._paths()}  # oneDNN only where this torch build has it
-    return ffn.cpu_kernel(_probe(rows, up.in_features), candidates, "native_ffn") == "onednn"
-
-
-@functools.lru_cache(maxsize=16)
-def _probe(rows: int, dim: int) -> torch.Tensor:
-    """Random tokens [rows, dim] to time the FFN kernels on (made once per shape; only the shape is used as a key)."""
-    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
 
 
 def _layer_slots(block) -> list[tuple[torch.nn.Module, str] | None]:
@@ -176,46 +165,140 @@ def _params(model) -> list[torch.Tensor]:
     return flat
 
 
-def run_forward(model, latents: list, e: torch.Tensor, temb: torch.Tensor, rope: torch.Tensor, hows: list,
-                text_kv: list, kv_only: bool, ffn_onednn: bool) -> torch.Tensor | None:
-    """``model``'s forward from the patch embedding on, as ``CausalWanModel.forward`` runs it on a no-grad forward:
-    ``latents`` the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first), ``hows`` the per-block
-    attention, the same for every block: a :class:`~selfforcing.models.causal_wan.CachedAttention` (cache, plan and
-    fused finished chunk) or a :class:`~selfforcing.models.causal_wan.FullAttention` without a mask or with its
-    ``key_ends`` (a cache-less forward over the whole sequence), ``text_kv`` each block's text (K, V) [B, L, H, Dh],
-    ``e`` [B, F, 6, D] the blocks' modulation and ``temb`` [B, F, D] the head's, of all frames, ``rope``
-    [F*T, Dh/2, 2] the RoPE table, ``ffn_onednn`` which FFN kernel. Returns the flow prediction v [B, f, C_out, H, W]
-    of the last chunk, or None for ``kv_only``."""
-    from .attention import _SHORT_KEYS
-    from .causal_wan import CachedAttention, rms_norm_eps
+@dataclass
+class NativeForward:
+    """The arguments of the C++ ``run_forward``, by name (it reads these attributes): a no-grad forward from the
+    patch embedding on. ``latents``: the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first);
+    ``e`` [B, F, 6, D] the blocks' modulation and ``temb`` [B, F, D] the head's, of all frames; ``rope`` [F*T, Dh/2, 2];
+    ``weights``: every block's parameters, flat (:func:`_params`); ``text_k`` / ``text_v``: each block's text K/V
+    [B, L, H, Dh]; the cache buffers with the chunk's plan (``slots``, ``visible``, ``read_index``) and the fused
+    finished chunk's (``pending_*``), all empty for a cache-less forward, which may give ``key_ends`` (query i sees
+    keys [0, key_ends[i])); ``ffn_onednn``: which FFN kernel."""
 
-    how = hows[0]
-    empty = torch.empty(0, dtype=torch.long)
+    latents: list
+    patch_weight: torch.Tensor
+    patch_bias: torch.Tensor
+    patch_h: int
+    patch_w: int
+    e: torch.Tensor
+    temb: torch.Tensor
+    rope: torch.Tensor
+    weights: list
+    text_k: list
+    text_v: list
+    cache_k: torch.Tensor
+    cache_v: torch.Tensor
+    slots: torch.Tensor
+    visible: int
+    read_index: torch.Tensor
+    pending_slots: torch.Tensor
+    pending_visible: int
+    pending_read_index: torch.Tensor
+    kv_only: bool
+    heads: int
+    ln_eps: float
+    rms_eps: float
+    short_keys: int
+    cross_norm: bool
+    ffn_onednn: bool
+    head_table: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    head_eps: float
+    key_ends: torch.Tensor
+
+
+_NONE = torch.empty(0, dtype=torch.long)
+
+
+def _attention_fields(plan) -> dict | None:
+    """The attention half of :class:`NativeForward`, or None where C++ cannot attend that way. A cached forward
+    without gradients against a float32 cache: the buffers and plans. A cache-less forward: nothing, or the key
+    prefixes of a block-causal mask (not of a local window or sinks, nor of teacher forcing's mask)."""
+    how = plan.attn[0]
     if isinstance(how, CachedAttention):
-        cache, plan, pending = how.cache, how.plan, how.pending
-        cache_k, cache_v, key_ends = cache.k, cache.v, empty
-    else:
-        cache_k = cache_v = torch.empty(0)
-        plan = pending = None
-        key_ends = empty if how.key_ends is None else how.key_ends
-    if any(kv is None for kv in text_kv):
-        raise RuntimeError("native blocks need every block's cross-attention K/V cached first")
-    blk = model.blocks[0]
-    eps = rms_norm_eps(blk.attn1.norm_q, torch.float32)
-    patch = model.patch_embedding
+        if how.cache.dtype != torch.float32:
+            return None
+        chunk, pending = how.plan, how.pending
+        return dict(cache_k=how.cache.k, cache_v=how.cache.v, slots=chunk.slot_index, visible=chunk.visible_tokens,
+                    read_index=_index(chunk.read_index), pending_slots=_NONE if pending is None else pending.slot_index,
+                    pending_visible=0 if pending is None else pending.visible_tokens,
+                    pending_read_index=_NONE if pending is None else _index(pending.read_index), key_ends=_NONE)
+    if not isinstance(how, FullAttention):  # a cached forward with gradients
+        return None
+    ends = _NONE
+    if how.mask is not None:
+        ends = None if how.frame_mask is None else prefix_key_ends(how.frame_mask, how.tokens_per_frame)
+        if ends is None:
+            return None
+    return dict(cache_k=torch.empty(0), cache_v=torch.empty(0), slots=_NONE, visible=0, read_index=_NONE,
+                pending_slots=_NONE, pending_visible=0, pending_read_index=_NONE, key_ends=ends)
 
-    def opt(t):
-        return empty if t is None else t
 
-    return extension().run_forward(
-        latents, patch.weight.flatten(1), patch.bias, model.config.patch_size[1], model.config.patch_size[2],
-        e.float(), temb.float(), rope, _params(model), [k for k, _ in text_kv], [v for _, v in text_kv], cache_k,
-        cache_v, empty if plan is None else plan.slot_index, 0 if plan is None else plan.visible_tokens,
-        empty if plan is None else opt(plan.read_index),
-        empty if pending is None else pending.slot_index, 0 if pending is None else pending.visible_tokens,
-        empty if pending is None else opt(pending.read_index), kv_only, blk.attn1.heads, blk.norm1.eps, eps,
-        _SHORT_KEYS, isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn, model.scale_shift_table,
-        model.proj_out.weight, model.proj_out.bias, model.norm_out.eps, key_ends)
+def _index(t: torch.Tensor | None) -> torch.Tensor:
+    return _NONE if t is None else t
+
+
+def _model_supported(model, plan) -> bool:
+    """A float32 model without autocast, no hidden-layer taps, no teacher forcing; then the setting and the build
+    decide (:func:`available`)."""
+    return (plan.taps is None and not plan.teacher_forcing and model.proj_out.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and available())
+
+
+def _text_kv(model, plan) -> list:
+    """Every block's text (K, V): this forward's, or the cross-attention cache's (filled first for a new prompt)."""
+    if plan.kv_cache is None:
+        return [blk.attn2.project_kv(plan.ctx) for blk in model.blocks]
+    for blk, slot in zip(model.blocks, plan.cross):
+        if slot.get() is None:
+            slot.set(blk.attn2.project_kv(plan.ctx))
+    return [slot.get() for slot in plan.cross]
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(rows: int, dim: int) -> torch.Tensor:
+    """Random tokens [rows, dim] to time the FFN kernels on (made once per shape; only the shape is used as a key)."""
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
+
+
+def ffn_uses_onednn(ffn, rows: int) -> bool:
+    """Which FFN kernel the C++ blocks run for ``rows`` tokens: oneDNN's (True) or the feature-major one with the
+    fused bias + GELU, chosen as the Python FFN's is (:func:`selfforcing.accel.cpu.ffn.choose`, the C++ kernels timed
+    on random tokens under the key ``native_ffn``)."""
+    ext, up, down = extension(), ffn.net[0].proj, ffn.net[2]
+    candidates = {name: (lambda h, o=(name == "onednn"): ext.feed_forward(h, up.weight, up.bias, down.weight,
+                                                                           down.bias, o))
+                  for name in ffn_kernels.kernels(ffn)}
+    return ffn_kernels.choose(ffn, _probe(rows, up.in_features), candidates, "native_ffn") == "onednn"
+
+
+def forward(model, plan) -> torch.Tensor | None:
+    """``model``'s planned no-grad forward (:class:`~selfforcing.models.wan.model.ForwardPlan`) from the patch
+    embedding on, in C++: the flow prediction v [B, f, C_out, H, W] of the last chunk, or None for ``kv_only``;
+    NotImplemented where C++ does not run it."""
+    fields = _attention_fields(plan)
+    if fields is None or not _model_supported(model, plan):
+        return NotImplemented
+    text_kv = _text_kv(model, plan)
+    blk, patch = model.blocks[0], model.patch_embedding
+    rows = plan.e.shape[0] * plan.e.shape[1] * plan.tokens_per_frame
+    args = NativeForward(
+        latents=plan.latents, patch_weight=patch.weight.flatten(1), patch_bias=patch.bias,
+        patch_h=model.config.patch_size[1], patch_w=model.config.patch_size[2], e=plan.e.float(),
+        temb=plan.temb.float(), rope=plan.rope, weights=_params(model), text_k=[k for k, _ in text_kv],
+        text_v=[v for _, v in text_kv], kv_only=plan.kv_only, heads=blk.attn1.heads, ln_eps=blk.norm1.eps,
+        rms_eps=rms_norm_eps(blk.attn1.norm_q, torch.float32), short_keys=SHORT_KEYS,
+        cross_norm=isinstance(blk.norm2, torch.nn.LayerNorm), ffn_onednn=ffn_uses_onednn(blk.ffn, rows),
+        head_table=model.scale_shift_table, proj_weight=model.proj_out.weight, proj_bias=model.proj_out.bias,
+        head_eps=model.norm_out.eps, **fields)
+    return run(args)
+
+
+def run(args: NativeForward) -> torch.Tensor | None:
+    """Run :class:`NativeForward` in C++ (the GIL released); None for ``kv_only``."""
+    out = extension().run_forward(args)
+    return None if args.kv_only else out
 
 
 def main() -> int:

@@ -1185,6 +1185,33 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
   return v.view({b, nf, hh / ph, ww / pw, ph, pw, -1}).permute({0, 1, 6, 2, 4, 3, 5}).reshape({b, nf, -1, hh, ww});
 }
 
+// run_forward with its arguments read by name from one Python object (selfforcing.accel.cpu.native.NativeForward):
+// every attribute is read while the GIL is held, then the forward runs with it released.
+static Tensor run_forward_args(const py::object& a) {
+  auto tensor = [&](const char* name) { return a.attr(name).cast<Tensor>(); };
+  auto tensors = [&](const char* name) { return a.attr(name).cast<std::vector<Tensor>>(); };
+  auto integer = [&](const char* name) { return a.attr(name).cast<int64_t>(); };
+  auto real = [&](const char* name) { return a.attr(name).cast<double>(); };
+  auto flag = [&](const char* name) { return a.attr(name).cast<bool>(); };
+  auto latents = tensors("latents"), weights = tensors("weights"), text_k = tensors("text_k"),
+       text_v = tensors("text_v");
+  auto patch_w = tensor("patch_weight"), patch_b = tensor("patch_bias"), e = tensor("e"), temb = tensor("temb"),
+       rope = tensor("rope"), cache_k = tensor("cache_k"), cache_v = tensor("cache_v"), slots = tensor("slots"),
+       read_index = tensor("read_index"), pending_slots = tensor("pending_slots"),
+       pending_read_index = tensor("pending_read_index"), head_table = tensor("head_table"),
+       proj_w = tensor("proj_weight"), proj_b = tensor("proj_bias"), key_ends = tensor("key_ends");
+  const int64_t ph = integer("patch_h"), pw = integer("patch_w"), visible = integer("visible"),
+                pending_visible = integer("pending_visible"), heads = integer("heads"),
+                short_keys = integer("short_keys");
+  const double ln_eps = real("ln_eps"), rms_eps = real("rms_eps"), head_eps = real("head_eps");
+  const bool kv_only = flag("kv_only"), cross_norm = flag("cross_norm"), ffn_onednn = flag("ffn_onednn");
+  py::gil_scoped_release release;
+  return run_forward(std::move(latents), patch_w, patch_b, ph, pw, e, temb, rope, std::move(weights),
+                     std::move(text_k), std::move(text_v), cache_k, cache_v, slots, visible, read_index, pending_slots,
+                     pending_visible, pending_read_index, kv_only, heads, ln_eps, rms_eps, short_keys, cross_norm,
+                     ffn_onednn, head_table, proj_w, proj_b, head_eps, key_ends);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using py::arg;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -1200,8 +1227,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           }
           return out;
         }, "wall seconds per stage of run_forward since the last reset", arg("reset") = false);
-  m.def("run_forward", &run_forward,
-        "a no-grad CPU forward (cached, or cache-less with a prefix mask): patch embedding, blocks, head", nogil);
+  m.def("run_forward", &run_forward_args,
+        "a no-grad CPU forward (cached, or cache-less with a prefix mask): patch embedding, blocks, head; its "
+        "arguments are the attributes of one object (NativeForward)", arg("args"));
   m.def("feed_forward", &feed_forward, "the blocks' FFN: x, w1, b1, w2, b2, onednn", nogil);
   m.def("modulated_norm", &modulated_norm, "LayerNorm(x) (1 + scale) + shift from a block's table and e", nogil,
         arg("x"), arg("table"), arg("e"), arg("j"), arg("f0"), arg("eps"));
