@@ -19,7 +19,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from selfforcing.commands.bench import _steps, build_model
+from selfforcing.benchmark import build_model, denoising_steps
+from selfforcing.models.wan.presets import preset_sizes
 from selfforcing.accel.cpu import timed_kernel_choice
 from selfforcing.perf import keep_freed_memory
 from selfforcing.sampling import generate_chunk
@@ -37,15 +38,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = build_model(args.preset)
     c = model.config
-    k, window = c.num_frame_per_block, 12
-    steps = _steps(4)
-    ctx = torch.randn(1, 16, c.text_dim)
-    cache = model.new_kv_cache(1, 16, 16, window_frames=window, sink_frames=0)
+    sizes = preset_sizes(args.preset)
+    k, window, (h, w) = c.num_frame_per_block, sizes["train_frames"], sizes["latent_size"]
+    steps = denoising_steps(4, sizes["shift"])
+    ctx = torch.randn(1, sizes["text_len"], c.text_dim)
+    cache = model.new_kv_cache(1, h, w, window_frames=window, sink_frames=0)
     start, pending = 0, None
 
     def chunk():
         nonlocal start, pending
-        _, pending = generate_chunk(model, torch.randn(1, k, c.in_channels, 16, 16), steps, ctx, kv_cache=cache,
+        _, pending = generate_chunk(model, torch.randn(1, k, c.in_channels, h, w), steps, ctx, kv_cache=cache,
                                     start_frame=start, pending=pending)
         start += k
 

@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 
-from selfforcing.commands.bench import stream_benchmark
+from selfforcing.benchmark import stream_benchmark
 from selfforcing.perf import keep_freed_memory
 
 

@@ -24,12 +24,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .sampling import SAMPLERS
+
 SPEC_FILE = "pipeline.json"
 SPEC_FORMAT = "selfforcing-pipeline-v1"
 _ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "models")
 SHIPPED_MODELS = {"moving-digits": os.path.join(_ASSETS, "moving_digits")}
 DEFAULT_MODEL = "moving-digits"
-SAMPLERS = ("few-step", "many-step", "bidirectional")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PipelineSpec:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {tuple(SAMPLERS)}")
         self.latent_size = tuple(int(v) for v in self.latent_size)
         self.denoising_steps = tuple(float(v) for v in self.denoising_steps)
         if len(self.latent_size) != 2 or min(self.latent_size) < 1:

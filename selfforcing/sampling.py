@@ -8,6 +8,10 @@
 * :func:`rollout_with_kv_cache` -- Algorithm 1 (training) and Algorithm 2 (inference) of the paper:
   chunks one after another through the KV cache.
 * :func:`sample_exit_steps` -- the exit step(s) of a Self Forcing iteration.
+* :func:`denoise_chunk_in_context` -- the few-step sampler of one chunk without a cache, over [context | chunk].
+* many steps: :func:`sample_bidirectional`, :func:`sample_causal_many_step` (Euler with CFG).
+* whole videos by name (:data:`SAMPLERS`): :func:`sample_few_step`, :func:`sample_causal_many_step`,
+  :func:`sample_bidirectional_sliding`.
 
 Shapes follow the project convention: latents [B, F, C, H, W], per-frame timesteps [B, F].
 """
@@ -27,11 +31,12 @@ def predict_x0(model, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
     return flow.flow_to_x0(model(x_t, t, context, **kw), x_t, t)
 
 
-def _full_t(x: torch.Tensor, value: float) -> torch.Tensor:
+def frame_timesteps(x: torch.Tensor, value: float) -> torch.Tensor:
+    """The per-frame timesteps [B, F] (float32) of latents x [B, F, ...], all ``value``."""
     return torch.full(x.shape[:2], float(value), device=x.device, dtype=torch.float32)
 
 
-def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     """Fresh noise like x from a torch.Generator, a per-sample ``BatchRNG`` (training), or the global RNG."""
     if hasattr(generator, "randn_like"):
         return generator.randn_like(x)
@@ -71,14 +76,14 @@ def denoise_chunk(
         pending = None
     x = noise
     for j in range(exit_step + 1):
-        t = _full_t(x, steps[j])
+        t = frame_timesteps(x, steps[j])
         kw = dict(model_kwargs, pending_x=pending.detach()) if j == 0 and pending is not None else model_kwargs
         if j == exit_step:
             with torch.set_grad_enabled(grad_at_exit and torch.is_grad_enabled()):
                 return predict_x0(model, x, t, context, **kw)
         with torch.no_grad():
             x0 = predict_x0(model, x, t, context, **kw)
-            x = flow.add_noise(x0, _randn_like(x0, generator), _full_t(x0, steps[j + 1]))
+            x = flow.add_noise(x0, randn_like(x0, generator), frame_timesteps(x0, steps[j + 1]))
     raise AssertionError("unreachable")
 
 
@@ -93,8 +98,8 @@ def cache_chunk(model, x0: torch.Tensor, context: torch.Tensor, *, kv_cache, sta
     """
     x = x0.detach()
     if context_noise > 0:
-        x = flow.add_noise(x, _randn_like(x, generator), _full_t(x, context_noise))
-    model(x, _full_t(x, context_noise), context, kv_cache=kv_cache, start_frame=start_frame, kv_only=True)
+        x = flow.add_noise(x, randn_like(x, generator), frame_timesteps(x, context_noise))
+    model(x, frame_timesteps(x, context_noise), context, kv_cache=kv_cache, start_frame=start_frame, kv_only=True)
 
 
 def generate_chunk(model, noise: torch.Tensor, steps, context: torch.Tensor, *, kv_cache, start_frame: int,
@@ -308,3 +313,82 @@ def sample_causal_many_step(
             cache_chunk(model, clean, ctx, kv_cache=cache, start_frame=start, context_noise=context_noise)
         start += f
     return torch.cat(out, 1)
+
+
+# ---------------------------------------------------------------------------------------------- whole videos
+@torch.no_grad()
+def sample_few_step(model, noise: torch.Tensor, context: torch.Tensor, steps, *, generator=None,
+                    window_frames: int | None = None, sink_frames: int = 0,
+                    cached_latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Algorithm 2 over a whole video: :func:`rollout_with_kv_cache` in a cache of ``window_frames`` (None: all
+    frames). ``cached_latents`` [B, F, C, H, W]: each finished chunk's place in the cache is taken by these frames
+    (a teacher-forced context), so the video is the model's per-chunk prediction from them; the noise draws are the
+    same. noise [B, F, C, H, W] -> video [B, F, C, H, W]."""
+    b, nf, _, h, w = noise.shape
+    cache = model.new_kv_cache(b, h, w, max_frames=nf, window_frames=window_frames,
+                               sink_frames=sink_frames if window_frames and window_frames > 0 else 0)
+    blocks = model.block_sizes(nf)
+    if cached_latents is None:
+        return rollout_with_kv_cache(model, noise, context, steps, block_sizes=blocks, kv_cache=cache,
+                                     generator=generator).video
+    out, start = [], 0
+    for f in blocks:
+        out.append(denoise_chunk(model, noise[:, start:start + f], steps, context, generator=generator,
+                                 kv_cache=cache, start_frame=start))
+        cache_chunk(model, cached_latents[:, start:start + f], context, kv_cache=cache, start_frame=start)
+        start += f
+    return torch.cat(out, 1)
+
+
+def denoise_chunk_in_context(model, noise: torch.Tensor, steps, context: torch.Tensor,
+                             history: torch.Tensor | None, *, start_frame: int, causal: bool = True,
+                             generator=None) -> torch.Tensor:
+    """:func:`denoise_chunk` without a cache: every step runs the model over [history at t = 0 | chunk at t], the
+    history being the clean frames just before the chunk [B, P, C, H, W] (or None). ``causal``: block-causal
+    (CausVid-style recomputation of the context at every step); else a bidirectional model over the window."""
+    k = noise.shape[1]
+    first = start_frame - (0 if history is None else history.shape[1])
+    x = noise
+    for j, t in enumerate(steps):
+        seq = x if history is None else torch.cat([history, x], 1)
+        tt = torch.zeros(seq.shape[:2], device=x.device)
+        tt[:, -k:] = float(t)
+        v = model(seq, tt, context, causal=causal, start_frame=first)[:, -k:]
+        x0 = flow.flow_to_x0(v, x, tt[:, -k:])
+        if j + 1 < len(steps):
+            x = flow.add_noise(x0, randn_like(x0, generator), frame_timesteps(x0, steps[j + 1]))
+    return x0
+
+
+@torch.no_grad()
+def sample_bidirectional_sliding(model, noise: torch.Tensor, context: torch.Tensor, null_context=None, *,
+                                 num_steps: int, shift: float, guidance_scale: float, window: int, stride: int,
+                                 generator=None) -> torch.Tensor:
+    """A bidirectional model past its window: :func:`sample_bidirectional` over the first ``window`` latent frames;
+    then, while frames are missing, a window of the last ``window - n`` known frames and ``n = min(stride, missing)``
+    new ones is sampled with the known frames replaced at every step by their re-noised copy
+    x_s = (1 - s) x + s eps (one eps per window); the new frames are appended. noise [B, F, ...] supplies the new
+    frames' initial noise."""
+    nf = noise.shape[1]
+    video, _ = sample_bidirectional(model, noise[:, :min(window, nf)], context, null_context=null_context,
+                                    num_steps=num_steps, shift=shift, guidance_scale=guidance_scale)
+    sig = ode_sigmas(num_steps, shift)
+    while video.shape[1] < nf:
+        n = min(stride, nf - video.shape[1])
+        known = video[:, video.shape[1] - (window - n):]
+        k = known.shape[1]
+        eps = randn_like(known, generator)
+        x = torch.cat([eps, noise[:, video.shape[1]:video.shape[1] + n]], 1)
+        for i in range(num_steps):
+            x = torch.cat([(1 - float(sig[i])) * known + float(sig[i]) * eps, x[:, k:]], 1)
+            t = torch.full(x.shape[:2], float(sig[i] * flow.NUM_TRAIN_TIMESTEPS), device=x.device)
+            v = guided_flow(model, x, t, context, null_context, guidance_scale, causal=False)
+            x = x + float(sig[i + 1] - sig[i]) * v
+        video = torch.cat([video, x[:, k:]], 1)
+    return video
+
+
+# the samplers a pipeline or an evaluation names: few-step AR with a KV cache (Algorithm 2), many-step AR with CFG,
+# and the bidirectional model (sliding past its window)
+SAMPLERS: dict[str, Callable] = {"few-step": sample_few_step, "many-step": sample_causal_many_step,
+                                 "bidirectional": sample_bidirectional_sliding}

@@ -73,7 +73,7 @@ def test_bench_stream_json_schema(capsys):
         assert (r["streams"], r["chunks"], r["repeats"]) == ({1: 8, 2: 4}[r["length"]], 16, 2)
         assert r["chunk_latency_p10_s"] <= r["chunk_latency_s"] <= r["chunk_latency_p90_s"]
         assert r["full_window_chunk_latency_s"] > 0  # 6-frame window, 3-frame chunks: from the second chunk on
-    from selfforcing.commands.bench import streams_per_round
+    from selfforcing.benchmark import streams_per_round
 
     assert [streams_per_round(m) for m in (1, 2, 3, 4, 5, 10)] == [4, 2, 2, 1, 1, 1]  # >= 4 training lengths a round
     assert out["ratios"]["rolling_kv_full_window_x2_over_x1"] > 0

@@ -10,6 +10,7 @@ import torch
 
 from selfforcing.cli import main
 from selfforcing.eval import evaluate as ev
+from selfforcing.sampling import sample_causal_many_step, sample_few_step
 from selfforcing.models import CausalWanModel
 from selfforcing.training.rng import BatchRNG
 
@@ -139,16 +140,17 @@ def test_gt_cache_fed_own_rollout_reproduces_it(kv_window):
     noise = torch.randn(2, 9, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     ctx, null = torch.randn(2, 5, 384), torch.zeros(2, 5, 384)
     steps = [1000.0, 750.0, 500.0]
-    own = ev.few_step_rollout(model, noise, ctx, steps, generator=BatchRNG([3, 4]), kv_window=kv_window)
-    again = ev.few_step_rollout(model, noise, ctx, steps, generator=BatchRNG([3, 4]), kv_window=kv_window,
-                                gt_latents=own)
+    own = sample_few_step(model, noise, ctx, steps, generator=BatchRNG([3, 4]), window_frames=kv_window)
+    again = sample_few_step(model, noise, ctx, steps, generator=BatchRNG([3, 4]), window_frames=kv_window,
+                            cached_latents=own)
     torch.testing.assert_close(again, own, atol=1e-5, rtol=1e-5)
-    kw = dict(num_steps=3, shift=3.0, guidance_scale=2.0, kv_window=kv_window)
-    own = ev.many_step_rollout(model, noise, ctx, null, **kw)
-    torch.testing.assert_close(ev.many_step_rollout(model, noise, ctx, null, gt_latents=own, **kw), own,
+    kw = dict(block_sizes=model.block_sizes(9), null_context=null, num_steps=3, shift=3.0, guidance_scale=2.0,
+              window_frames=kv_window)
+    own = sample_causal_many_step(model, noise, ctx, **kw)
+    torch.testing.assert_close(sample_causal_many_step(model, noise, ctx, cached_latents=own, **kw), own,
                                atol=1e-5, rtol=1e-5)
     # and real context differs from own context after the first chunk (the first chunk sees no context)
-    other = ev.many_step_rollout(model, noise, ctx, null, gt_latents=torch.randn_like(own), **kw)
+    other = sample_causal_many_step(model, noise, ctx, cached_latents=torch.randn_like(own), **kw)
     torch.testing.assert_close(other[:, :3], own[:, :3], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(other[:, 3:], own[:, 3:], atol=1e-3)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfforcing.commands.bench import STRATEGIES, new_stream_state
+from selfforcing.benchmark import STRATEGIES, new_stream_state
 from selfforcing.models import CausalWanModel
 from selfforcing.models.wan.runtime import cpu_inference, cpu_shortcuts_enabled, plain_pytorch
 from selfforcing.perf import cache_pass_flops, chunk_step_flops, forward_flops, rolling_chunk_flops

@@ -1,38 +1,19 @@
 """`selfforcing bench stream|chunk`: what a streamed chunk costs, against video length and against the hardware.
 
-``bench stream`` extends a video chunk by chunk (K = ``num_frame_per_block`` frames, a few denoising steps each)
-with a context window of the training length L, in one of these ways:
+The arguments; the benchmarks themselves are :mod:`selfforcing.benchmark`.
 
-* ``rolling_kv`` (Self Forcing, Algorithm 2): a rolling KV cache of L frames; each chunk runs the denoising
-  steps against the cache and one cache pass of the clean chunk. Cost per chunk is constant.
-* ``recompute`` (a causal model without a KV cache, CausVid-style recomputation): every denoising forward runs
-  the block-causal model over [the last L - K clean frames at t = 0 | the noisy chunk], so the context is
-  re-encoded at every step. While the window is still filling this computes exactly what ``rolling_kv``
-  computes (the tests check it); afterwards the context frames are re-encoded seeing only the window.
-* ``recompute_kv`` (opt-in, ``--strategies``): re-encode the window once per chunk into a fresh KV cache (the
-  "re-compute KV when shifting the window" of the paper's Fig. 3b), then run the denoising steps against it.
-* ``sliding_window`` (a bidirectional model, no cache): every denoising step runs the model over the whole
-  window (context frames at t = 0 and the noisy chunk).
-
-``bench chunk`` times one AR chunk step of ``rolling_kv`` with a full window, counts its useful matmul and
-attention FLOPs analytically (``selfforcing.perf``) and reports them as a share of the matmul peak measured in
-the same run.
-
-Random weights: speed does not depend on them. ``--device cuda --dtype bfloat16`` runs the same measurements on a
-GPU (bf16 weights and cache, SDPA flash kernels; ``--attention flex`` for masked forwards, ``--compile`` for
-torch.compile'd transformer blocks); timings there synchronize the device around every chunk.
+``bench stream`` extends a video chunk by chunk in one of several ways (rolling KV cache, recompute, recompute_kv,
+sliding window) and reports the chunk latency against video length; ``bench chunk`` times one AR chunk step with a
+full window against the measured matmul peak. ``--device cuda --dtype bfloat16`` runs them on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-
-from selfforcing.errors import UsageError
 
 DTYPES = ("float32", "bfloat16")
+STRATEGY_NAMES = ("rolling_kv", "recompute", "recompute_kv", "sliding_window")
 
 
 def _common(p: argparse.ArgumentParser, preset: str, threads: int | None) -> None:
@@ -45,7 +26,7 @@ def _common(p: argparse.ArgumentParser, preset: str, threads: int | None) -> Non
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (opt-in)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flex"),
                    help="CUDA kernel for masked (block-causal) forwards; unmasked ones always use SDPA")
-    p.add_argument("--text-len", type=int, default=None, help="text tokens (default 16 laptop presets, 512 Wan)")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: the preset's)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--json", action="store_true")
 
@@ -56,19 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(s, "tiny", None)
     s.add_argument("--lengths", default="1,2,5,10", help="video lengths in multiples of the training length")
     s.add_argument("--train-frames", type=int, default=None, help="training length in latent frames "
-                   "(default: 12 for the laptop presets, 21 for Wan)")
-    s.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan = 480x832)")
+                   "(default: the preset's)")
+    s.add_argument("--latent-size", default=None, help="h,w (default: the preset's)")
     s.add_argument("--strategies", default="rolling_kv,recompute,sliding_window",
-                   help=f"comma-separated, from {','.join(STRATEGIES)}")
+                   help=f"comma-separated, from {','.join(STRATEGY_NAMES)}")
     s.add_argument("--repeats", type=int, default=5,
                    help="rounds per strategy; a round streams every length in turn, a video shorter than 4 "
                         "training lengths ceil(4 / length) times; medians pool the chunks of every stream")
     c = sub.add_parser("chunk", help="one AR chunk step (denoising steps + cache pass): time, FLOPs, share of the "
                                      "measured matmul peak")
     _common(c, "small", 2)
-    c.add_argument("--latent-size", default=None, help="h,w (default: 16,16 laptop presets, 60,104 Wan)")
+    c.add_argument("--latent-size", default=None, help="h,w (default: the preset's)")
     c.add_argument("--context-frames", type=int, default=None,
-                   help="cached frames the chunk attends to (default 9 laptop presets, 18 Wan)")
+                   help="cached frames the chunk attends to (default: the preset's training "
+                   "length minus one chunk)")
     c.add_argument("--repeats", type=int, default=10)
     c.add_argument("--compare-plain", action="store_true",
                    help="also time the same step in plain PyTorch (the model's CPU shortcuts off, the cache pass "
@@ -76,404 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-fuse-cache-pass", dest="fuse_cache_pass", action="store_false",
                    help="run each chunk's cache pass as its own forward (default: fused into the next chunk's "
                         "first step, as streaming does)")
-
-
-# ---------------------------------------------------------------------------------------------- strategies
-def new_stream_state(model, batch_size: int, latent_size: tuple[int, int], window: int) -> dict:
-    """What a strategy keeps between chunks: the rolling cache and the clean frames of the window."""
-    h, w = latent_size
-    return {"window": window, "history": [],
-            "cache": model.new_kv_cache(batch_size, h, w, window_frames=window, sink_frames=0)}
-
-
-def _remember(state: dict, x0) -> None:
-    """Keep the last ``window - K`` clean frames (the context of the next chunk), chunk by chunk."""
-    history = state["history"]
-    history.append(x0)
-    while sum(c.shape[1] for c in history) > state["window"] - x0.shape[1]:
-        history.pop(0)
-
-
-def _chunk_rolling(model, state, x, steps, ctx, start, generator=None):
-    """What ``StreamingGenerator`` does: the previous chunk's cache pass runs fused with this chunk's first step."""
-    from selfforcing.sampling import generate_chunk
-
-    x0, state["pending"] = generate_chunk(model, x, steps, ctx, kv_cache=state["cache"], start_frame=start,
-                                          pending=state.get("pending") if start > 0 else None, generator=generator)
-    return x0
-
-
-def _denoise_full(model, state, x, steps, ctx, start, generator, causal: bool):
-    """The few-step sampler of one chunk where every step runs the model over [context at t = 0 | chunk at t]."""
-    import torch
-
-    from selfforcing import flow
-    from selfforcing.sampling import _randn_like
-
-    k = x.shape[1]
-    context = torch.cat(state["history"], 1) if state["history"] else None
-    first = start - (0 if context is None else context.shape[1])
-    for j, t in enumerate(steps):
-        seq = x if context is None else torch.cat([context, x], 1)
-        tt = torch.zeros(seq.shape[:2], device=x.device)
-        tt[:, -k:] = float(t)
-        v = model(seq, tt, ctx, causal=causal, start_frame=first)[:, -k:]
-        x0 = flow.flow_to_x0(v, x, tt[:, -k:])
-        if j + 1 < len(steps):
-            x = flow.add_noise(x0, _randn_like(x0, generator), torch.full(x0.shape[:2], float(steps[j + 1]),
-                                                                          device=x.device))
-    _remember(state, x0)
-    return x0
-
-
-def _chunk_recompute(model, state, x, steps, ctx, start, generator=None):
-    return _denoise_full(model, state, x, steps, ctx, start, generator, causal=True)
-
-
-def _chunk_sliding(model, state, x, steps, ctx, start, generator=None):
-    return _denoise_full(model, state, x, steps, ctx, start, generator, causal=False)
-
-
-def _chunk_recompute_kv(model, state, x, steps, ctx, start, generator=None):
-    from selfforcing.sampling import cache_chunk, denoise_chunk
-
-    k = x.shape[1]
-    context = state["history"]
-    first = start - sum(c.shape[1] for c in context)
-    cache = model.new_kv_cache(x.shape[0], x.shape[-2], x.shape[-1], window_frames=state["window"], sink_frames=0)
-    if first > 0:
-        cache.skip_to(first)
-    s = first
-    for chunk in context:  # rebuild the window's KV from its clean frames, chunk by chunk (block-causal)
-        cache_chunk(model, chunk, ctx, kv_cache=cache, start_frame=s)
-        s += chunk.shape[1]
-    x0 = denoise_chunk(model, x, steps, ctx, kv_cache=cache, start_frame=start, generator=generator)
-    _remember(state, x0)
-    assert s == start and x0.shape[1] == k
-    return x0
-
-
-STRATEGIES = {"rolling_kv": _chunk_rolling, "recompute": _chunk_recompute, "recompute_kv": _chunk_recompute_kv,
-              "sliding_window": _chunk_sliding}
-
-
-# ---------------------------------------------------------------------------------------------- set-up
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def _load() -> list[float]:
-    """1/5/15-minute load averages: other processes on a shared machine inflate CPU timings."""
-    import os
-
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def build_model(preset: str, device: str = "cpu", dtype: str = "float32", compile: bool = False,
-                attention: str = "sdpa"):
-    """A randomly initialised eval-mode model on ``device`` in ``dtype`` (bf16: weights, activations and cache)."""
-    import torch
-
-    from selfforcing.models import CausalWanModel
-    from selfforcing.models import attention as attn
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    torch.manual_seed(0)
-    model = CausalWanModel.from_preset(preset)
-    # the whole model in one dtype (bf16 on CUDA: weights, activations and KV cache); nn.Module.to, not diffusers'
-    # override, which warns about its float32 modules: the forward computes norms and modulation in float32 anyway
-    model = torch.nn.Module.to(model, device=device, dtype=_dtype(dtype)).eval().requires_grad_(False)
-    attn.set_cuda_masked_attention(attention)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if compile:
-        import torch._dynamo
-
-        # one graph serves every block (parameters are inputs); shapes that change while the cache fills
-        # become dynamic after the first recompilation
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for blk in model.blocks:
-            blk.compile()
-    return model
-
-
-def _defaults(preset: str, latent_size, text_len):
-    wan = preset.startswith("wan")
-    h, w = latent_size or ((60, 104) if wan else (16, 16))
-    return wan, (h, w), text_len or (512 if wan else 16)
-
-
-def _context(model, text_len: int, device: str, dtype: str):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(1, text_len, model.config.text_dim, generator=g).to(device=device, dtype=_dtype(dtype))
-
-
-def _steps(num_steps: int) -> list[float]:
-    from selfforcing import flow
-
-    return flow.denoising_step_list([1000 - 1000 * i / num_steps for i in range(num_steps)], shift=5.0).tolist()
-
-
-# ---------------------------------------------------------------------------------------------- benchmarks
-MIN_TRAIN_LENGTHS_PER_ROUND = 4
-
-
-def streams_per_round(length: int) -> int:
-    """Streams of a video ``length`` training lengths long in one round of :func:`stream_benchmark`:
-    ceil(MIN_TRAIN_LENGTHS_PER_ROUND / length), at least 1 (1x: 4, 2x: 2, 5x and longer: 1)."""
-    return max(1, -(-MIN_TRAIN_LENGTHS_PER_ROUND // length))
-
-
-def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], train_frames: int | None = None,
-                     latent_size: tuple[int, int] | None = None, num_steps: int = 4, device: str = "cpu",
-                     dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
-                     text_len: int | None = None, repeats: int = 5) -> dict:
-    """Rows {strategy, length, chunk_latency_s, first_chunk_latency_s, fps} for every strategy and length.
-
-    Each strategy runs ``repeats`` rounds; a round streams every length in turn (x1, x10, x1, x10, ...), so that a
-    slow spell of a shared machine falls on every length alike, and a video shorter than
-    ``MIN_TRAIN_LENGTHS_PER_ROUND`` training lengths streams that many times over in its round (a 1x video of the
-    laptop presets is 4 chunks, a 10x one 40): without that, the 1x median would pool 4 x repeats chunks whose middle
-    falls between two chunks of different cost, against hundreds at 10x. chunk_latency_s is the median over every
-    chunk of every stream (also p10 / p90), first_chunk_latency_s the median over streams of the first chunk, fps the
-    latent frames of a video over its median total time.
-    """
-    import torch
-
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-    load_before = _load()
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
-    wan, (h, w), text_len = _defaults(preset, latent_size, text_len)
-    train_frames = train_frames or (21 if wan else 12)
-    model = build_model(preset, device, dtype, compile, attention)
-    c = model.config
-    k = c.num_frame_per_block
-    if train_frames % k:
-        raise ValueError(f"--train-frames {train_frames} must be a multiple of the chunk size {k}")
-    steps = _steps(num_steps)
-    ctx = _context(model, text_len, device, dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def noise():
-        return torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
-
-    from selfforcing.accel.cpu import timed_kernel_choice
-    from selfforcing.perf import rolling_chunk_flops
-
-    tpf = model.tokens_per_frame(h, w)
-
-    rows = []
-    with torch.no_grad(), timed_kernel_choice():  # as StreamingGenerator streams
-        for name in strategies:
-            fn = STRATEGIES[name]
-            warm = new_stream_state(model, 1, (h, w), train_frames)  # one-off allocations, kernels, compilation
-            for start in range(0, train_frames + k, k):
-                fn(model, warm, noise(), steps, ctx, start, g)
-            _sync(device)
-            streams: dict[int, list[list[float]]] = {m: [] for m in lengths}
-            for _ in range(repeats):
-                for m in lengths:
-                    for _ in range(streams_per_round(m)):
-                        state = new_stream_state(model, 1, (h, w), train_frames)
-                        latencies = []
-                        for start in range(0, m * train_frames, k):
-                            x = noise()
-                            _sync(device)
-                            t0 = time.perf_counter()
-                            fn(model, state, x, steps, ctx, start, g)
-                            _sync(device)
-                            latencies.append(time.perf_counter() - t0)
-                        streams[m].append(latencies)
-            full_from = train_frames // k - 1  # the first chunk that attends to a full window (its own frames last)
-            for m in lengths:
-                pooled = sorted(t for lat in streams[m] for t in lat)
-                full = [t for lat in streams[m] for t in lat[full_from:]]
-                rows.append({"strategy": name, "length": m, "latent_frames": m * train_frames,
-                             "chunk_latency_s": statistics.median(pooled),
-                             "full_window_chunk_latency_s": statistics.median(full),
-                             "chunk_latency_p10_s": pooled[int(0.1 * (len(pooled) - 1))],
-                             "chunk_latency_p90_s": pooled[int(0.9 * (len(pooled) - 1))],
-                             "first_chunk_latency_s": statistics.median(lat[0] for lat in streams[m]),
-                             "fps": m * train_frames / statistics.median(sum(lat) for lat in streams[m]),
-                             "chunks": len(pooled), "streams": len(streams[m]), "repeats": repeats})
-                if name == "rolling_kv":  # the work per chunk, which grows while the window fills
-                    rows[-1]["chunk_gflop_median"] = statistics.median(
-                        rolling_chunk_flops(c, tpf, k, train_frames, i, text_len, num_steps)
-                        for i in range(m * train_frames // k)) / 1e9
-    by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
-    ratios = {}
-    if lengths and "rolling_kv" in strategies:
-        lo, hi = min(lengths), max(lengths)
-        for name in strategies:
-            if name != "rolling_kv":  # against itself the ratio is 1 by construction
-                ratios[f"{name}_x{hi}_over_rolling_kv_x{hi}"] = by[(name, hi)] / by[("rolling_kv", hi)]
-            ratios[f"{name}_x{hi}_over_x{lo}"] = by[(name, hi)] / by[(name, lo)]
-            full = {r["length"]: r["full_window_chunk_latency_s"] for r in rows if r["strategy"] == name}
-            ratios[f"{name}_full_window_x{hi}_over_x{lo}"] = full[hi] / full[lo]
-        work = {r["length"]: r["chunk_gflop_median"] for r in rows if r["strategy"] == "rolling_kv"}
-        ratios[f"rolling_kv_flops_x{hi}_over_x{lo}"] = work[hi] / work[lo]
-        ratios[f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"] = (
-            by[("rolling_kv", hi)] / work[hi]) / (by[("rolling_kv", lo)] / work[lo])
-    return {"benchmark": "stream", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
-            "train_frames": train_frames, "latent_size": [h, w], "tokens_per_frame": tpf,
-            "text_len": text_len, "chunk_frames": k, "denoising_steps": num_steps, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "ratios": ratios,
-            "cpu_blocks": _cpu_blocks_report() if device == "cpu" else None,
-            "load_average_before": load_before, "load_average_after": _load(),
-            "repeats": repeats,
-            "note": "chunk_latency_s: median over all chunks of every stream of the video (after one warm-up stream; "
-                    "at 1x most of them attend to a window that is still filling); full_window_chunk_latency_s: "
-                    "median over the chunks from the first that attends to a full window on; fps: latent frames per "
-                    "second of chunk compute; chunk_gflop_median (rolling_kv): the analytic matmul work of the median "
-                    "chunk; rolling_kv_flops_xLONG_over_xSHORT: its growth from the shortest video to the longest "
-                    "(the chunks of the first window attend to fewer frames); rolling_kv_seconds_per_flop_...: the "
-                    "growth of the cost per unit of that work"}
-
-
-def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, context_frames: int | None = None,
-                    text_len: int | None = None, num_steps: int = 4, repeats: int = 10, device: str = "cpu",
-                    dtype: str = "float32", compile: bool = False, attention: str = "sdpa",
-                    fuse_cache_pass: bool = True, compare_plain: bool = False) -> dict:
-    """Median time of one chunk step with ``context_frames`` cached, its analytic FLOPs, and the share of the
-    matmul peak (same device and dtype) measured in the same run.
-
-    A chunk step is S denoising steps plus one cache pass. With ``fuse_cache_pass`` (the default, as
-    ``StreamingGenerator`` streams) the previous chunk's cache pass runs inside this chunk's first step, so a timed
-    step holds the previous chunk's cache pass instead of its own: the same work per chunk in a steady stream.
-    The FLOPs counted are those of the separate passes either way (the fused pass does no less useful work).
-
-    ``compare_plain``: a second stream on the same weights runs in lockstep, its steps timed alternately with these
-    (order swapped every step), in plain PyTorch: :func:`selfforcing.models.wan.runtime.plain_pytorch` and the cache pass as its
-    own forward. Its median and the ratio of the two medians go into the result: a comparison that a slow spell of
-    a shared machine cannot tilt, unlike two numbers taken on different days."""
-    import torch
-
-    from selfforcing.perf import chunk_step_flops, matmul_peak_gflops
-
-    load_before = _load()
-    wan, (h, w), text_len = _defaults(preset, latent_size, text_len)
-    context_frames = (18 if wan else 9) if context_frames is None else context_frames
-    model = build_model(preset, device, dtype, compile, attention)
-    c = model.config
-    k = c.num_frame_per_block
-    steps = _steps(num_steps)
-    ctx = _context(model, text_len, device, dtype)
-    window = context_frames + k
-    g = torch.Generator(device=device).manual_seed(0)
-    ours = _ChunkStream(model, steps, ctx, (h, w), window, fuse_cache_pass, plain=False)
-    plain = _ChunkStream(model, steps, ctx, (h, w), window, False, plain=True) if compare_plain else None
-    times, plain_times, local_peaks = [], [], []
-    peak_before = matmul_peak_gflops(dtype=_dtype(dtype), device=device)
-    with torch.no_grad():
-        for i in range(repeats + window // k):  # window // k steps fill the window and warm up, then `repeats`
-            x = torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
-            timed = ours.start >= context_frames + k  # a full window of context (and one such chunk as warm-up)
-            if plain is not None and i % 2:
-                dt_plain = plain.step(x, g)
-            dt = ours.step(x, g)
-            if plain is not None and not i % 2:
-                dt_plain = plain.step(x, g)
-            if timed:
-                times.append(dt)
-                if plain is not None:
-                    plain_times.append(dt_plain)
-                # the peak right after this step (best of 3 products): a slow spell of a shared machine then lowers
-                # both sides of this step's ratio alike
-                local_peaks.append(matmul_peak_gflops(dtype=_dtype(dtype), device=device, repeats=3, warmup=0))
-    peak = max(peak_before, matmul_peak_gflops(dtype=_dtype(dtype), device=device))  # the better of two readings
-    tpf = model.tokens_per_frame(h, w)
-    flops = chunk_step_flops(c, tpf, k, context_frames, text_len, num_steps)
-    median = statistics.median(times)
-    achieved = flops / median / 1e9
-    paired = statistics.median(flops / t / 1e9 / p for t, p in zip(times, local_peaks))
-    baseline = {}
-    if compare_plain:
-        plain_median = statistics.median(plain_times)
-        baseline = {"plain_seconds": plain_median, "plain_fraction_of_peak": flops / plain_median / 1e9 / peak,
-                    "speedup_over_plain": plain_median / median,
-                    "speedup_over_plain_step_by_step": statistics.median(p / t for p, t in zip(plain_times, times))}
-    return {"benchmark": "chunk_step", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
-            "fused_cache_pass": fuse_cache_pass,
-            "dim": model.dim, "layers": c.num_layers, "tokens_per_frame": tpf, "chunk_frames": k,
-            "context_frames": context_frames, "text_len": text_len, "steps": num_steps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "seconds": median, "min_seconds": min(times), "repeats": len(times),
-            "gflop": flops / 1e9, "achieved_gflops": achieved, "matmul_peak_gflops": peak,
-            "fraction_of_peak": achieved / peak, "fraction_of_local_peak": paired,
-            "local_peak_gflops_median": statistics.median(local_peaks),
-            "cpu_ffn": _cpu_ffn_report() if device == "cpu" else None,
-            "cpu_blocks": _cpu_blocks_report() if device == "cpu" else None, **baseline,
-            "load_average_before": load_before, "load_average_after": _load(),
-            "note": "fraction_of_peak: median step time against the best of 2 x 20 matmuls (before and after the "
-                    "steps); fraction_of_local_peak: median over steps of (step throughput / best of 3 matmuls "
-                    "timed right after that step)"}
-
-
-class _ChunkStream:
-    """One stream of chunk steps against its own rolling KV cache (for :func:`chunk_benchmark`)."""
-
-    def __init__(self, model, steps, ctx, latent_size: tuple[int, int], window: int, fuse_cache_pass: bool,
-                 plain: bool) -> None:
-        self.model, self.steps, self.ctx = model, steps, ctx
-        self.fuse, self.plain = fuse_cache_pass, plain
-        self.cache = new_stream_state(model, 1, latent_size, window)["cache"]
-        self.start, self.pending = 0, None
-
-    def step(self, x, generator) -> float:
-        """Generate the chunk for noise ``x`` [1, k, C, H, W]; the seconds it took (device synchronised)."""
-        from selfforcing.accel.cpu import timed_kernel_choice
-        from selfforcing.models.wan.runtime import plain_pytorch
-        from selfforcing.sampling import generate_chunk
-
-        device = str(x.device.type)
-        with plain_pytorch() if self.plain else timed_kernel_choice():
-            _sync(device)
-            t0 = time.perf_counter()
-            _, self.pending = generate_chunk(self.model, x, self.steps, self.ctx, kv_cache=self.cache,
-                                             start_frame=self.start, pending=self.pending,
-                                             fuse_cache_pass=self.fuse, generator=generator)
-            _sync(device)
-            dt = time.perf_counter() - t0
-        self.start += x.shape[1]
-        return dt
-
-
-def _cpu_ffn_report() -> dict:
-    """The FFN kernel setting and, under ``auto``, the kernel timed fastest for each FFN shape of the run."""
-    from selfforcing.accel.cpu import chosen_paths
-    from selfforcing.accel.cpu.ffn import ffn_setting
-
-    chosen = {f"{'C++ blocks, ' if k[0] == 'native_ffn' else ''}{k[1]} tokens x {k[2]}->{k[3]}, {k[4]} threads": v
-              for k, v in chosen_paths().items() if k[0] in ("cpu_ffn", "native_ffn")}
-    return {"setting": ffn_setting(), "chosen": chosen}
-
-
-def _cpu_blocks_report() -> dict:
-    """Which blocks CPU streaming ran: the setting, and whether the C++ blocks were built (and why not)."""
-    from selfforcing.accel.cpu import native as native_blocks
-
-    err = native_blocks.build_error()
-    return {"setting": native_blocks.blocks_setting(),
-            "native": native_blocks.blocks_setting() != "python" and native_blocks.extension() is not None,
-            "build_error": None if err is None else f"{type(err).__name__}: {err}"[:300]}
 
 
 def _write(path: str | None, result: dict) -> None:
@@ -485,6 +69,8 @@ def _write(path: str | None, result: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from selfforcing.benchmark import chunk_benchmark, stream_benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write, atomic_write_text
+from ..sampling import SAMPLERS, sample_bidirectional_sliding, sample_causal_many_step, sample_few_step
 
-SAMPLERS = ("few-step", "many-step", "bidirectional")
 REAL = "real"  # the built-in baseline: held-out real clips scored like a method
 _CACHE_VERSION = 2  # 2: checkpoints keyed by content, not by path and mtime
 _STATS = ("brightness", "contrast", "saturation")
@@ -330,83 +330,6 @@ class _WindowFD:
         return out
 
 
-# ------------------------------------------------------------------------------------------------- samplers
-def _frame_t(x: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.full(x.shape[:2], float(value), device=x.device, dtype=torch.float32)
-
-
-@torch.no_grad()
-def few_step_rollout(model, noise, context, steps, *, generator, kv_window=None, sink_frames=0,
-                     gt_latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Few-step AR sampling (Algorithm 2). Without ``gt_latents``: the library's :func:`rollout_with_kv_cache`
-    (the cache holds the model's own chunks). With ``gt_latents`` [B, F, C, h, w]: the same chunk loop, but each
-    finished chunk's place in the cache is taken by the ground-truth chunk (teacher-forced context); the
-    returned video is the model's per-chunk predictions. Same noise draws in both, so feeding the model's own
-    rollout as ``gt_latents`` reproduces the rollout."""
-    from ..sampling import cache_chunk, denoise_chunk, rollout_with_kv_cache
-
-    b, nf, _, h, w = noise.shape
-    cache = model.new_kv_cache(b, h, w, max_frames=nf, window_frames=kv_window,
-                               sink_frames=sink_frames if kv_window and kv_window > 0 else 0)
-    blocks = model.block_sizes(nf)
-    if gt_latents is None:
-        return rollout_with_kv_cache(model, noise, context, steps, block_sizes=blocks, kv_cache=cache,
-                                     generator=generator).video
-    out, start = [], 0
-    for f in blocks:
-        x0 = denoise_chunk(model, noise[:, start:start + f], steps, context, generator=generator,
-                           kv_cache=cache, start_frame=start)
-        out.append(x0)
-        cache_chunk(model, gt_latents[:, start:start + f], context, kv_cache=cache, start_frame=start)
-        start += f
-    return torch.cat(out, 1)
-
-
-@torch.no_grad()
-def many_step_rollout(model, noise, context, null_context, *, num_steps, shift, guidance_scale, kv_window=None,
-                      sink_frames=0, gt_latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Many-step AR sampling with CFG (:func:`~selfforcing.sampling.sample_causal_many_step`); with ``gt_latents``
-    the GT chunks are cached (in the conditional and the unconditional cache) instead of the model's own."""
-    from ..sampling import sample_causal_many_step
-
-    sink = sink_frames if kv_window and kv_window > 0 else 0
-    return sample_causal_many_step(model, noise, context, block_sizes=model.block_sizes(noise.shape[1]),
-                                   null_context=null_context, num_steps=num_steps, shift=shift,
-                                   guidance_scale=guidance_scale, window_frames=kv_window, sink_frames=sink,
-                                   cached_latents=gt_latents)
-
-
-@torch.no_grad()
-def bidirectional_rollout(model, noise, context, null_context, *, num_steps, shift, guidance_scale,
-                          window: int, stride: int, generator) -> torch.Tensor:
-    """The bidirectional teacher: Euler with CFG over the first ``window`` latent frames; then, while frames are
-    missing, a window made of the last ``window - n`` known frames and ``n = min(stride, missing)`` new ones is
-    sampled with the known frames replaced at every step by their re-noised copy x_s = (1 - s) x + s eps (one
-    eps per window); the new frames are appended. noise [B, F, ...] supplies the new frames' initial noise."""
-    from .. import flow
-    from ..sampling import guided_flow, ode_sigmas, sample_bidirectional
-
-    nf = noise.shape[1]
-    first = min(window, nf)
-    video, _ = sample_bidirectional(model, noise[:, :first], context, null_context=null_context,
-                                    num_steps=num_steps, shift=shift, guidance_scale=guidance_scale)
-    sig = ode_sigmas(num_steps, shift)
-    while video.shape[1] < nf:
-        n = min(stride, nf - video.shape[1])
-        known = video[:, video.shape[1] - (window - n):]
-        k = known.shape[1]
-        eps = (generator.randn_like(known) if hasattr(generator, "randn_like")
-               else torch.randn(known.shape, generator=generator).to(known))
-        x = torch.cat([eps, noise[:, video.shape[1]:video.shape[1] + n]], 1)
-        for i in range(num_steps):
-            x = torch.cat([(1 - float(sig[i])) * known + float(sig[i]) * eps, x[:, k:]], 1)
-            t = torch.full(x.shape[:2], float(sig[i] * flow.NUM_TRAIN_TIMESTEPS), device=x.device)
-            v = guided_flow(model, x, t, context, null_context, guidance_scale, causal=False)
-            x = x + float(sig[i + 1] - sig[i]) * v
-        video = torch.cat([video, x[:, k:]], 1)
-    return video
-
-
 # ------------------------------------------------------------------------------------------------- evaluator
 class Evaluator:
     """Runs an evaluation: ``Evaluator(methods, settings).run()`` -> the results dict (also written to disk)."""
@@ -599,17 +522,19 @@ class Evaluator:
             clips = torch.stack([self._clip(self.prompt_of(i)[1], self.pixel_frames(length))["video"]
                                  for i in indices]).to(dev)
             gt_latents = self.ae.encode(clips)
+        window = self._kv_window()
+        sink = s.sink_frames if window and window > 0 else 0
         if m.sampler == "few-step":
             steps = flow.denoising_step_list(m.steps or s.few_steps, shift=shift).tolist()
-            return few_step_rollout(model, noise, ctx, steps, generator=rng, kv_window=self._kv_window(),
-                                    sink_frames=s.sink_frames, gt_latents=gt_latents)
+            return sample_few_step(model, noise, ctx, steps, generator=rng, window_frames=window, sink_frames=sink,
+                                   cached_latents=gt_latents)
         if m.sampler == "many-step":
-            return many_step_rollout(model, noise, ctx, null, num_steps=num_steps, shift=shift,
-                                     guidance_scale=cfg, kv_window=self._kv_window(), sink_frames=s.sink_frames,
-                                     gt_latents=gt_latents)
-        return bidirectional_rollout(model, noise, ctx, null, num_steps=num_steps, shift=shift, guidance_scale=cfg,
-                                     window=self.ae.latent_frames(s.train_frames), stride=self._stride(),
-                                     generator=rng)
+            return sample_causal_many_step(model, noise, ctx, block_sizes=model.block_sizes(nf), null_context=null,
+                                           num_steps=num_steps, shift=shift, guidance_scale=cfg, window_frames=window,
+                                           sink_frames=sink, cached_latents=gt_latents)
+        return sample_bidirectional_sliding(model, noise, ctx, null, num_steps=num_steps, shift=shift,
+                                            guidance_scale=cfg, window=self.ae.latent_frames(s.train_frames),
+                                            stride=self._stride(), generator=rng)
 
     def _cache_path(self, method: str, length: int, index: int) -> str:
         return os.path.join(self.s.out_dir, "cache", method, f"L{length}", f"seed{self.s.seed + index}.pt")

@@ -157,6 +157,7 @@ class TrainConfig:
     logit_normal_std: float = 1.0
     text_dropout: float = 0.1  # probability of the unconditional prompt (teacher, for CFG)
     context_noise: float = 0.0  # teacher forcing: timestep of the clean context (noise augmentation)
+    sample_num_steps: int = 24  # Euler steps of the many-step samplers (sample videos, and pipeline.json's num_steps)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dm: DistributionMatchingConfig = field(default_factory=DistributionMatchingConfig)
@@ -198,6 +199,7 @@ class TrainConfig:
         check_range(self, "ema_start_step", 0)
         check_range(self, "text_dropout", 0.0, 1.0)
         check_range(self, "timestep_shift", 0.0, low_open=True)
+        check_range(self, "sample_num_steps", 1)
         check_range(self, "context_noise", 0.0, 1000.0)
         check_range(self, "data.num_frames", 1)
         check_range(self, "data.size", 1)

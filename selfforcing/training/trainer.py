@@ -170,11 +170,11 @@ def sample_video(cfg: TrainConfig, state: TrainState, batch: dict) -> torch.Tens
     g.eval()
     try:
         if cfg.method == "teacher":
-            video, _ = sample_bidirectional(g, noise, ctx, null_context=null, num_steps=24, shift=cfg.timestep_shift,
-                                            guidance_scale=cfg.dm.guidance_scale)
+            video, _ = sample_bidirectional(g, noise, ctx, null_context=null, num_steps=cfg.sample_num_steps,
+                                            shift=cfg.timestep_shift, guidance_scale=cfg.dm.guidance_scale)
         elif cfg.method in ("teacher_forcing", "diffusion_forcing"):
             video = sample_causal_many_step(g, noise, ctx, block_sizes=g.block_sizes(noise.shape[1]), null_context=null,
-                                            num_steps=24, shift=cfg.timestep_shift,
+                                            num_steps=cfg.sample_num_steps, shift=cfg.timestep_shift,
                                             guidance_scale=cfg.dm.guidance_scale)
         else:
             video = rollout_with_kv_cache(g, noise, ctx, state.method._steps(),
@@ -359,7 +359,7 @@ def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:
         method=cfg.method, sampler=_SAMPLER_OF_METHOD.get(cfg.method, "few-step"), autoencoder=cfg.data.autoencoder,
         text_encoder=cfg.data.text_encoder, text_len=cfg.data.text_len, latent_size=latent_size,
         denoising_steps=tuple(cfg.rollout.denoising_steps), warp_denoising_step=cfg.rollout.warp_denoising_step,
-        shift=cfg.timestep_shift, num_steps=24, guidance_scale=cfg.dm.guidance_scale,
+        shift=cfg.timestep_shift, num_steps=cfg.sample_num_steps, guidance_scale=cfg.dm.guidance_scale,
         negative_prompt=cfg.data.negative_prompt, training_frames=cfg.data.num_frames,
         dataset={"kind": cfg.data.kind, "num_digits": list(cfg.data.num_digits),
                  "images_per_digit": cfg.data.images_per_digit, "size": cfg.data.size, "start": _clip_start(cfg)},

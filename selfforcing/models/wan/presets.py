@@ -1,4 +1,5 @@
-"""Named model configurations (the config registry). Sizes live here and nowhere else.
+"""Named model configurations (the config registry) and the sizes each is run at. Sizes live here (and, for a
+trained model, in its checkpoint's ``pipeline.json``) and nowhere else.
 
 ``tiny`` and ``small`` are the laptop models trained on Moving-Digits: 64x64 frames through a 4x
 autoencoder give 16x16 latents, i.e. 64 tokens per latent frame with patch (1, 2, 2), and MiniLM text
@@ -49,6 +50,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Wan2.1-T2V-14B: dim 5120, 40 layers
     "wan2.1-t2v-14b": dict(_WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
 }
+
+
+# The sizes a preset is run at when neither the caller nor a checkpoint says (the benchmarks, a randomly initialised
+# model): latent size (h, w), training length in latent frames, text tokens, and the shift of the few-step timesteps.
+# The laptop presets: 64x64 frames through the 4x autoencoder, 12-frame clips, MiniLM captions. Wan2.1: 480x832 frames
+# through the 8x VAE, 81 pixel frames = 21 latent frames, UMT5's 512 tokens.
+_LAPTOP_SIZES: dict[str, Any] = dict(latent_size=(16, 16), train_frames=12, text_len=16, shift=5.0)
+_WAN_SIZES: dict[str, Any] = dict(latent_size=(60, 104), train_frames=21, text_len=512, shift=5.0)
+RUN_SIZES: dict[str, dict[str, Any]] = {"tiny": _LAPTOP_SIZES, "small": _LAPTOP_SIZES,
+                                        "wan2.1-t2v-1.3b": _WAN_SIZES, "wan2.1-t2v-14b": _WAN_SIZES}
+
+
+def preset_sizes(name: str) -> dict[str, Any]:
+    """The run sizes of preset ``name`` (see ``RUN_SIZES``); a preset without them is a ValueError naming it."""
+    if name not in RUN_SIZES:
+        raise ValueError(f"model preset {name!r} has no run sizes; give them explicitly (one of {sorted(RUN_SIZES)} "
+                         f"has them)")
+    return dict(RUN_SIZES[name])
 
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
