@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 REQS   := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt pyproject.toml
 
-.PHONY: install test demo tiny-model clean-venv
+.PHONY: install lint test demo tiny-model clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ $(STAMP): $(PY) $(REQS)
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         noisy_psnr = {}
         for level in (0.1, 0.3, 0.5):
             noisy = latents_all[:16] + level * torch.randn(latents_all[:16].shape, generator=gen)
-            noisy_psnr[f"psnr_db_after_latent_noise_{level}"] = round(clip_psnr(videos[:16], ae.decode(noisy)).mean().item(), 2)
+            psnr = clip_psnr(videos[:16], ae.decode(noisy)).mean().item()
+            noisy_psnr[f"psnr_db_after_latent_noise_{level}"] = round(psnr, 2)
 
     speed = {}
     size = data.size

@@ -9,8 +9,9 @@
    recorded: the growth once the mp4 encoder's lookahead has filled too (48 frames later), and over the second
    half of the video.
 2. ``selfforcing generate --num-frames 1000000`` as a child process: once its mp4 is open (generation has begun)
-   its RSS is sampled every 0.2 s for ``--stop-after`` seconds, then it gets SIGINT (Ctrl-C). Recorded: peak RSS, its growth over the second half of
-   the run, how long it took to stop, its exit status (130) and whether any file (the mp4 or its temp file) is left.
+   its RSS is sampled every 0.2 s for ``--stop-after`` seconds, then it gets SIGINT (Ctrl-C). Recorded: peak RSS,
+   its growth over the second half of the run, how long it took to stop, its exit status (130) and whether any file
+   (the mp4 or its temp file) is left.
 
 Writes benchmarks/results/generate_memory.json (the RSS per chunk of part 1 included).
 """

@@ -19,9 +19,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from selfforcing.accel.cpu import timed_kernel_choice
 from selfforcing.benchmark import build_model, denoising_steps
 from selfforcing.models.wan.presets import preset_sizes
-from selfforcing.accel.cpu import timed_kernel_choice
 from selfforcing.perf import keep_freed_memory
 from selfforcing.sampling import generate_chunk
 

@@ -136,7 +136,8 @@ async def load(base: str, args) -> dict:
                             "mean": round(statistics.fmean(latencies), 4) if latencies else None},
         "over_cap_client_got": busy,
         "health_latency_s": {"p50": percentile(health_times, 50), "p95": percentile(health_times, 95),
-                             "max": round(max(health_times), 4) if health_times else None, "failures": len(health_failures)},
+                             "max": round(max(health_times), 4) if health_times else None,
+                             "failures": len(health_failures)},
         "elapsed_s": round(elapsed, 2),
     }
 
@@ -178,7 +179,8 @@ def main() -> int:
                     break
                 except Exception:
                     if server.poll() is not None or time.monotonic() - t0 > 120:
-                        raise SystemExit("the server did not start:\n" + open(os.path.join(tmp, "log")).read())
+                        raise SystemExit("the server did not start:\n"
+                                         + open(os.path.join(tmp, "log")).read()) from None
                     time.sleep(0.2)
             startup = time.monotonic() - t0
             model = json.loads(urllib.request.urlopen(base + "/models", timeout=10).read())["models"][0]

@@ -7,7 +7,8 @@ with a context window of the training length L, in one of these ways:
   steps against the cache and one cache pass of the clean chunk. Cost per chunk is constant.
 * ``recompute`` (a causal model without a KV cache, CausVid-style recomputation): every denoising forward runs
   the block-causal model over [the last L - K clean frames at t = 0 | the noisy chunk], so the context is
-  re-encoded at every step (:func:`~selfforcing.sampling.denoise_chunk_in_context`). While the window is still filling this computes exactly what ``rolling_kv``
+  re-encoded at every step (:func:`~selfforcing.sampling.denoise_chunk_in_context`). While the window is still
+  filling this computes exactly what ``rolling_kv``
   computes (the tests check it); afterwards the context frames are re-encoded seeing only the window.
 * ``recompute_kv`` (opt-in, ``--strategies``): re-encode the window once per chunk into a fresh KV cache (the
   "re-compute KV when shifting the window" of the paper's Fig. 3b), then run the denoising steps against it.
@@ -289,7 +290,8 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
     The FLOPs counted are those of the separate passes either way (the fused pass does no less useful work).
 
     ``compare_plain``: a second stream on the same weights runs in lockstep, its steps timed alternately with these
-    (order swapped every step), in plain PyTorch: :func:`selfforcing.models.wan.runtime.plain_pytorch` and the cache pass as its
+    (order swapped every step), in plain PyTorch: :func:`selfforcing.models.wan.runtime.plain_pytorch` and the
+    cache pass as its
     own forward. Its median and the ratio of the two medians go into the result: a comparison that a slow spell of
     a shared machine cannot tilt, unlike two numbers taken on different days."""
     load_before = _load()

@@ -20,12 +20,17 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "presets": ("list the model presets and their sizes", "selfforcing.commands.basic", "presets"),
     "demo": ("stream a video through the KV cache and report its speed", "selfforcing.commands.basic", "demo"),
     "data": ("Moving-Digits clips and the store of precomputed latents / embeddings", "selfforcing.commands.data", ""),
-    "generate": ("stream videos from prompts with a few-step causal model (rolling KV cache)", "selfforcing.commands.generate", ""),
+    "generate": ("stream videos from prompts with a few-step causal model (rolling KV cache)",
+                 "selfforcing.commands.generate", ""),
     "bench": ("benchmarks: stream (rolling KV cache vs recompute vs sliding window)", "selfforcing.commands.bench", ""),
-    "train-autoencoder": ("train the small video autoencoder (configs/autoencoder/)", "selfforcing.autoencoders.train", ""),
-    "train": ("train with a recipe: teacher, TF, DF, ODE init, CausVid, Self Forcing", "selfforcing.commands.train", ""),
-    "eval": ("compare checkpoints on Moving-Digits over long rollouts (FD, adherence, drift, GT-cache gap)", "selfforcing.commands.eval", ""),
-    "serve": ("the streaming server and web page: watch the video being made, switch prompts live", "selfforcing.commands.serve", ""),
+    "train-autoencoder": ("train the small video autoencoder (configs/autoencoder/)", "selfforcing.autoencoders.train",
+                          ""),
+    "train": ("train with a recipe: teacher, TF, DF, ODE init, CausVid, Self Forcing", "selfforcing.commands.train",
+              ""),
+    "eval": ("compare checkpoints on Moving-Digits over long rollouts (FD, adherence, drift, GT-cache gap)",
+             "selfforcing.commands.eval", ""),
+    "serve": ("the streaming server and web page: watch the video being made, switch prompts live",
+              "selfforcing.commands.serve", ""),
 }
 
 

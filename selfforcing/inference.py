@@ -72,7 +72,8 @@ class StreamingGenerator:
                  sink_frames: int | None = None, max_frames: int = 1024, batch_size: int = 1,
                  negative_prompt: str = "", fuse_cache_pass: bool = True) -> None:
         if getattr(text_encoder, "dim", model.config.text_dim) != model.config.text_dim:
-            raise ValueError(f"text encoder gives {text_encoder.dim}-dim states, the model expects {model.config.text_dim}")
+            raise ValueError(f"text encoder gives {text_encoder.dim}-dim states, "
+                             f"the model expects {model.config.text_dim}")
         self.model, self.autoencoder, self.text_encoder = model.eval(), autoencoder, text_encoder
         self.latent_size = tuple(latent_size)
         self.steps = [float(s) for s in (steps if steps is not None else
@@ -163,7 +164,8 @@ class StreamingGenerator:
         if prefix_latents is not None:
             prefix_latents = prefix_latents.to(self.device, self.dtype)
             if tuple(prefix_latents.shape[-2:]) != self.latent_size:
-                raise ValueError(f"prefix latents are {tuple(prefix_latents.shape[-2:])}, the stream is {self.latent_size}")
+                raise ValueError(f"prefix latents are {tuple(prefix_latents.shape[-2:])}, "
+                                 f"the stream is {self.latent_size}")
             if prefix_latents.shape[0] != self.batch_size:
                 prefix_latents = prefix_latents.expand(self.batch_size, *prefix_latents.shape[1:])
             self.decoder.decode_chunk(prefix_latents)  # warm a stateful decoder on the prefix

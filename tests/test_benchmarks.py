@@ -3,7 +3,6 @@ rolling_bound's summary of repeated stream runs."""
 
 
 import pytest
-
 from benchmark_loader import load_benchmark
 
 

@@ -5,7 +5,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-
 from PIL import Image
 
 from selfforcing.cli import main

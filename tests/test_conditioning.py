@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from selfforcing.eval.conditioning import caption_variant, flow_loss_by_context, group_mean_gain
-from selfforcing.flow import add_noise
 from tests.benchmark_loader import load_benchmark
 
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 
 from selfforcing.data.moving_digits import caption_for, held_out_captions, is_held_out, render_clip
 from selfforcing.eval.metrics import (
@@ -18,8 +19,6 @@ from selfforcing.eval.metrics import (
     one_digit_tracks,
     temporal_flip_rate,
 )
-
-from benchmark_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 
 from selfforcing.cli import main
 from selfforcing.eval import evaluate as ev
-from selfforcing.sampling import sample_causal_many_step, sample_few_step
 from selfforcing.models import CausalWanModel
+from selfforcing.sampling import sample_causal_many_step, sample_few_step
 from selfforcing.training.rng import BatchRNG
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)

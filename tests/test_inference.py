@@ -254,7 +254,7 @@ def test_cross_and_self_attention_caches_after_a_switch(parts):
 def test_rolling_cache_memory_is_flat_over_10x_the_window(parts):
     gen = _gen(parts, window_frames=12, sink_frames=3)
     sizes = []
-    for chunk in gen.stream("the digit 9 moves right", num_latent_frames=120, seed=0):
+    for _chunk in gen.stream("the digit 9 moves right", num_latent_frames=120, seed=0):
         sizes.append((gen.cache.memory_bytes(), len(gen._recent) + len(gen._sinks)))
     assert len(set(sizes[4:])) == 1  # after the first window nothing grows
     assert gen.cache.k.shape[3] == 12 * 64  # [layers, B, H, window tokens, Dh]
@@ -264,8 +264,8 @@ def test_original_format_generator_ema_generates_the_same_frames(parts, tmp_path
     """Random weights written in the original Wan key names under generator_ema (as the Self Forcing release
     ships them) load through the generate path and stream exactly the frames of the same weights loaded natively.
     (Compared as tensors: H.264 files of identical frames are not byte-reproducible with this libx264.)"""
-    from selfforcing.models.state_dict_adapter import to_original_wan
     import selfforcing.models.presets as presets
+    from selfforcing.models.state_dict_adapter import to_original_wan
 
     model, ae, text = parts
     model.save_pretrained(tmp_path / "native")

@@ -10,8 +10,14 @@ from selfforcing.cli import main
 from selfforcing.config import build_config
 from selfforcing.io import read_video
 from selfforcing.models import CausalWanModel
-from selfforcing.pipeline import (DEFAULT_MODEL, SHIPPED_MODELS, PipelineSpec, load_streaming_generator,
-                                  resolve_checkpoint, sample_many_step)
+from selfforcing.pipeline import (
+    DEFAULT_MODEL,
+    SHIPPED_MODELS,
+    PipelineSpec,
+    load_streaming_generator,
+    resolve_checkpoint,
+    sample_many_step,
+)
 from selfforcing.training.config import TrainConfig
 from selfforcing.training.trainer import train
 

@@ -20,7 +20,7 @@ def test_blank_lines_whitespace_crlf_and_bom_are_ignored(tmp_path):
 
 def test_invalid_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "bad.txt"
-    path.write_bytes("good line\n\nstill fine é\n".encode("utf-8") + b"caf\xe9 latin-1\nmore\n")
+    path.write_bytes("good line\n\nstill fine é\n".encode() + b"caf\xe9 latin-1\nmore\n")
     with pytest.raises(ValueError, match=r"bad\.txt:4: not valid UTF-8"):
         read_prompt_file(path)
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from selfforcing.commands import data as data_command
 from selfforcing.data.moving_digits import parse_caption, render_clip
-from selfforcing.io.video import gif_frame_durations
 from selfforcing.io import read_video, to_float_video, to_uint8_frames, write_contact_sheet, write_gif, write_mp4
+from selfforcing.io.video import gif_frame_durations
 
 
 def data_parser() -> argparse.ArgumentParser:

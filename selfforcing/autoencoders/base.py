@@ -114,7 +114,7 @@ class Autoencoder(nn.Module):
         """Reconstruction decode(encode(video)), same shape as ``video``."""
         return self.decode(self.encode(video))
 
-    def stream_decoder(self, batch_size: int) -> "StreamDecoder":
+    def stream_decoder(self, batch_size: int) -> StreamDecoder:
         """A fresh chunk-by-chunk decoder for ``batch_size`` videos (see :class:`StreamDecoder`)."""
         return StreamDecoder(self, batch_size)
 

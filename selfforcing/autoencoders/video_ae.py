@@ -164,7 +164,7 @@ class VideoAutoencoder(Autoencoder):
         atomic_write(os.path.join(folder, CONFIG_NAME), lambda path: _write_json(path, meta))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "VideoAutoencoder":
+    def from_pretrained(cls, folder: str | os.PathLike) -> VideoAutoencoder:
         """Load a folder written by :meth:`save_pretrained`. Missing files: FileNotFoundError; a corrupt or
         mismatched weights file or config: ValueError naming the file and the problem."""
         from safetensors.torch import load_file

@@ -77,7 +77,7 @@ class WanVAE(Autoencoder):
         self._num_decoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> "WanVAE":
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> WanVAE:
         """Load a local ``save_pretrained`` folder of AutoencoderKLWan (or a Wan pipeline folder with ``vae/``)."""
         from diffusers import AutoencoderKLWan
 

@@ -33,7 +33,8 @@ def _common(p: argparse.ArgumentParser, preset: str, threads: int | None) -> Non
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    s = sub.add_parser("stream", help="chunk latency / fps against video length: rolling KV vs recompute vs sliding window")
+    s = sub.add_parser("stream",
+                       help="chunk latency / fps against video length: rolling KV vs recompute vs sliding window")
     _common(s, "tiny", None)
     s.add_argument("--lengths", default="1,2,5,10", help="video lengths in multiples of the training length")
     s.add_argument("--train-frames", type=int, default=None, help="training length in latent frames "

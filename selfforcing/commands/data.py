@@ -84,7 +84,8 @@ def _sample_run(args: argparse.Namespace) -> int:
 
     clip = render_clip(args.split, args.index, num_frames=args.num_frames, size=args.size,
                        num_digits=args.num_digits, speed=args.speed, seed=args.seed,
-                       images_per_digit=args.images_per_digit, start=args.start)  # impossible settings: a ValueError naming them
+                       images_per_digit=args.images_per_digit,
+                       start=args.start)  # impossible settings: a ValueError naming them
     write_mp4(args.out, clip["video"], fps=args.fps)
     if args.gif:
         write_gif(args.gif, clip["video"], fps=args.fps)

@@ -72,8 +72,7 @@ def _real_clip_settings(args: argparse.Namespace, checkpoint: str) -> tuple[tupl
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfforcing.eval.evaluate import (EvalSettings, evaluate, load_method_specs, parse_checkpoint_arg,
-                                           parse_lengths)
+    from selfforcing.eval.evaluate import EvalSettings, evaluate, load_method_specs, parse_checkpoint_arg, parse_lengths
 
     methods = load_method_specs(args.methods) if args.methods else []
     for item in args.checkpoint:

@@ -25,9 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "an error)")
     p.add_argument("--checkpoint", default=None,
                    help="generator: a shipped model's name (default: moving-digits, the tiny causal model trained on "
-                        "Moving-Digits), a save_pretrained folder, a training checkpoint, or an original Wan / CausVid / "
-                        "Self Forcing .pt (with --preset). A folder's pipeline.json gives the defaults of the sampler "
-                        "options below")
+                        "Moving-Digits), a save_pretrained folder, a training checkpoint, or an original Wan / "
+                        "CausVid / Self Forcing .pt (with --preset). A folder's pipeline.json gives the defaults of "
+                        "the sampler options below")
     p.add_argument("--preset", default="tiny", help="architecture of a checkpoint file (default: tiny)")
     p.add_argument("--use-ema", action="store_true", help="load generator_ema from a training checkpoint")
     p.add_argument("--num-frames", type=int, default=48, help="pixel frames to generate")

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-frames", type=int, default=None,
                    help="rolling KV window per session in latent frames (bounds its memory)")
     p.add_argument("--sink-frames", type=int, default=None, help="sink frames kept in the window")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the generation worker (default: all cores)")
     p.add_argument("--auth-timeout", type=float, default=5.0,
                    help="with --token: close a WebSocket that has not sent the token within this many seconds")
     p.add_argument("--idle-timeout", type=float, default=300.0,

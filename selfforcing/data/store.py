@@ -224,7 +224,8 @@ class StoreWriter:
                 raise TypeError(f"record {key!r}: {name!r} is a {tensor.layout} tensor; only dense tensors are stored")
         stored = {f"{index}/{name}": t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
         entry = {"key": key, "metadata": metadata,
-                 "tensors": {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()}}
+                 "tensors": {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+                             for name, t in tensors.items()}}
         self._buffer_bytes += sum(t.numel() * t.element_size() for t in stored.values())
         self._buffer.append((stored, entry))
         self._keys[key] = index

@@ -810,7 +810,8 @@ def render_report(results: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
     lengths = list(dict.fromkeys(r["length"] for r in results["rows"]))
     lines = ["# Evaluation report", "",
-             f"{st['num_samples']} samples per method and length (seeds {st['seed']}..{st['seed'] + st['num_samples'] - 1}), "
+             f"{st['num_samples']} samples per method and length "
+             f"(seeds {st['seed']}..{st['seed'] + st['num_samples'] - 1}), "
              f"training length {st['train_frames']} pixel frames, metric window {st['window']} frames, "
              f"{st['num_real']} real test clips as reference, rolling KV window {st['kv_window']} latent frames "
              f"({st['sink_frames']} sinks). Values: mean ± half the 95% bootstrap interval over samples. "

@@ -2,4 +2,5 @@
 
 from .video import Mp4Writer, read_video, to_float_video, to_uint8_frames, write_contact_sheet, write_gif, write_mp4
 
-__all__ = ["Mp4Writer", "read_video", "to_float_video", "to_uint8_frames", "write_contact_sheet", "write_gif", "write_mp4"]
+__all__ = ["Mp4Writer", "read_video", "to_float_video", "to_uint8_frames", "write_contact_sheet", "write_gif",
+           "write_mp4"]

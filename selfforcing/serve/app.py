@@ -29,8 +29,19 @@ from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSock
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from .protocol import (MAX_PROMPT_CHARS, AuthMessage, GenerateRequest, PauseMessage, PromptMessage, ProtocolError,
-                       ResumeMessage, StartMessage, StopMessage, message, parse_client_message)
+from .protocol import (
+    MAX_PROMPT_CHARS,
+    AuthMessage,
+    GenerateRequest,
+    PauseMessage,
+    PromptMessage,
+    ProtocolError,
+    ResumeMessage,
+    StartMessage,
+    StopMessage,
+    message,
+    parse_client_message,
+)
 from .sessions import Busy, ModelHost, Session
 
 log = logging.getLogger("selfforcing.serve")
@@ -190,8 +201,8 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
               responses={200: {"content": {"video/mp4": {}}, "description": "an H.264 mp4"}})
     async def generate(req: GenerateRequest):
         if len(req.prompt) > max_prompt_chars:
-            raise RequestValidationError([{"loc": ("body", "prompt"), "msg":
-                                           f"prompt has {len(req.prompt)} characters; the limit is {max_prompt_chars}"}])
+            msg = f"prompt has {len(req.prompt)} characters; the limit is {max_prompt_chars}"
+            raise RequestValidationError([{"loc": ("body", "prompt"), "msg": msg}])
         try:
             sid = host.acquire("generate")
         except Busy as err:

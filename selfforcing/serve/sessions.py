@@ -209,8 +209,8 @@ class Session:
         await self.host.run(self.gen.start, self.host.prompt_of(msg), msg.seed)
         w, h = self.host.frame_size()[::-1]
         fps = float(msg.fps) if msg.fps is not None else None
-        await self.send("started", prompt=msg.prompt, unconditional=msg.unconditional, seed=msg.seed, num_frames=msg.num_frames, fps=fps,
-                        format=msg.format, recache=msg.recache, width=w, height=h)
+        await self.send("started", prompt=msg.prompt, unconditional=msg.unconditional, seed=msg.seed,
+                        num_frames=msg.num_frames, fps=fps, format=msg.format, recache=msg.recache, width=w, height=h)
         self.task = asyncio.create_task(self._loop(msg))
 
     def switch(self, msg: PromptMessage) -> bool:

@@ -95,7 +95,8 @@ def save_checkpoint(ckpt_dir: str, step: int, models: dict, optimizers: dict, em
         state = {
             "step": step,
             "models": {k: gather_model_state(m) for k, m in models.items()},
-            "optimizers": {k: get_optimizer_state_dict(models[k], o, options=_full_opts()) for k, o in optimizers.items()},
+            "optimizers": {k: get_optimizer_state_dict(models[k], o, options=_full_opts())
+                           for k, o in optimizers.items()},
             "ema": ema.full_state_dict() if ema is not None else None,
             **extra,
         }

@@ -174,7 +174,8 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         if self.dm.loss not in DISTRIBUTION_LOSSES:
-            raise ValueError(f"unknown distribution-matching loss {self.dm.loss!r}; choose one of {list(DISTRIBUTION_LOSSES)}")
+            raise ValueError(f"unknown distribution-matching loss {self.dm.loss!r}; "
+                             f"choose one of {list(DISTRIBUTION_LOSSES)}")
         if self.checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}")
         if self.parallel not in ("none", "ddp", "fsdp2"):
@@ -185,7 +186,8 @@ class TrainConfig:
             raise ValueError(f"data.start must be uniform or behind, got {self.data.start!r}")
         if self.data.image_batch_size < 0 or self.data.image_loss_weight < 0:
             raise ValueError("data.image_batch_size and data.image_loss_weight must be >= 0")
-        if self.data.image_batch_size and (self.method != "teacher" or self.data.kind not in ("moving-digits", "store")):
+        if self.data.image_batch_size and (self.method != "teacher"
+                                           or self.data.kind not in ("moving-digits", "store")):
             raise ValueError("data.image_batch_size (image-video joint training) needs method=teacher and data.kind "
                              f"moving-digits or store, got method={self.method!r}, data.kind={self.data.kind!r}")
         check_range(self, "max_steps", 0)

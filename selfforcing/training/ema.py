@@ -53,4 +53,5 @@ class EMA:
         self.shadow = {}
         for n, p in params.items():
             t = full[n].float()
-            self.shadow[n] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements) if isinstance(p, DTensor) else t.to(p.device)
+            self.shadow[n] = (distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+                              if isinstance(p, DTensor) else t.to(p.device))

@@ -50,7 +50,8 @@ def flow_matching_loss(
     return _masked_mean(err, frame_mask)
 
 
-def ode_regression_loss(x0_pred: torch.Tensor, target: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+def ode_regression_loss(x0_pred: torch.Tensor, target: torch.Tensor,
+                        frame_mask: torch.Tensor | None = None) -> torch.Tensor:
     """L = mean over supervised frames of (x0_hat - x0_ODE)^2: regress the student onto the teacher's ODE end
     point (CausVid's ODE initialisation). frame_mask [B, F] drops frames whose input was already clean."""
     err = (x0_pred.float() - target.float()).square().mean(dim=(2, 3, 4))
@@ -90,7 +91,8 @@ def critic_denoising_loss(critic_flow: torch.Tensor, x: torch.Tensor, noise: tor
     return flow_matching_loss(critic_flow, x.detach(), noise)
 
 
-def sid_generator_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def sid_generator_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
+                       alpha: float = 1.0) -> torch.Tensor:
     """Score identity distillation: L = mean((p_real - p_fake) * ((p_real - x) - alpha (p_real - p_fake)) / n),
     n = stopgrad mean_{F,C,H,W}|x - p_real| per sample. Gradients flow through x AND through both score
     predictions (which must be computed from x_t = add_noise(x, eps, t) with grad enabled). float64."""

@@ -6,7 +6,7 @@ the one loop in ``trainer.py`` does everything else (optimisers, accumulation, c
 | teacher           | bidirectional model    | data noised at one shifted t per clip     | flow matching, text dropout |
 | diffusion_forcing | causal model           | data noised per block (independent t)     | flow matching |
 | teacher_forcing   | causal model           | noisy blocks + clean context (TF layout)  | flow matching |
-| ode_init          | causal model           | teacher ODE states at the few-step grid   | regression to the ODE end point |
+| ode_init          | causal model           | teacher ODE states at the few-step grid   | regression to the ODE end |
 | causvid           | causal model + critic  | data noised per block at the few-step grid| DMD (critic: flow matching) |
 | self_forcing      | causal model + critic  | its own KV-cache rollout (Algorithm 1)    | DMD, SiD or GAN |
 
@@ -205,8 +205,9 @@ class ODEInit(TrainingMethod):
 
 
 class DistributionMatching(TrainingMethod):
-    """Generator + critic, alternating: the critic every step, the generator every ``critic_updates_per_generator_update``
-    steps (first). Subclasses say how generator samples are produced (:meth:`generate`)."""
+    """Generator + critic, alternating: the critic every step, the generator every
+    ``critic_updates_per_generator_update`` steps (first). Subclasses say how generator samples are produced
+    (:meth:`generate`)."""
 
     def trainable(self):
         return {"generator": self.generator, "critic": self.critic}

@@ -21,7 +21,8 @@ def apply_fsdp2(model: torch.nn.Module, device: torch.device, bf16: bool = False
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     blocks = getattr(model, "blocks", None)
     if blocks is None and hasattr(model, "backbone"):  # a GAN critic: shard its backbone's blocks
         blocks = model.backbone.blocks

@@ -132,11 +132,11 @@ def train_step(cfg: TrainConfig, state: TrainState, batches, device: torch.devic
         for micro in range(cfg.grad_accum):
             batch = batches.batch(step, micro, purpose)
             with _autocast(cfg, device):
-                loss, l = state.method.loss(name, batch)
+                loss, parts = state.method.loss(name, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: non-finite {name} loss {float(loss)}")
             (loss / cfg.grad_accum).backward()
-            for k, v in l.items():
+            for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
         if cfg.parallel == "ddp":
             all_reduce_gradients(model)
@@ -385,7 +385,8 @@ def export_generator(state: TrainState, folder: str, spec: PipelineSpec | None =
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         for weights, where in ((ema, tmp), (raw, os.path.join(tmp, "raw"))) if ema is not None else ((raw, tmp),):
-            out.load_weights({k: v.to(out.proj_out.weight.dtype) for k, v in weights.items()}, source="trained generator")
+            out.load_weights({k: v.to(out.proj_out.weight.dtype) for k, v in weights.items()},
+                             source="trained generator")
             out.save_pretrained(where)
             if spec is not None:
                 spec.save(where)

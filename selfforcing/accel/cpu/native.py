@@ -15,7 +15,8 @@ use in a process, about a minute on a 2-core machine, and cached under :func:`bu
 (``make install`` builds it). If it cannot be built, a warning says why once and the Python blocks run.
 
 Where. Like the timed FFN choice, only while the CPU accelerator is installed
-(:func:`selfforcing.accel.cpu.timed_kernel_choice`: streaming inference, the benchmarks), for a float32 CPU forward without gradients, against a KV cache (streaming) or without one,
+(:func:`selfforcing.accel.cpu.timed_kernel_choice`: streaming inference, the benchmarks), for a float32 CPU forward
+without gradients, against a KV cache (streaming) or without one,
 bidirectional or block-causal (``bench stream``'s recompute and sliding-window strategies); a local attention
 window, sinks in a cache-less mask, teacher forcing and hidden-layer taps stay in Python. Training keeps the path it
 has always taken, bit for bit. ``SELFFORCING_CPU_BLOCKS`` = ``auto`` (default: native when it builds) | ``native``

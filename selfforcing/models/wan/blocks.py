@@ -234,7 +234,8 @@ class WanRotaryEmbedding(nn.Module):
         self.t_dim = head_dim - 2 * self.h_dim
         self.theta = theta
         self._spatial: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._tables: dict[tuple, torch.Tensor] = {}  # (start, frames, repeats, h, w, device) -> cos/sin table, a small LRU
+        # (start, frames, repeats, h, w, device) -> cos/sin table, a small LRU
+        self._tables: dict[tuple, torch.Tensor] = {}
         self._frame_tables: dict[tuple, torch.Tensor] = {}  # (frame, h, w, device) -> one frame's table, a small LRU
 
     def _inv_freq(self, dim: int, device) -> torch.Tensor:

@@ -241,7 +241,8 @@ class KVCache:
         Used to re-cache a rolling window: after ``reset`` the sinks are written, then the stream skips to the
         oldest frame still in the window. Skipped frames are never attended (their slots may hold stale K/V)."""
         if frame < self.end_frame:
-            raise ValueError(f"cannot skip back to frame {frame}: the cache already holds frames up to {self.end_frame}")
+            raise ValueError(f"cannot skip back to frame {frame}: "
+                             f"the cache already holds frames up to {self.end_frame}")
         if not self.rolling and frame > self.capacity:
             raise ValueError(f"cannot skip to frame {frame}: the cache holds {self.capacity} frames")
         self.end_frame, self.last_start, self.last_num_frames = frame, None, 0
