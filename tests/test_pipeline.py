@@ -82,7 +82,8 @@ def test_trained_generator_carries_its_recipe(tmp_path, method, sampler):
     assert (spec.method, spec.sampler, spec.shift, spec.latent_size) == (method, sampler, 2.5, (4, 6))
     assert spec.denoising_steps == (1000.0, 600.0, 300.0) and spec.text_len == 4
     assert spec.extra["trained_steps"] == 1
-    assert spec.dataset == {"kind": "random", "num_digits": [1, 1], "images_per_digit": 2, "size": 64}
+    assert spec.dataset == {"kind": "random", "num_digits": [1, 1], "images_per_digit": 2, "size": 64,
+                            "start": "uniform"}
 
 
 def _tiny_folder(path, spec: PipelineSpec | None):
