@@ -41,7 +41,7 @@ class PipelineSpec:
     sampler: str = "few-step"  # few-step (KV-cache streaming) | many-step (Euler + CFG, causal) | bidirectional
     autoencoder: str = "moving-digits"
     text_encoder: str = "minilm"
-    text_len: int | None = None  # None: the encoder's default (24 for minilm, 512 for UMT5)
+    text_len: int | None = None  # None: the text encoder's own length (build_text_encoder)
     latent_size: tuple[int, int] = (16, 16)
     denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
     warp_denoising_step: bool = True
@@ -166,9 +166,9 @@ def load_pipeline(checkpoint: str | os.PathLike | None = None, *, preset: str = 
     spec = PipelineSpec.for_checkpoint(path).replace(**spec_overrides)
     model = CausalWanModel.from_checkpoint(path, preset=preset, use_ema=use_ema).eval().to(device)
     autoencoder = get_autoencoder(spec.autoencoder, device=device)
-    if spec.text_len is None:  # a folder without a spec: the lengths the laptop recipes and Wan use
-        spec = spec.replace(text_len=24 if spec.text_encoder in ("minilm", "all-minilm-l6-v2") else 512)
     text = build_text_encoder(spec.text_encoder, spec.text_len, device=device)
+    if spec.text_len is None:  # a folder without a spec: the encoder's own length (MiniLM 24, UMT5 512, as Wan)
+        spec = spec.replace(text_len=text.text_len)
     if text.dim != model.config.text_dim:
         raise ValueError(f"the text encoder {spec.text_encoder!r} gives {text.dim}-dim states but the checkpoint "
                          f"{path} expects {model.config.text_dim}")

@@ -202,3 +202,16 @@ def test_the_spec_records_where_the_training_clips_digits_started(tmp_path):
     assert _clip_start(store) == "behind"
     assert _clip_start(build_config(TrainConfig, {"data": {"kind": "store", "path": str(tmp_path / "old")}})) == "uniform"
     assert _clip_start(build_config(TrainConfig, {"data": {"start": "behind"}})) == "behind"
+
+
+def test_a_folder_without_a_spec_takes_its_text_encoders_own_length(tmp_path):
+    """No pipeline.json: the text length is the text encoder's own (MiniLM: 24, the laptop recipes' length), with no
+    size written into the pipeline code."""
+    from selfforcing.models import CausalWanModel
+    from selfforcing.pipeline import load_pipeline
+
+    CausalWanModel.from_preset("tiny").save_pretrained(str(tmp_path / "bare"))
+    _, _, text, spec = load_pipeline(str(tmp_path / "bare"))
+    assert spec.text_len == text.text_len == 24
+    _, _, text, spec = load_pipeline(str(tmp_path / "bare"), text_len=12)
+    assert spec.text_len == text.text_len == 12

