@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from selfforcing.data.moving_digits import render_clip
+from selfforcing.data.moving_digits import START_POSITIONS, render_clip
 from selfforcing.eval.conditioning import VARIANTS, caption_variant, flow_loss_by_context, group_mean_gain
 from selfforcing.pipeline import load_pipeline
 
@@ -70,7 +70,7 @@ def oracle(n: int, start: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="*")
-    p.add_argument("--start", default="uniform", choices=["uniform", "behind"], help="where the clips' digits start")
+    p.add_argument("--start", default="uniform", choices=START_POSITIONS, help="where the clips' digits start")
     p.add_argument("--clips", type=int, default=48)
     p.add_argument("--timesteps", default="980,950,900,850,700,500")
     p.add_argument("--oracle-clips", type=int, default=0, help="also estimate an ideal model's gains on N clips")

@@ -51,7 +51,7 @@ import time
 
 import torch
 
-from selfforcing.data.moving_digits import DIRECTION_NAMES, caption_for, is_held_out, render_clip
+from selfforcing.data.moving_digits import DIRECTION_NAMES, START_POSITIONS, caption_for, is_held_out, render_clip
 from selfforcing.eval.metrics import (
     captioned_reads,
     direction_agreement,
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
                    help="a streaming model's rolling KV-cache window in latent frames (default: its training length, "
                         "as Self Forcing streams; 0: a cache over the whole video)")
     p.add_argument("--sink-frames", type=int, default=0, help="frames of the rolling window kept as sinks")
-    p.add_argument("--start", default=None, choices=["uniform", "behind"],
+    p.add_argument("--start", default=None, choices=START_POSITIONS,
                    help="where real clips' digits start (default: the checkpoint's training clips; real: uniform)")
     p.add_argument("--no-reference", action="store_true", help="a checkpoint's run: skip judging the real clips")
     p.add_argument("--device", default="cpu")

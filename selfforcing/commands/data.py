@@ -55,6 +55,14 @@ def range_of(kind):
     return parse
 
 
+def _start_arg(p: argparse.ArgumentParser) -> None:
+    """--start: where a Moving-Digits digit starts (``render_clip``'s ``start``)."""
+    from selfforcing.data.moving_digits import START_POSITIONS
+
+    p.add_argument("--start", default="uniform", choices=START_POSITIONS,
+                   help="where a digit starts: anywhere, or behind its motion (the motion shows all clip long)")
+
+
 # ---------------------------------------------------------------------------------------------- sample
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="moving-digits", choices=["moving-digits"])
@@ -66,8 +74,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=range_of(float), default="1,3", help="speed range, pixels per frame (LO,HI)")
     p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
                    help="draw each digit class from its first K MNIST images (1: ten fixed glyphs; default: all)")
-    p.add_argument("--start", default="uniform", choices=["uniform", "behind"],
-                   help="where a digit starts: anywhere, or behind its motion (the motion shows all clip long)")
+    _start_arg(p)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--index", type=_int_at_least(0), default=0, help="clip index within the split")
     p.add_argument("--out", required=True, help="mp4 file to write")
@@ -157,8 +164,7 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-digits", default="1,2")
     p.add_argument("--images-per-digit", type=_int_at_least(1), default=None,
                    help="draw each digit class from its first K MNIST images (default: all)")
-    p.add_argument("--start", default="uniform", choices=["uniform", "behind"],
-                   help="where a digit starts: anywhere, or behind its motion (the motion shows all clip long)")
+    _start_arg(p)
     p.add_argument("--stride", type=int, default=1, help="frame stride (video folders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autoencoder", default="moving-digits")

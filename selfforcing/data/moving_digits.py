@@ -273,10 +273,9 @@ def render_clip(
     p_0 ~ U[0, L]^2 with L = size - 28, and a speed s ~ U[speed]; v = s * unit(direction).
     ``start="behind"`` puts the digit in the part of the box its motion leaves: along every axis the velocity
     moves on, u ~ U[0, L] becomes u / 3 (moving towards L) or L - u / 3 (moving towards 0), the same draws.
-    Why: a uniform start preserves the uniform distribution of positions under reflection, so every frame's
-    position has the same marginal whatever the caption's direction, and within a clip of the training length
-    about half the digits bounce back early; a clip whose digit starts behind its motion shows that motion
-    for most of the clip, so the caption's direction is visible frame by frame, not only in the frames' joint.
+    Why: from a uniform start many digits meet a wall within a clip of the training length and move against
+    their caption for the rest of it; a digit that starts behind its motion shows that motion for most of
+    the clip.
     Motion: p_{f+1} = p_f + v, then per axis a coordinate outside [0, L] is reflected at the wall it crossed
     (p -> -p or p -> 2L - p, repeated while outside) and that velocity component flips sign.
     Pixels: frame f holds each digit's 28x28 image at (round(x_f), round(y_f)) (round half to even), digits

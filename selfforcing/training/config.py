@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError
+from ..data.moving_digits import START_POSITIONS
 
 METHODS = ("teacher", "teacher_forcing", "diffusion_forcing", "ode_init", "causvid", "self_forcing")
 DISTRIBUTION_LOSSES = ("dmd", "sid", "gan")
@@ -182,8 +183,8 @@ class TrainConfig:
             raise ValueError(f"parallel must be none, ddp or fsdp2, got {self.parallel!r}")
         if self.timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}")
-        if self.data.start not in ("uniform", "behind"):
-            raise ValueError(f"data.start must be uniform or behind, got {self.data.start!r}")
+        if self.data.start not in START_POSITIONS:
+            raise ValueError(f"data.start must be one of {START_POSITIONS}, got {self.data.start!r}")
         if self.data.image_batch_size < 0 or self.data.image_loss_weight < 0:
             raise ValueError("data.image_batch_size and data.image_loss_weight must be >= 0")
         if self.data.image_batch_size and (self.method != "teacher"

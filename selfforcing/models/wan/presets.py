@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_WAN_COMMON: dict[str, Any] = dict(
+# What the laptop presets share with Wan2.1's released configurations.
+_SHARED: dict[str, Any] = dict(
     patch_size=(1, 2, 2),
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
     freq_dim=256,
     cross_attn_norm=True,
     qk_norm="rms_norm_across_heads",
@@ -24,18 +21,9 @@ _WAN_COMMON: dict[str, Any] = dict(
     num_frame_per_block=3,
 )
 
-_LAPTOP_COMMON: dict[str, Any] = dict(
-    patch_size=(1, 2, 2),
-    in_channels=8,
-    out_channels=8,
-    text_dim=384,
-    freq_dim=256,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-    num_frame_per_block=3,
-)
+_WAN_COMMON: dict[str, Any] = dict(_SHARED, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096)
+
+_LAPTOP_COMMON: dict[str, Any] = dict(_SHARED, in_channels=8, out_channels=8, text_dim=384)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.9M parameters: dim 128 = 2 heads x 64. Not 4 x 32: with q/k RMS-normalised across heads, an evenly spread
