@@ -235,8 +235,9 @@ def main(argv=None) -> dict:
         from selfforcing.pipeline import load_pipeline, sample_many_step
 
         model, ae, text, spec = load_pipeline(args.what, device=args.device)
-        ipd = _images_per_digit(args.images_per_digit, spec.clip_settings()["images_per_digit"])
-        start = args.start or spec.clip_settings()["start"]
+        trained_on = spec.clip_settings()
+        ipd = _images_per_digit(args.images_per_digit, trained_on["images_per_digit"])
+        start = args.start or trained_on["start"]
         gen = None
         if spec.sampler == "few-step":
             window = spec.training_frames // ae.temporal_compression if args.window_frames is None \

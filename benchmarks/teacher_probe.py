@@ -9,9 +9,9 @@ video per prompt with its many-step sampler (``--num-steps`` Euler steps, CFG ``
 probe; the training length: clips). The shipped digit classifier reads every decoded frame
 (:func:`selfforcing.eval.metrics.one_digit_reads`): ``captioned`` = share of frames whose detected digit is the
 prompt's (probability > 0.5), also per digit; for clips also the flip rate and the share of samples whose digit
-moves within 45 degrees of the caption's direction (:func:`selfforcing.eval.metrics.motion_direction_agreement`). The wall time of a checkpoint is
-the sum of ``seconds_per_step`` in ``metrics.jsonl`` up to its step, so runs of different recipes compare at
-equal wall time. Prints JSON lines; ``--out`` writes them all as one JSON file.
+moves within 45 degrees of the caption's direction (:func:`selfforcing.eval.metrics.motion_direction_agreement`).
+The wall time of a checkpoint is the sum of ``seconds_per_step`` in ``metrics.jsonl`` up to its step, so runs of
+different recipes compare at equal wall time. Prints JSON lines; ``--out`` writes them all as one JSON file.
 """
 
 from __future__ import annotations
