@@ -95,6 +95,13 @@ class PipelineSpec:
                 data = json.load(fh)
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: not a readable pipeline spec ({err})") from err
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data, source: str) -> PipelineSpec:
+        """A spec from its :meth:`to_json` form; errors name ``source``."""
+        path = source
+        data = dict(data) if isinstance(data, dict) else data
         if not isinstance(data, dict) or data.pop("format", None) != SPEC_FORMAT:
             raise ValueError(f"{path}: not a {SPEC_FORMAT} file")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -108,8 +115,20 @@ class PipelineSpec:
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | os.PathLike) -> PipelineSpec:
-        """The spec of a checkpoint (a folder, or a file beside which it lies); the defaults if it has none."""
-        return cls.load(os.path.dirname(spec_file(checkpoint)))
+        """The spec of a checkpoint: a folder's ``pipeline.json``; for a file, the one beside it, else the spec our
+        trainer records in its training checkpoints (so a teacher's checkpoint is sampled bidirectionally); the
+        defaults if there is none."""
+        path = spec_file(checkpoint)
+        if os.path.isfile(path) or os.path.isdir(checkpoint) or not str(checkpoint).endswith((".pt", ".pth")):
+            return cls.load(os.path.dirname(path))
+        import torch
+
+        try:  # memory-mapped: only the small "pipeline" entry is read, not the weights
+            obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the weight loader, with its reason
+            return cls()
+        recorded = obj.get("pipeline") if isinstance(obj, dict) else None
+        return cls.from_json(recorded, f"{checkpoint} (its pipeline entry)") if recorded else cls()
 
     def clip_settings(self) -> dict:
         """The Moving-Digits settings of the training clips as ``render_clip`` keywords: ``num_digits`` (lo, hi) and

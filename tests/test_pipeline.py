@@ -71,8 +71,9 @@ def test_unknown_model_names_are_reported(tmp_path):
 
 @pytest.mark.parametrize("method,sampler", [("teacher", "bidirectional"), ("self_forcing", "few-step")])
 def test_trained_generator_carries_its_recipe(tmp_path, method, sampler):
+    """The exported folder's pipeline.json and every training checkpoint record how the generator is sampled."""
     cfg = build_config(TrainConfig, dict(
-        method=method, max_steps=1, batch_size=2, out_dir=str(tmp_path / "run"), checkpoint_every=0,
+        method=method, max_steps=1, batch_size=2, out_dir=str(tmp_path / "run"), checkpoint_every=1,
         tensorboard=False, timestep_shift=2.5, generator={"preset": "tiny", "overrides": {"num_layers": 1}},
         data={"kind": "random", "latent_shape": [6, 8, 4, 6], "text_len": 4, "num_digits": [1, 1],
               "images_per_digit": 2},
@@ -84,6 +85,11 @@ def test_trained_generator_carries_its_recipe(tmp_path, method, sampler):
     assert spec.extra["trained_steps"] == 1
     assert spec.dataset == {"kind": "random", "num_digits": [1, 1], "images_per_digit": 2, "size": 64,
                             "start": "uniform"}
+    # a training checkpoint file carries the same spec (a teacher's checkpoint is sampled bidirectionally), and its
+    # architecture: it loads without naming a preset
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001.pt"
+    assert PipelineSpec.for_checkpoint(ckpt) == spec
+    assert CausalWanModel.from_checkpoint(str(ckpt)).config.num_layers == 1
 
 
 def _tiny_folder(path, spec: PipelineSpec | None):

@@ -300,6 +300,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         bar = tqdm(total=total, initial=state.step, desc=cfg.method, dynamic_ncols=True)
     t_last = time.perf_counter()
     window: dict[str, list[float]] = {}  # metric -> [sum, count] since the last log line
+    spec = None  # the generator's PipelineSpec, recorded in every checkpoint (made at the first one)
     while state.step < total:
         logs = train_step(cfg, state, batches, device)
         step = state.step
@@ -323,9 +324,11 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
             _write_samples(cfg, state, batches)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
+            spec = spec or pipeline_spec(cfg, batches, step)
+            spec.extra["trained_steps"] = step
             save_checkpoint(ckpt_dir, step, state.models, state.optimizers, state.ema,
-                            {"config": to_dict(cfg)}, sharded=cfg.checkpoint_format == "sharded",
-                            keep=cfg.keep_checkpoints)
+                            {"config": to_dict(cfg), "pipeline": spec.to_json()},
+                            sharded=cfg.checkpoint_format == "sharded", keep=cfg.keep_checkpoints)
     if bar is not None:
         bar.close()
     logger.close()

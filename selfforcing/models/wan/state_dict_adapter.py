@@ -110,8 +110,9 @@ def to_original_wan(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Read a ``.pt``/``.pth``/``.safetensors`` checkpoint file into a native state dict.
+def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False, *, with_architecture: bool = False):
+    """Read a ``.pt``/``.pth``/``.safetensors`` checkpoint file into a native state dict; with ``with_architecture``,
+    (state dict, the generator's config recorded by our trainer or None).
 
     Errors name the file: missing, unreadable/corrupt, or holding no generator weights.
     """
@@ -130,6 +131,10 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise ValueError(f"cannot read checkpoint {path}: {reason(err)} (truncated or not a checkpoint)") from err
     try:
-        return to_native(obj, use_ema=use_ema)
+        state = to_native(obj, use_ema=use_ema)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+    if not with_architecture:
+        return state
+    archs = obj.get("architectures") if isinstance(obj, dict) else None
+    return state, (archs.get("generator") if isinstance(archs, dict) else None)
