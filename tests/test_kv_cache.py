@@ -40,10 +40,13 @@ def _stream(model, clean, noisy, t, ctx, cache, sizes):
     return outs
 
 
-@pytest.mark.parametrize("block,independent_first", [(2, False), (3, False), (1, False), (2, True)])
-def test_chunkwise_cache_equals_full_block_causal_and_teacher_forcing(block, independent_first):
-    """(c) every chunk through the cache == the full block-causal forward == the teacher-forcing layout."""
-    model = make_model(CFG, num_frame_per_block=block, independent_first_frame=independent_first)
+@pytest.mark.parametrize("block,independent_first,frame_emb", [(2, False, 0), (3, False, 0), (1, False, 0),
+                                                                (2, True, 0), (2, False, 4), (1, True, 3)])
+def test_chunkwise_cache_equals_full_block_causal_and_teacher_forcing(block, independent_first, frame_emb):
+    """(c) every chunk through the cache == the full block-causal forward == the teacher-forcing layout (also with
+    frame embeddings, fewer than the frames: the later frames share the last one)."""
+    model = make_model(CFG, num_frame_per_block=block, independent_first_frame=independent_first,
+                       num_frame_embeddings=frame_emb)
     frames = 3 * block + (1 if independent_first else 0)
     clean, noisy, t, ctx = _data(frames)
     sizes = block_sizes_for(frames, block, independent_first)
@@ -65,11 +68,13 @@ def _window_rule(q_end, j, window, sink):
     return j < q_end and (j >= q_end - (window - sink) or j < sink)
 
 
-@pytest.mark.parametrize("window,sink,block", [(4, 0, 2), (6, 2, 2), (5, 1, 3), (3, 1, 1)])
-def test_rolling_cache_equals_sliding_window_with_sinks(window, sink, block):
+@pytest.mark.parametrize("window,sink,block,frame_emb", [(4, 0, 2, 0), (6, 2, 2, 0), (5, 1, 3, 0), (3, 1, 1, 0),
+                                                         (6, 2, 2, 5)])
+def test_rolling_cache_equals_sliding_window_with_sinks(window, sink, block, frame_emb):
     """(d) window L with S sinks, chunk by chunk over >= 4L frames == full forward with the window+sink mask."""
     frames = block * (-(-4 * window // block) + 1)
-    model = make_model(CFG, num_frame_per_block=block, local_attn_size=window, sink_size=sink)
+    model = make_model(CFG, num_frame_per_block=block, local_attn_size=window, sink_size=sink,
+                       num_frame_embeddings=frame_emb)
     # the mask the full forward uses is the rule stated in attention.py, checked element by element
     sizes = block_sizes_for(frames, block)
     fm = block_causal_frame_mask(sizes, window, sink)
@@ -88,7 +93,7 @@ def test_rolling_cache_equals_sliding_window_with_sinks(window, sink, block):
             ref = _full_reference(model, clean, noisy, t, ctx, s, s + block)
             assert (out - ref).abs().max() <= 1e-5, c
         # the window matters: a global-attention model disagrees on the last chunk
-        glob = make_model(CFG, num_frame_per_block=block)
+        glob = make_model(CFG, num_frame_per_block=block, num_frame_embeddings=frame_emb)
         ref_global = _full_reference(glob, clean, noisy, t, ctx, frames - block, frames)
         assert (outs[-1] - ref_global).abs().max() > 1e-4
 
@@ -292,3 +297,35 @@ def test_fused_cache_pass_rejects_what_it_cannot_do():
             model(noisy[:, 2:4], t[:, 2:4], ctx, start_frame=2, pending_x=clean[:, :2])  # no cache
     with pytest.raises(ValueError, match="pending_x"):  # the gradient path never writes the cache
         model(noisy[:, 2:4], t[:, 2:4], ctx, kv_cache=cache, start_frame=2, pending_x=clean[:, :2])
+
+
+def test_absolute_embeddings_give_the_frame_and_place_and_start_as_the_plain_model():
+    """Absolute embeddings: weights saved without them load into a model with them and give the same function (the
+    tables are zero-filled); with trained tables, frame f is told apart from frame 0 (frames >= K share E[K-1]) and a
+    token's place in the grid is told apart from its mirror image. Without them, positions are relative: a clip's
+    output does not depend on where it starts."""
+    plain = make_model(CFG)
+    fe = make_model(CFG, num_frame_embeddings=4, spatial_embedding_grid=(2, 3))
+    zeroed = make_model(CFG, num_frame_embeddings=4, spatial_embedding_grid=(2, 3))
+    zeroed.load_weights(plain.state_dict())
+    assert not zeroed.frame_embedding.any() and not zeroed.spatial_embedding.any()
+    clean, noisy, t, ctx = _data(6, seed=3)
+    with torch.no_grad():
+        for causal in (True, False):
+            assert torch.equal(plain(noisy, t, ctx, causal=causal), zeroed(noisy, t, ctx, causal=causal))
+        assert (plain(noisy, t, ctx, causal=False, start_frame=7) - plain(noisy, t, ctx, causal=False)).abs().max() < 1e-5
+        one, t1 = noisy[:, :1], t[:, :1]
+        at = {f: fe(one, t1, ctx, causal=False, start_frame=f) for f in (0, 1, 3, 9)}
+        assert (at[0] - at[1]).abs().max() > 1e-3 and (at[1] - at[3]).abs().max() > 1e-3
+        assert (at[3] - at[9]).abs().max() < 1e-5  # clamped to the last embedding
+        # one frame, constant over space: every token is alike, so with relative positions only the output is the
+        # same everywhere (no way to tell left from right or the edge from the centre); with spatial embeddings not
+        flat = one.mean((3, 4), keepdim=True).expand_as(one).contiguous()
+        out_plain, out_fe = plain(flat, t1, ctx, causal=False), fe(flat, t1, ctx, causal=False)
+        pw = CFG["patch_size"][2]  # one token to the right
+        assert (out_plain - out_plain.roll(pw, -1)).abs().max() < 1e-5
+        assert (out_fe - out_fe.roll(pw, -1)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="num_frame_embeddings"):
+        make_model(CFG, num_frame_embeddings=-1)
+    with pytest.raises(ValueError, match="token grid"):
+        fe(torch.randn(1, 3, C, 6, 6), torch.rand(1) * 999, ctx[:1], causal=False)  # a 3x3 grid, the table's 2x3

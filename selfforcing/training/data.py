@@ -144,6 +144,7 @@ class MovingDigitsLatents:
         if bi and purpose != SAMPLE_PURPOSE:  # the fixed sample batch holds clips only
             images, image_context, _ = self._encode(self.clips(step, micro, purpose, images=True))
             out.update(image_latents=images, image_context=image_context, image_null_context=self.text.null(bi),
+                       image_start_frame=0,
                        image_rng=batch_rng(self.cfg, step, micro, purpose, self.device, bi, IMAGE_RNG_STREAM))
         return out
 
@@ -194,16 +195,18 @@ class StoreRecords:
         return out
 
     def _images(self, step: int, micro: int, purpose: int, bi: int) -> dict:
-        """Image-video joint training from a store of clips: frame f of record r, both picked by the image's seed,
-        as a 1-frame video [1, C, h, w] with its clip's caption states."""
+        """Image-video joint training from a store of clips: frame f of record r as a 1-frame video [1, C, h, w] with
+        its clip's caption states. r is picked by the image's seed; f is one per micro-batch (``image_start_frame``,
+        picked by the step's seed), so the images are one forward at their frame's position (frame embeddings)."""
         latents, contexts = [], []
+        frames = self.store.get(0, ("latents",))["latents"].shape[0]
+        f = _pick(sample_seed(self.cfg.seed, step, purpose, global_indices(1, micro)[0], IMAGE_RNG_STREAM + 10), frames)
         for i in global_indices(bi, micro):
             seed = sample_seed(self.cfg.seed, step, purpose, i, IMAGE_CLIP_STREAM)
             rec = self.store.get(_pick(seed, len(self.store)), ("latents", "context"))
-            f = _pick(seed // len(self.store), rec["latents"].shape[0])
             latents.append(rec["latents"][f:f + 1])
             contexts.append(rec["context"])
-        return {"image_latents": torch.stack(latents).to(self.device),
+        return {"image_latents": torch.stack(latents).to(self.device), "image_start_frame": f,
                 "image_context": torch.stack(contexts).to(self.device),
                 "image_null_context": self.null_context[None].expand(bi, -1, -1).to(self.device),
                 "image_rng": batch_rng(self.cfg, step, micro, purpose, self.device, bi, IMAGE_RNG_STREAM)}

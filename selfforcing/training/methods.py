@@ -127,15 +127,16 @@ class TeacherPretraining(TrainingMethod):
     ``text_dropout`` (so CFG works later).
 
     Image-video joint training: when the batch also holds ``image_latents`` [Bi, 1, C, h, w] (single frames, with
-    ``image_context`` and their own ``image_rng``), the loss is L_clips + image_loss_weight * L_images, each a mean
-    over its own elements. A 1-frame video costs 1/F of a clip's forward, so a step sees many more digits."""
+    ``image_context``, their own ``image_rng`` and ``image_start_frame``, the frame they are of), the loss is
+    L_clips + image_loss_weight * L_images, each a mean over its own elements. A 1-frame video costs
+    1/F of a clip's forward, so a step sees many more digits."""
 
-    def _flow_loss(self, x0, ctx, null, rng):
+    def _flow_loss(self, x0, ctx, null, rng, start_frame=0):
         drop = (rng.rand() < self.cfg.text_dropout).to(x0.device)
         ctx = torch.where(drop[:, None, None], null, ctx)
         t = self._timesteps(rng).to(x0.device)
         eps = rng.randn_like(x0)
-        v = self.generator(flow.add_noise(x0, eps, t), t, ctx, causal=False)
+        v = self.generator(flow.add_noise(x0, eps, t), t, ctx, causal=False, start_frame=start_frame)
         return losses.flow_matching_loss(v, x0, eps)
 
     def loss(self, name, batch):
@@ -143,7 +144,7 @@ class TeacherPretraining(TrainingMethod):
         logs = {"loss": loss.item()}
         if "image_latents" in batch:
             image_loss = self._flow_loss(batch["image_latents"], batch["image_context"], batch["image_null_context"],
-                                         batch["image_rng"])
+                                         batch["image_rng"], batch.get("image_start_frame", 0))
             logs["image_loss"] = image_loss.item()
             loss = loss + self.cfg.data.image_loss_weight * image_loss
         return loss, logs

@@ -170,6 +170,7 @@ def _params(model) -> list[torch.Tensor]:
 class NativeForward:
     """The arguments of the C++ ``run_forward``, by name (it reads these attributes): a no-grad forward from the
     patch embedding on. ``latents``: the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first);
+    ``positions`` [N, D] the absolute embeddings added to the tokens (empty: none);
     ``e`` [B, F, 6, D] the blocks' modulation and ``temb`` [B, F, D] the head's, of all frames; ``rope`` [F*T, Dh/2, 2];
     ``weights``: every block's parameters, flat (:func:`_params`); ``text_k`` / ``text_v``: each block's text K/V
     [B, L, H, Dh]; the cache buffers with the chunk's plan (``slots``, ``visible``, ``read_index``) and the fused
@@ -181,6 +182,7 @@ class NativeForward:
     patch_bias: torch.Tensor
     patch_h: int
     patch_w: int
+    positions: torch.Tensor
     e: torch.Tensor
     temb: torch.Tensor
     rope: torch.Tensor
@@ -286,7 +288,8 @@ def forward(model, plan) -> torch.Tensor | None:
     rows = plan.e.shape[0] * plan.e.shape[1] * plan.tokens_per_frame
     args = NativeForward(
         latents=plan.latents, patch_weight=patch.weight.flatten(1), patch_bias=patch.bias,
-        patch_h=model.config.patch_size[1], patch_w=model.config.patch_size[2], e=plan.e.float(),
+        patch_h=model.config.patch_size[1], patch_w=model.config.patch_size[2],
+        positions=torch.empty(0) if plan.positions is None else plan.positions.float().contiguous(), e=plan.e.float(),
         temb=plan.temb.float(), rope=plan.rope, weights=_params(model), text_k=[k for k, _ in text_kv],
         text_v=[v for _, v in text_kv], kv_only=plan.kv_only, heads=blk.attn1.heads, ln_eps=blk.norm1.eps,
         rms_eps=rms_norm_eps(blk.attn1.norm_q, torch.float32), short_keys=SHORT_KEYS,

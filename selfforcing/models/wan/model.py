@@ -40,7 +40,7 @@ from .attention import (
     expand_frame_mask,
     teacher_forcing_frame_mask,
 )
-from .blocks import CausalWanBlock, ConditionEmbedder, WanRotaryEmbedding, fp32_layer_norm
+from .blocks import CausalWanBlock, ConditionEmbedder, WanRotaryEmbedding, fp32_layer_norm, timestep_sinusoid
 from .kv_cache import ChunkPlan, KVCache
 from .presets import preset_config
 from .runtime import accelerator, cpu_inference
@@ -68,6 +68,7 @@ class ForwardPlan:
     kv_cache: KVCache | None = None
     chunk: ChunkPlan | None = None  # the cache plan of x, committed once the forward has run
     rope: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # absolute embeddings [N, D] added to the tokens, if the model has any
     e: torch.Tensor | None = None
     temb: torch.Tensor | None = None
     ctx: torch.Tensor | None = None
@@ -84,13 +85,24 @@ class ForwardPlan:
             self.kv_cache.commit(self.chunk)
 
 
+# Wan's positions are all relative (3-D RoPE, a patch embedding without padding): given pure noise, a small model then
+# cannot say where the top of the frame is, nor which frame comes first, so it cannot put a digit where its caption's
+# motion starts (Wan2.1 learns it from its data, with an anchor from its causal VAE, whose first latent frame encodes
+# one image). Learned absolute embeddings, of the frame index and of the token's place in a fixed grid, give it both.
+ABSOLUTE_EMBEDDING_KEYS = ("frame_embedding", "spatial_embedding")
+
+
 class CausalWanModel(ModelMixin, ConfigMixin):
     r"""Block-causal Wan2.1 DiT with per-frame timesteps and a KV cache.
 
     Config fields are those of ``diffusers.WanTransformer3DModel`` plus the causal ones:
     ``num_frame_per_block`` (K, frames per chunk), ``local_attn_size`` (attention window L in latent
     frames, -1 = unbounded), ``sink_size`` (S frames at the start of the video kept in the window) and
-    ``independent_first_frame`` (blocks [1, K, K, ...]).
+    ``independent_first_frame`` (blocks [1, K, K, ...]); and two that Wan's presets leave off (see
+    ``ABSOLUTE_EMBEDDING_KEYS``): ``num_frame_embeddings`` K (frame f's tokens get a learned E_t[min(f, K - 1)]) and
+    ``spatial_embedding_grid`` (h, w) (the token at row i, column j of every frame gets a learned E_s[i, j]; the
+    token grid may then be at most h x w). Both start as sin-cos tables (as DiT's) and are added after the patch
+    embedding.
 
     Shapes: latents ``x`` [B, F, C, H, W]; ``timestep`` [B] (shared by all frames) or [B, F] in
     [0, 1000]; ``context`` [B, L, text_dim]; output: the flow prediction v = eps - x0, [B, F, C_out, H, W].
@@ -120,6 +132,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         local_attn_size: int = -1,
         sink_size: int = 0,
         independent_first_frame: bool = False,
+        num_frame_embeddings: int = 0,
+        spatial_embedding_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         patch_size = tuple(patch_size)
@@ -144,6 +158,18 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         self.rope = WanRotaryEmbedding(attention_head_dim)
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim)
+        if num_frame_embeddings < 0:
+            raise ValueError(f"num_frame_embeddings must be >= 0, got {num_frame_embeddings}")
+        self.frame_embedding = self.spatial_embedding = None  # absolute positions (ABSOLUTE_EMBEDDING_KEYS)
+        if num_frame_embeddings:
+            self.frame_embedding = nn.Parameter(timestep_sinusoid(torch.arange(num_frame_embeddings), dim))
+        if spatial_embedding_grid is not None:
+            gh, gw = (int(v) for v in spatial_embedding_grid)
+            if gh < 1 or gw < 1:
+                raise ValueError(f"spatial_embedding_grid must be (h, w) tokens >= 1, got {spatial_embedding_grid}")
+            rows, cols = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)
+            self.spatial_embedding = nn.Parameter(torch.cat([timestep_sinusoid(rows, dim // 2),
+                                                             timestep_sinusoid(cols, dim - dim // 2)], -1))
         self.blocks = nn.ModuleList(
             [CausalWanBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
         )
@@ -163,8 +189,9 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         cls, path: str, *, preset: str | None = None, use_ema: bool = False, **overrides
     ) -> CausalWanModel:
         """Load weights from a ``save_pretrained`` directory, or from a checkpoint file in any format of
-        ``state_dict_adapter`` (native, original Wan / CausVid / Self Forcing, wrapped or not); a file
-        needs ``preset`` (plus ``overrides``) to say which architecture it holds."""
+        ``state_dict_adapter`` (native, original Wan / CausVid / Self Forcing, wrapped or not). Our training
+        checkpoints record their architecture; any other file needs ``preset`` (plus ``overrides``) to say which
+        architecture it holds."""
         if os.path.isdir(path):
             cfg_path = os.path.join(path, "config.json")
             if os.path.isfile(cfg_path):
@@ -182,12 +209,16 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             files = [os.path.join(path, f) for f in shards]
         else:
             files = [path]
-        if preset is None:
-            raise ValueError(f"loading {path} needs preset=... (it holds weights, not a diffusers config)")
-        model = cls.from_preset(preset, **overrides)
-        state = {}
+        state, architecture = {}, None
         for f in files:
-            state.update(load_checkpoint_file(f, use_ema=use_ema))
+            part, architecture = load_checkpoint_file(f, use_ema=use_ema, with_architecture=True)
+            state.update(part)
+        if architecture is not None:  # our training checkpoint records the generator's config: it wins over a preset
+            model = cls(**{**architecture, **overrides})
+        elif preset is None:
+            raise ValueError(f"loading {path} needs preset=... (it holds weights, not a diffusers config)")
+        else:
+            model = cls.from_preset(preset, **overrides)
         model.load_weights(state, source=path)
         return model
 
@@ -206,8 +237,13 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             raise ValueError(f"{path}: cannot load the save_pretrained folder ({' '.join(str(err).split())})") from err
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict load of a native state dict; mismatches raise ValueError naming the keys and shapes."""
+        """Strict load of a native state dict; mismatches raise ValueError naming the keys and shapes. One exception:
+        weights saved without absolute position embeddings load into a model with them, which stay zero (the same
+        function)."""
         own = self.state_dict()
+        absent = {k: torch.zeros_like(own[k]) for k in ABSOLUTE_EMBEDDING_KEYS if k in own and k not in state_dict}
+        if absent:
+            state_dict = {**state_dict, **absent}
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
         wrong = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -338,8 +374,11 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         else:
             plan.attn = self._full_attention(nf, plan.tokens_per_frame, causal, x.device)
         _, ph, pw = self.config.patch_size
-        plan.rope = self.rope.table(start_frame - plan.n_pending, plan.n_pending + nf, hh // ph, ww // pw, x.device,
+        first = start_frame - plan.n_pending
+        plan.rope = self.rope.table(first, plan.n_pending + nf, hh // ph, ww // pw, x.device,
                                     repeats=2 if plan.teacher_forcing else 1)
+        plan.positions = self._absolute_positions(first, plan.n_pending + nf, (hh // ph, ww // pw),
+                                                  repeats=2 if plan.teacher_forcing else 1)
         self._condition(plan, context)
         return plan
 
@@ -348,6 +387,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         latents = plan.latents
         tokens = self._patchify(latents[0]) if len(latents) == 1 else torch.cat(
             [self._patchify(lat) for lat in latents], dim=1)
+        if plan.positions is not None:
+            tokens = tokens + plan.positions.to(tokens.dtype)
         ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
         last, hidden = self.config.num_layers - 1, {}
         for i, (blk, how, ckv) in enumerate(zip(self.blocks, plan.attn, plan.cross)):
@@ -446,6 +487,22 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             return [FullAttention()] * cfg.num_layers
         return [FullAttention(expand_frame_mask(fmask, tpf), fmask, tpf)] * cfg.num_layers
 
+    def _absolute_positions(self, start: int, frames: int, grid: tuple[int, int], repeats: int = 1):
+        """E_t[min(f, K - 1)] + E_s[i, j] for the frames [start, start + frames) of an h x w token ``grid`` (a grid
+        smaller than the table's takes its top-left corner; the range is repeated ``repeats`` times, as teacher
+        forcing's two halves share positions): [repeats * frames * h * w, D], or None without absolute embeddings."""
+        if self.frame_embedding is None and self.spatial_embedding is None:
+            return None
+        (h, w), dim = grid, self.dim
+        pos = torch.zeros(frames, h * w, dim, device=self.proj_out.weight.device)
+        if self.frame_embedding is not None:
+            index = torch.arange(start, start + frames, device=pos.device).clamp(max=self.frame_embedding.shape[0] - 1)
+            pos = pos + self.frame_embedding[index][:, None, :]
+        if self.spatial_embedding is not None:
+            gh, gw = self.config.spatial_embedding_grid
+            pos = pos + self.spatial_embedding.view(gh, gw, dim)[:h, :w].reshape(1, h * w, dim)
+        return pos.reshape(frames * h * w, dim).repeat(repeats, 1)
+
     def _condition(self, plan: ForwardPlan, context: torch.Tensor) -> None:
         """Per-frame modulation of every frame in the plan, and the text: embedded now, or (a cached forward without
         gradients) read from the cross-attention cache, whose empty slots each block fills in its own forward (so
@@ -473,6 +530,10 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         _, ph, pw = c.patch_size
         if x.shape[3] % ph or x.shape[4] % pw:
             raise ValueError(f"latent size {tuple(x.shape[3:])} is not divisible by the patch size {(ph, pw)}")
+        grid = c.spatial_embedding_grid
+        if grid is not None and (x.shape[3] // ph > grid[0] or x.shape[4] // pw > grid[1]):
+            raise ValueError(f"{name} has a {x.shape[3] // ph}x{x.shape[4] // pw} token grid (latent size "
+                             f"{tuple(x.shape[3:])}), the model's spatial embeddings cover at most {grid[0]}x{grid[1]}")
 
     @staticmethod
     def _frame_timesteps(timestep: torch.Tensor, b: int, f: int, name: str = "timestep") -> torch.Tensor:

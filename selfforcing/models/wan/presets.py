@@ -23,7 +23,22 @@ _SHARED: dict[str, Any] = dict(
 
 _WAN_COMMON: dict[str, Any] = dict(_SHARED, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096)
 
+# The sizes a preset is run at when neither the caller nor a checkpoint says (the benchmarks, a randomly initialised
+# model): latent size (h, w), training length in latent frames, text tokens, and the shift of the few-step timesteps.
+# The laptop presets: 64x64 frames through the 4x autoencoder, 12-frame clips, MiniLM captions. Wan2.1: 480x832 frames
+# through the 8x VAE, 81 pixel frames = 21 latent frames, UMT5's 512 tokens.
+_LAPTOP_SIZES: dict[str, Any] = dict(latent_size=(16, 16), train_frames=12, text_len=16, shift=5.0)
+_WAN_SIZES: dict[str, Any] = dict(latent_size=(60, 104), train_frames=21, text_len=512, shift=5.0)
+
 _LAPTOP_COMMON: dict[str, Any] = dict(_SHARED, in_channels=8, out_channels=8, text_dim=384)
+
+# Absolute positions beside Wan's relative ones (CausalWanModel.ABSOLUTE_EMBEDDING_KEYS), sized for the laptop presets'
+# clips: one embedding per frame of the training clip and one per token of the latent grid. Not in the presets: a
+# teacher trained with them (runs/tiny3) had a higher loss at every step than the same run without, and did not learn
+# the direction words either (docs/tiny_model.md). A recipe turns them on with `generator.overrides`.
+LAPTOP_ABSOLUTE_POSITIONS: dict[str, Any] = dict(
+    num_frame_embeddings=_LAPTOP_SIZES["train_frames"],
+    spatial_embedding_grid=[n // p for n, p in zip(_LAPTOP_SIZES["latent_size"], _SHARED["patch_size"][1:])])
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.9M parameters: dim 128 = 2 heads x 64. Not 4 x 32: with q/k RMS-normalised across heads, an evenly spread
@@ -40,12 +55,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The sizes a preset is run at when neither the caller nor a checkpoint says (the benchmarks, a randomly initialised
-# model): latent size (h, w), training length in latent frames, text tokens, and the shift of the few-step timesteps.
-# The laptop presets: 64x64 frames through the 4x autoencoder, 12-frame clips, MiniLM captions. Wan2.1: 480x832 frames
-# through the 8x VAE, 81 pixel frames = 21 latent frames, UMT5's 512 tokens.
-_LAPTOP_SIZES: dict[str, Any] = dict(latent_size=(16, 16), train_frames=12, text_len=16, shift=5.0)
-_WAN_SIZES: dict[str, Any] = dict(latent_size=(60, 104), train_frames=21, text_len=512, shift=5.0)
 RUN_SIZES: dict[str, dict[str, Any]] = {"tiny": _LAPTOP_SIZES, "small": _LAPTOP_SIZES,
                                         "wan2.1-t2v-1.3b": _WAN_SIZES, "wan2.1-t2v-14b": _WAN_SIZES}
 

@@ -1140,13 +1140,14 @@ static Tensor patchify(const Tensor& x, const Tensor& w, const Tensor& bias, int
 }
 
 // A whole no-grad forward (CausalWanModel.forward on the native path): the patch embedding of the latents
-// (a finished chunk's first, if fused, then the chunk's), the blocks (run_blocks), and, unless kv_only, the output
-// head: LayerNorm(x) (1 + scale) + shift with {shift, scale} = head_table + temb of the chunk's frames, the output
-// projection, and the unpatchify. temb [B, F, D] of all frames; returns v [B, F', C_out, H, W] (undefined for
+// (a finished chunk's first, if fused, then the chunk's) plus the absolute embeddings if any, the blocks
+// (run_blocks), and, unless kv_only, the output head: LayerNorm(x) (1 + scale) + shift with {shift, scale} =
+// head_table + temb of the chunk's frames, the output projection, and the unpatchify. temb [B, F, D] of all frames; returns v [B, F', C_out, H, W] (undefined for
 // kv_only).
 static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor patch_b, int64_t ph, int64_t pw,
-                          Tensor e, Tensor temb, Tensor rope, std::vector<Tensor> weights, std::vector<Tensor> cross_k,
-                          std::vector<Tensor> cross_v, Tensor cache_k, Tensor cache_v, Tensor slots, int64_t visible,
+                          Tensor positions, Tensor e, Tensor temb, Tensor rope, std::vector<Tensor> weights,
+                          std::vector<Tensor> cross_k, std::vector<Tensor> cross_v, Tensor cache_k, Tensor cache_v,
+                          Tensor slots, int64_t visible,
                           Tensor read_index, Tensor pending_slots, int64_t pending_visible, Tensor pending_read_index,
                           bool kv_only, int64_t heads, double ln_eps, double rms_eps, int64_t short_keys,
                           bool cross_norm, bool ffn_onednn, Tensor head_table, Tensor proj_w, Tensor proj_b,
@@ -1162,6 +1163,11 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
     std::vector<Tensor> parts;
     for (const auto& l : latents) parts.push_back(patchify(l, patch_w, patch_b, ph, pw));
     tokens = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+    if (positions.numel()) {  // absolute embeddings [N, D], the same for every sample
+      TORCH_CHECK(positions.dim() == 2 && positions.size(0) == tokens.size(1) && positions.size(1) == tokens.size(2),
+                  "positions must be [N, D] for the ", tokens.size(1), " tokens");
+      tokens.add_(positions);
+    }
   }
   auto out = run_blocks(tokens, e, rope, std::move(weights), std::move(cross_k), std::move(cross_v), cache_k, cache_v,
                         slots, visible, read_index, pending_slots, pending_visible, pending_read_index, t, kv_only,
@@ -1195,7 +1201,8 @@ static Tensor run_forward_args(const py::object& a) {
   auto flag = [&](const char* name) { return a.attr(name).cast<bool>(); };
   auto latents = tensors("latents"), weights = tensors("weights"), text_k = tensors("text_k"),
        text_v = tensors("text_v");
-  auto patch_w = tensor("patch_weight"), patch_b = tensor("patch_bias"), e = tensor("e"), temb = tensor("temb"),
+  auto patch_w = tensor("patch_weight"), patch_b = tensor("patch_bias"), positions = tensor("positions"),
+       e = tensor("e"), temb = tensor("temb"),
        rope = tensor("rope"), cache_k = tensor("cache_k"), cache_v = tensor("cache_v"), slots = tensor("slots"),
        read_index = tensor("read_index"), pending_slots = tensor("pending_slots"),
        pending_read_index = tensor("pending_read_index"), head_table = tensor("head_table"),
@@ -1206,7 +1213,7 @@ static Tensor run_forward_args(const py::object& a) {
   const double ln_eps = real("ln_eps"), rms_eps = real("rms_eps"), head_eps = real("head_eps");
   const bool kv_only = flag("kv_only"), cross_norm = flag("cross_norm"), ffn_onednn = flag("ffn_onednn");
   py::gil_scoped_release release;
-  return run_forward(std::move(latents), patch_w, patch_b, ph, pw, e, temb, rope, std::move(weights),
+  return run_forward(std::move(latents), patch_w, patch_b, ph, pw, positions, e, temb, rope, std::move(weights),
                      std::move(text_k), std::move(text_v), cache_k, cache_v, slots, visible, read_index, pending_slots,
                      pending_visible, pending_read_index, kv_only, heads, ln_eps, rms_eps, short_keys, cross_norm,
                      ffn_onednn, head_table, proj_w, proj_b, head_eps, key_ends);
