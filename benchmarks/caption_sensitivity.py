@@ -10,9 +10,14 @@ with the digit replaced, and with the null prompt (:func:`selfforcing.eval.condi
 ``gap_X = loss(X) - loss(true)``: what the model gains from the part of the caption that X changes. A model
 that ignores the direction words has gap_opposite_direction = 0 however its samples happen to move.
 
+A bidirectional model is also probed for time reversal at t = 980 and 500 on 16 of the clips
+(:func:`selfforcing.eval.conditioning.time_reversal_residual`): "reversed" near 0 beside a large "permuted" means the
+model cannot tell a clip from the same clip played backwards.
+
 ``--oracle-clips N`` also estimates what an ideal denoiser could gain at t -> 1 from the digit alone and from
 the whole caption (:func:`selfforcing.eval.conditioning.group_mean_gain` on N clips' latents): the reference
-scale for the gaps. Prints JSON lines; ``--out`` writes them as one JSON file.
+scale for the gaps; ``*_global`` is the part of each gain that a layout-free prediction (one value per frame and
+channel, the group's spatial mean) already takes. Prints JSON lines; ``--out`` writes them as one JSON file.
 """
 
 from __future__ import annotations
@@ -24,8 +29,15 @@ import time
 import torch
 
 from selfforcing.data.moving_digits import START_POSITIONS, render_clip
-from selfforcing.eval.conditioning import VARIANTS, caption_variant, flow_loss_by_context, group_mean_gain
+from selfforcing.eval.conditioning import (
+    VARIANTS,
+    caption_variant,
+    flow_loss_by_context,
+    group_mean_gain,
+    time_reversal_residual,
+)
 from selfforcing.pipeline import load_pipeline
+from selfforcing.sampling import SAMPLERS
 
 FIRST_INDEX = 50_000  # clip indices past the laptop stores' 10,000: clips no model was trained on
 
@@ -41,8 +53,9 @@ def encode(autoencoder, items: list[dict], batch: int = 100) -> torch.Tensor:
                       for i in range(0, len(items), batch)])
 
 
-def sensitivity(checkpoint: str, start: str, n: int, timesteps: list[float], use_ema: bool) -> dict:
-    model, ae, text, spec = load_pipeline(checkpoint, use_ema=use_ema)
+def sensitivity(checkpoint: str, start: str, n: int, timesteps: list[float], use_ema: bool,
+                sampler: str | None = None) -> dict:
+    model, ae, text, spec = load_pipeline(checkpoint, use_ema=use_ema, sampler=sampler)
     items = clips(n, start, frames=12)
     latents = encode(ae, items)
     captions = [c["caption"] for c in items]
@@ -50,10 +63,15 @@ def sensitivity(checkpoint: str, start: str, n: int, timesteps: list[float], use
                 **{v: text.encode([caption_variant(c, v) for c in captions]).states for v in VARIANTS},
                 "null": text.encode([spec.negative_prompt] * n).states}
     # the bidirectional teacher attends over the whole clip; a causal generator is scored as it runs (block-causal)
-    losses = flow_loss_by_context(model, latents, contexts, timesteps, causal=spec.sampler != "bidirectional")
-    return {"checkpoint": checkpoint, "ema": use_ema, "start": start, "clips": n, "timesteps": timesteps,
+    bidirectional = spec.sampler == "bidirectional"
+    losses = flow_loss_by_context(model, latents, contexts, timesteps, causal=not bidirectional)
+    reversal = {str(int(t)): time_reversal_residual(model, latents[:16], contexts["true"][:16], t)
+                for t in (980.0, 500.0)} if bidirectional else None
+    return {"checkpoint": checkpoint, "ema": use_ema, "sampler": spec.sampler, "start": start, "clips": n,
+            "timesteps": timesteps,
             "loss_true": losses["true"],
-            **{f"gap_{k}": [round(a - b, 6) for a, b in zip(losses[k], losses["true"])] for k in [*VARIANTS, "null"]}}
+            **{f"gap_{k}": [round(a - b, 6) for a, b in zip(losses[k], losses["true"])] for k in [*VARIANTS, "null"]},
+            "time_reversal": reversal}
 
 
 def oracle(n: int, start: str) -> dict:
@@ -61,10 +79,12 @@ def oracle(n: int, start: str) -> dict:
 
     items = clips(n, start, frames=12, first=FIRST_INDEX + 100_000)
     latents = encode(get_autoencoder("moving-digits"), items)
-    digits = [int(c["labels"][0]) for c in items]
+    digits, captions = [int(c["labels"][0]) for c in items], [c["caption"] for c in items]
+    layout_free = latents.mean((-2, -1))  # [N, F, C]: each frame and channel's spatial mean
     return {"oracle": True, "start": start, "clips": n, "latent_variance": float(latents.var(0).mean()),
-            "gain_digit": group_mean_gain(latents, digits),
-            "gain_caption": group_mean_gain(latents, [c["caption"] for c in items])}
+            "gain_digit": group_mean_gain(latents, digits), "gain_caption": group_mean_gain(latents, captions),
+            "gain_digit_global": group_mean_gain(layout_free, digits),
+            "gain_caption_global": group_mean_gain(layout_free, captions)}
 
 
 def main() -> None:
@@ -75,6 +95,8 @@ def main() -> None:
     p.add_argument("--timesteps", default="980,950,900,850,700,500")
     p.add_argument("--oracle-clips", type=int, default=0, help="also estimate an ideal model's gains on N clips")
     p.add_argument("--ema", action="store_true")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="how the checkpoints are run (default: their pipeline.json; bidirectional = a teacher)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -83,7 +105,7 @@ def main() -> None:
     rows = []
     for ckpt in args.checkpoints:
         t0 = time.perf_counter()
-        rows.append({**sensitivity(ckpt, args.start, args.clips, timesteps, args.ema),
+        rows.append({**sensitivity(ckpt, args.start, args.clips, timesteps, args.ema, args.sampler),
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
     if args.oracle_clips:

@@ -72,3 +72,36 @@ def test_generate_memory_streams_a_long_video_and_stops_a_endless_one(tmp_path):
     assert stop["exit_status"] == 130 and stop["stderr"] == ["selfforcing generate: stopped"]
     assert stop["files_left"] == [] and stop["samples"] >= 5
     assert stop["rss_mb_max"] < 4096
+
+
+def test_direction_overfit_fits_its_clips_and_reports_the_swap_gap(tmp_path, monkeypatch, capsys):
+    """benchmarks/direction_overfit.py on a 4-record store and a small random model: one probe per step, the ideal
+    gap is ||m_up - m_down||^2 of the picked clips, and the loss on the clips falls while it fits them."""
+    import json
+    import sys
+
+    import torch
+    from conftest import WAN_CONFIGS, make_model
+
+    from selfforcing.data.store import Store, StoreWriter
+
+    cfg = WAN_CONFIGS["a"]
+    g = torch.Generator().manual_seed(0)
+    with StoreWriter(str(tmp_path / "store")) as w:
+        for k, d in enumerate(["up", "down", "up", "left", "down"]):
+            w.add({"latents": torch.randn(3, cfg["in_channels"], 4, 6, generator=g) + (k % 2),
+                   "context": torch.randn(5, cfg["text_dim"], generator=g)}, {"caption": f"the digit 3 moves {d}"})
+    make_model(cfg).save_pretrained(tmp_path / "m")
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["direction_overfit", str(tmp_path / "m"), "--store", str(tmp_path / "store"),
+                                      "--clips-per-direction", "2", "--steps", "30", "--every", "15", "--lr", "3e-3",
+                                      "--out", str(out)])
+    load_benchmark("direction_overfit").main()
+    result = json.loads(out.read_text())
+    store = Store(str(tmp_path / "store"))
+    lat = [store.get(i, ("latents",))["latents"] for i in (0, 2, 1, 4)]
+    ideal = float(((lat[0] + lat[1]) / 2 - (lat[2] + lat[3]) / 2).pow(2).mean())
+    assert result["ideal_gap"] == round(ideal, 5) and result["clips"] == 4
+    assert [p["step"] for p in result["probes"]] == [0, 15, 30]
+    assert result["probes"][-1]["loss_true"] < result["probes"][0]["loss_true"]
+    assert "ideal_gap" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from selfforcing.eval.conditioning import caption_variant, flow_loss_by_context, group_mean_gain
+from selfforcing.eval.conditioning import caption_variant, flow_loss_by_context, group_mean_gain, time_reversal_residual
 from tests.benchmark_loader import load_benchmark
 
 
@@ -69,3 +69,36 @@ def test_the_shipped_model_uses_its_captions_digit():
     assert set(row) >= {"loss_true", "gap_opposite_direction", "gap_other_digit", "gap_null"}
     assert all(math.isfinite(v) for v in row["loss_true"])
     assert row["gap_other_digit"][0] > 0 and row["gap_null"][0] > 0
+
+
+def test_time_reversal_residual_is_zero_for_order_blind_models_only():
+    """A model that treats frames independently, or through |f - f'| only, is blind to time reversal (residual 0,
+    to rounding); a causal running mean, or a Wan model with frame embeddings, is not; a permutation is seen by all
+    but the per-frame one."""
+    x = torch.randn(2, 6, 3, 4, 4)
+    ctx = torch.zeros(2, 1, 1)
+
+    def per_frame(x_t, t, c, causal=False):
+        return 2 * x_t
+
+    def symmetric(x_t, t, c, causal=False):  # frames mix with weights exp(-|f - f'|)
+        f = torch.arange(x_t.shape[1], dtype=x_t.dtype)
+        w = torch.exp(-(f[:, None] - f[None]).abs())
+        return torch.einsum("gf,bfchw->bgchw", w, x_t)
+
+    def running_mean(x_t, t, c, causal=False):
+        n = torch.arange(1, x_t.shape[1] + 1, dtype=x_t.dtype)
+        return x_t.cumsum(1) / n[None, :, None, None, None]
+
+    assert time_reversal_residual(per_frame, x, ctx, 900)["reversed"] < 1e-6
+    assert time_reversal_residual(per_frame, x, ctx, 900)["permuted"] < 1e-6
+    sym = time_reversal_residual(symmetric, x, ctx, 900)
+    assert sym["reversed"] < 1e-5 and sym["permuted"] > 0.1
+    assert time_reversal_residual(running_mean, x, ctx, 900)["reversed"] > 0.1
+
+    from conftest import WAN_CONFIGS, make_model
+
+    cfg = WAN_CONFIGS["a"]
+    model = make_model(cfg, num_frame_embeddings=6)
+    xs, cs = torch.randn(1, 6, cfg["in_channels"], 4, 6), torch.randn(1, 5, cfg["text_dim"])
+    assert time_reversal_residual(model, xs, cs, 900)["reversed"] > 1e-2
