@@ -106,7 +106,12 @@ def measure_stop(stop_after: float, out_dir: str, num_frames: int = 1_000_000) -
         raise RuntimeError(f"generate ended by itself ({child.returncode}): {child.stderr.read()[-2000:]}")
     t_stop = time.monotonic()
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    try:
+        _, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where it hung (seen once on a machine running 4 jobs on 2 cores)
+        child.kill()
+        _, err = child.communicate()
+        raise RuntimeError(f"generate did not stop within 120 s of Ctrl-C; its stderr ends: {err[-3000:]}") from None
     stop_seconds = time.monotonic() - t_stop
     rss = [r for _, r in samples]
     half = len(rss) // 2
