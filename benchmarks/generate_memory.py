@@ -88,8 +88,11 @@ def measure_stop(stop_after: float, out_dir: str, num_frames: int = 1_000_000) -
     stopped with SIGINT ``stop_after`` seconds after its mp4 (temp file) was opened."""
     out = os.path.join(out_dir, "endless.mp4")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # a job started in the background by a non-interactive shell (`cmd &`, as CI runners may) ignores SIGINT, and an
+    # ignored signal stays ignored across exec: the child would never see the Ctrl-C. Give it the default back.
     child = subprocess.Popen([sys.executable, "-m", "selfforcing.cli", "generate", "--num-frames", str(num_frames),
-                              "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                              "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ps = psutil.Process(child.pid)
     samples = []
     deadline = time.monotonic() + 300
@@ -108,7 +111,7 @@ def measure_stop(stop_after: float, out_dir: str, num_frames: int = 1_000_000) -
     child.send_signal(signal.SIGINT)
     try:
         _, err = child.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # say where it hung (seen once on a machine running 4 jobs on 2 cores)
+    except subprocess.TimeoutExpired:  # say where it hung
         child.kill()
         _, err = child.communicate()
         raise RuntimeError(f"generate did not stop within 120 s of Ctrl-C; its stderr ends: {err[-3000:]}") from None
