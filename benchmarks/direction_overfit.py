@@ -7,11 +7,13 @@ opposite ways, at high noise, and watch the gap between the true and the swapped
 The clips are the first ``--clips-per-direction`` records of the store captioned "the digit D moves X" for each of
 the two directions (a store encoded with ``--start behind``, so a direction decides where the digit starts). The
 model (a bidirectional teacher; a training checkpoint keeps its architecture) trains on exactly these clips with
-AdamW at timesteps t = 1000 * 50u / (1 + 49u), u ~ U(0, 1) (nearly all above 0.9), where the prediction is all but
-the caption's mean. Every ``--every`` steps the loss at t = 980 (fixed noise) is taken with the true captions and with
-the two directions' captions swapped: ``gap`` = loss(swapped) - loss(true). ``ideal_gap`` is what predicting each
-direction's own mean instead of the other's is worth, ||m_a - m_b||^2 per element: a model that can place a digit
-by its caption closes most of it within these steps; one that cannot stays near 0 while its loss falls.
+AdamW at timesteps t = 1000 * 50u / (1 + 49u), u ~ U(0, 1) (the uniform draw shifted by 50: nearly all above 0.9),
+where the prediction is all but the caption's mean. Every ``--every`` steps the loss at t = 980 (fixed noise) is taken
+with the true captions and with the two directions' captions swapped
+(:func:`selfforcing.eval.conditioning.flow_loss_by_context`): ``gap`` = loss(swapped) - loss(true). ``ideal_gap``
+is what predicting each direction's own mean instead of the other's is worth, ||m_a - m_b||^2 per element: a model
+that can place a digit by its caption closes most of it within these steps; one that cannot stays near 0 while its
+loss falls.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import torch
 
 from selfforcing import flow
 from selfforcing.data.store import Store
+from selfforcing.eval.conditioning import flow_loss_by_context
 from selfforcing.models import CausalWanModel
+from selfforcing.training.losses import flow_matching_loss
+
+HIGH_NOISE_SHIFT = 50.0  # the training timesteps' shift: t = 1000 * 50u / (1 + 49u)
 
 
 def main() -> None:
@@ -64,14 +70,10 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     eval_noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
-    t_eval = torch.full((len(idx),), 980.0)
-    x_eval = flow.add_noise(x0, eval_noise, t_eval)
-    target_eval = flow.flow_target(x0, eval_noise)
 
-    @torch.no_grad()
     def probe(step: int) -> dict:
-        true = float((model(x_eval, t_eval, ctx, causal=False) - target_eval).pow(2).mean())
-        swap = float((model(x_eval, t_eval, swapped, causal=False) - target_eval).pow(2).mean())
+        losses = flow_loss_by_context(model, x0, {"true": ctx, "swapped": swapped}, [980.0], noise=eval_noise)
+        true, swap = losses["true"][0], losses["swapped"][0]
         return {"step": step, "loss_true": round(true, 5), "gap": round(swap - true, 5)}
 
     rows, t0 = [], time.perf_counter()
@@ -81,10 +83,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         if step == args.steps:
             break
-        u = torch.rand(len(idx), generator=g)
-        t = 1000 * 50 * u / (1 + 49 * u)
+        t = flow.training_timesteps(torch.rand(len(idx), generator=g), distribution="uniform", shift=HIGH_NOISE_SHIFT)
         eps = torch.randn(x0.shape, generator=g)
-        loss = (model(flow.add_noise(x0, eps, t), t, ctx, causal=False) - flow.flow_target(x0, eps)).pow(2).mean()
+        loss = flow_matching_loss(model(flow.add_noise(x0, eps, t), t, ctx, causal=False), x0, eps)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -99,19 +99,18 @@ class PipelineSpec:
 
     @classmethod
     def from_json(cls, data, source: str) -> PipelineSpec:
-        """A spec from its :meth:`to_json` form; errors name ``source``."""
-        path = source
-        data = dict(data) if isinstance(data, dict) else data
-        if not isinstance(data, dict) or data.pop("format", None) != SPEC_FORMAT:
-            raise ValueError(f"{path}: not a {SPEC_FORMAT} file")
+        """A spec from its :meth:`to_json` form (not modified); errors name ``source``."""
+        if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
+            raise ValueError(f"{source}: not a {SPEC_FORMAT} file")
+        data = {k: v for k, v in data.items() if k != "format"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}")
+            raise ValueError(f"{source}: unknown keys {unknown}")
         try:
             return cls(**data)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from err
+            raise ValueError(f"{source}: {err}") from err
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | os.PathLike) -> PipelineSpec:

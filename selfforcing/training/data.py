@@ -45,6 +45,7 @@ def batch_rng(cfg: TrainConfig, step: int, micro: int, purpose: int, device, bat
 
 SAMPLE_PURPOSE = 99  # the purpose of the fixed batch that samples and pipeline specs are drawn from
 IMAGE_RNG_STREAM, IMAGE_CLIP_STREAM = 2, 3  # streams of the single frames of image-video joint training
+IMAGE_FRAME_STREAM = 12  # the stream that picks which frame of their clips a micro-batch's single frames are
 
 
 class RandomLatents:
@@ -194,13 +195,18 @@ class StoreRecords:
             out.update(self._images(step, micro, purpose, bi))
         return out
 
+    @functools.cached_property
+    def _clip_frames(self) -> int:
+        """Latent frames of a stored clip (every record of a store has the same shape)."""
+        return self.store.get(0, ("latents",))["latents"].shape[0]
+
     def _images(self, step: int, micro: int, purpose: int, bi: int) -> dict:
         """Image-video joint training from a store of clips: frame f of record r as a 1-frame video [1, C, h, w] with
         its clip's caption states. r is picked by the image's seed; f is one per micro-batch (``image_start_frame``,
         picked by the step's seed), so the images are one forward at their frame's position (frame embeddings)."""
         latents, contexts = [], []
-        frames = self.store.get(0, ("latents",))["latents"].shape[0]
-        f = _pick(sample_seed(self.cfg.seed, step, purpose, global_indices(1, micro)[0], IMAGE_RNG_STREAM + 10), frames)
+        f = _pick(sample_seed(self.cfg.seed, step, purpose, global_indices(1, micro)[0], IMAGE_FRAME_STREAM),
+                  self._clip_frames)
         for i in global_indices(bi, micro):
             seed = sample_seed(self.cfg.seed, step, purpose, i, IMAGE_CLIP_STREAM)
             rec = self.store.get(_pick(seed, len(self.store)), ("latents", "context"))

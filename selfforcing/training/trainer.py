@@ -324,8 +324,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
             _write_samples(cfg, state, batches)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
-            spec = spec or pipeline_spec(cfg, batches, step)
-            spec.extra["trained_steps"] = step
+            spec = _spec_at(spec, cfg, batches, step)
             save_checkpoint(ckpt_dir, step, state.models, state.optimizers, state.ema,
                             {"config": to_dict(cfg), "pipeline": spec.to_json()},
                             sharded=cfg.checkpoint_format == "sharded", keep=cfg.keep_checkpoints)
@@ -333,7 +332,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
         bar.close()
     logger.close()
     if total > 0 and state.step >= total:
-        export_generator(state, os.path.join(cfg.out_dir, "final"), pipeline_spec(cfg, batches, state.step))
+        export_generator(state, os.path.join(cfg.out_dir, "final"), _spec_at(spec, cfg, batches, state.step))
     return state
 
 
@@ -350,6 +349,14 @@ def _clip_start(cfg: TrainConfig) -> str:
 
         return read_manifest(cfg.data.path).get("attrs", {}).get("start", "uniform")
     return cfg.data.start
+
+
+def _spec_at(spec: PipelineSpec | None, cfg: TrainConfig, batches, step: int) -> PipelineSpec:
+    """The generator's spec at ``step``: made once (it draws the sample batch for the latent size), then only its
+    ``trained_steps`` moves on."""
+    spec = spec or pipeline_spec(cfg, batches, step)
+    spec.extra["trained_steps"] = step
+    return spec
 
 
 def pipeline_spec(cfg: TrainConfig, batches, step: int) -> PipelineSpec:

@@ -1142,13 +1142,13 @@ static Tensor patchify(const Tensor& x, const Tensor& w, const Tensor& bias, int
 // A whole no-grad forward (CausalWanModel.forward on the native path): the patch embedding of the latents
 // (a finished chunk's first, if fused, then the chunk's) plus the absolute embeddings if any, the blocks
 // (run_blocks), and, unless kv_only, the output head: LayerNorm(x) (1 + scale) + shift with {shift, scale} =
-// head_table + temb of the chunk's frames, the output projection, and the unpatchify. temb [B, F, D] of all frames; returns v [B, F', C_out, H, W] (undefined for
-// kv_only).
+// head_table + temb of the chunk's frames, the output projection, and the unpatchify. temb [B, F, D] of all frames;
+// returns v [B, F', C_out, H, W] (undefined for kv_only).
 static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor patch_b, int64_t ph, int64_t pw,
                           Tensor positions, Tensor e, Tensor temb, Tensor rope, std::vector<Tensor> weights,
                           std::vector<Tensor> cross_k, std::vector<Tensor> cross_v, Tensor cache_k, Tensor cache_v,
-                          Tensor slots, int64_t visible,
-                          Tensor read_index, Tensor pending_slots, int64_t pending_visible, Tensor pending_read_index,
+                          Tensor slots, int64_t visible, Tensor read_index, Tensor pending_slots,
+                          int64_t pending_visible, Tensor pending_read_index,
                           bool kv_only, int64_t heads, double ln_eps, double rms_eps, int64_t short_keys,
                           bool cross_norm, bool ffn_onednn, Tensor head_table, Tensor proj_w, Tensor proj_b,
                           double head_eps, Tensor key_ends) {
