@@ -1,5 +1,6 @@
-"""`selfforcing eval` and selfforcing.eval.evaluate: end to end on tiny random checkpoints, resume, the GT-cache
-path against the library samplers, the fast Frechet distance against the metrics library, bad input."""
+"""`selfforcing eval` and selfforcing.eval (evaluate, specs, runner, aggregate, report): end to end on tiny random
+checkpoints, resume, the GT-cache path against the library samplers, the fast Frechet distance against the metrics
+library, bad input."""
 
 import json
 import os
@@ -156,13 +157,14 @@ def test_gt_cache_fed_own_rollout_reproduces_it(kv_window):
 
 
 def test_window_fd_equals_metrics_frechet_distance():
+    from selfforcing.eval.aggregate import _WindowFD
     from selfforcing.eval.metrics import frechet_distance
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(6, 8, 5, generator=g, dtype=torch.float64)
     gen = torch.randn(4, 8, 5, generator=g, dtype=torch.float64) * 1.5 + 0.3
     wins = [(0, 4), (4, 8)]
-    fd = ev._WindowFD(ref, wins)
+    fd = _WindowFD(ref, wins)
     counts = np.array([[1.0, 1, 1, 1], [2, 0, 1, 1]])
     got = fd.curves(gen, counts)
     for r, idx in enumerate([[0, 1, 2, 3], [0, 0, 2, 3]]):
@@ -254,21 +256,17 @@ def test_the_shift_comes_from_the_trained_folder(tmp_path):
 def test_real_clips_follow_the_training_data_in_pipeline_json(tmp_path):
     """The real reference clips are drawn like the checkpoint's training clips (digits per clip, digit pool), as
     its pipeline.json records them; flags override; without a spec the dataset defaults hold."""
-    import argparse
-
-    from selfforcing.commands.eval import _real_clip_settings
     from selfforcing.data.moving_digits import split_indices
+    from selfforcing.eval.specs import real_clip_settings
     from selfforcing.pipeline import PipelineSpec
 
     _tiny(0).save_pretrained(tmp_path / "m")
     PipelineSpec(dataset={"kind": "moving-digits", "num_digits": [1, 1], "images_per_digit": 1, "size": 64}).save(
         tmp_path / "m")
     _tiny(0).save_pretrained(tmp_path / "plain")
-    flags = argparse.Namespace(num_digits=None, images_per_digit=None)
-    assert _real_clip_settings(flags, str(tmp_path / "m")) == ((1, 1), 1)
-    assert _real_clip_settings(flags, str(tmp_path / "plain")) == ((1, 2), None)
-    assert _real_clip_settings(argparse.Namespace(num_digits=(2, 3), images_per_digit=4), str(tmp_path / "m")) == (
-        (2, 3), 4)
+    assert real_clip_settings(str(tmp_path / "m")) == ((1, 1), 1)
+    assert real_clip_settings(str(tmp_path / "plain")) == ((1, 2), None)
+    assert real_clip_settings(str(tmp_path / "m"), num_digits=(2, 3), images_per_digit=4) == ((2, 3), 4)
     with pytest.raises(SystemExit) as info:  # an argparse error: usage status 2
         main(["eval", "--out", str(tmp_path / "o"), "--checkpoint", f"m={tmp_path / 'm'}", "--num-digits", "x"])
     assert info.value.code == 2

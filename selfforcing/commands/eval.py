@@ -1,5 +1,5 @@
 """`selfforcing eval`: compare generators on Moving-Digits over long rollouts (quality, adherence, drift per time
-window; GT KV cache vs own rollout), resumable. The logic is :mod:`selfforcing.eval.evaluate`."""
+window; GT KV cache vs own rollout), resumable. The logic is :mod:`selfforcing.eval` (``evaluate``)."""
 
 from __future__ import annotations
 
@@ -60,19 +60,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def _real_clip_settings(args: argparse.Namespace, checkpoint: str) -> tuple[tuple[int, int], int | None]:
-    """(num_digits, images_per_digit) of the real reference clips: the flags, else the training clips recorded
-    in the first checkpoint's pipeline.json, else the dataset's defaults (1..2 digits, every image)."""
-    from selfforcing.pipeline import PipelineSpec
+def _prompts(text: str) -> tuple[list[str] | None, int]:
+    """``--prompts``: (None, N) for a number N of test-clip captions, or (the file's prompts, 16) for a file."""
+    from selfforcing.data.prompts import read_prompt_file
 
-    clips = (PipelineSpec.for_checkpoint(checkpoint) if os.path.exists(checkpoint) else PipelineSpec()).clip_settings()
-    lo, hi = args.num_digits if args.num_digits is not None else clips["num_digits"]
-    images = args.images_per_digit if args.images_per_digit is not None else clips["images_per_digit"]
-    return (int(lo), int(hi)), images
+    if text.strip().isdigit():
+        num_prompts = int(text)
+        if num_prompts < 1:
+            raise ValueError(f"--prompts N needs N >= 1, got {text}")
+        return None, num_prompts
+    if not os.path.isfile(text):
+        raise FileNotFoundError(f"--prompts: neither a number nor an existing prompt file: {text}")
+    return read_prompt_file(text), 16
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfforcing.eval.evaluate import EvalSettings, evaluate, load_method_specs, parse_checkpoint_arg, parse_lengths
+    """Parse the methods and settings, run :func:`selfforcing.eval.evaluate.evaluate`, print where it wrote."""
+    # The library loads here, not at the top: `selfforcing eval --help` and argument errors skip torch (about 2 s).
+    import torch
+
+    from selfforcing.eval.evaluate import evaluate
+    from selfforcing.eval.specs import (
+        EvalSettings,
+        load_method_specs,
+        parse_checkpoint_arg,
+        parse_lengths,
+        real_clip_settings,
+    )
 
     methods = load_method_specs(args.methods) if args.methods else []
     for item in args.checkpoint:
@@ -82,24 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if not methods:
         raise ValueError("give at least one method: --checkpoint NAME=PATH[:SAMPLER] or --methods FILE")
     lengths = parse_lengths(args.lengths)
-    prompts, num_prompts = None, 16
-    if args.prompts.strip().isdigit():
-        num_prompts = int(args.prompts)
-        if num_prompts < 1:
-            raise ValueError(f"--prompts N needs N >= 1, got {args.prompts}")
-    else:
-        from selfforcing.data.prompts import read_prompt_file
-
-        if not os.path.isfile(args.prompts):
-            raise FileNotFoundError(f"--prompts: neither a number nor an existing prompt file: {args.prompts}")
-        prompts = read_prompt_file(args.prompts)
+    prompts, num_prompts = _prompts(args.prompts)
     steps = [float(v) for v in args.steps.split(",")]
-    num_digits, images_per_digit = _real_clip_settings(args, methods[0].checkpoint)
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_digits, images_per_digit = real_clip_settings(methods[0].checkpoint, args.num_digits, args.images_per_digit)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = EvalSettings(
         out_dir=args.out, lengths=lengths, num_samples=args.num_samples, num_prompts=num_prompts, prompts=prompts,
         train_frames=args.train_frames, window=args.window, seed=args.seed, batch_size=args.batch_size,
