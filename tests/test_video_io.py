@@ -1,6 +1,5 @@
 """mp4 / GIF / PNG out and mp4 in (PyAV, Pillow), and the `data sample` command."""
 
-import argparse
 import json
 import os
 
@@ -10,17 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selfforcing.commands import data as data_command
+from selfforcing.cli import main
 from selfforcing.data.moving_digits import parse_caption, render_clip
 from selfforcing.io import read_video, to_float_video, to_uint8_frames, write_contact_sheet, write_gif, write_mp4
 from selfforcing.io.video import gif_frame_durations
-
-
-def data_parser() -> argparse.ArgumentParser:
-    """The `data` command's arguments on a local parser (what `selfforcing data ...` gets from cli.py)."""
-    parser = argparse.ArgumentParser(prog="selfforcing data")
-    data_command.add_arguments(parser)
-    return parser
 
 
 def gif_play_time_ms(path) -> int:
@@ -126,10 +118,8 @@ def test_bad_video_input(tmp_path):
 
 def test_data_sample_writes_a_clip_and_prints_its_caption(tmp_path, capsys):
     out, gif, sheet = tmp_path / "x.mp4", tmp_path / "x.gif", tmp_path / "x.png"
-    parser = data_parser()
-    args = parser.parse_args(["sample", "--dataset", "moving-digits", "--num-frames", "20", "--seed", "4",
-                              "--index", "2", "--out", str(out), "--gif", str(gif), "--sheet", str(sheet), "--json"])
-    assert data_command.run(args) == 0
+    assert main(["data", "sample", "--dataset", "moving-digits", "--num-frames", "20", "--seed", "4", "--index", "2",
+                 "--out", str(out), "--gif", str(gif), "--sheet", str(sheet), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     clip = render_clip("train", 2, num_frames=20, seed=4)
     assert info["caption"] == clip["caption"] and info["labels"] == clip["labels"].tolist()
@@ -141,9 +131,8 @@ def test_data_sample_writes_a_clip_and_prints_its_caption(tmp_path, capsys):
     assert Image.open(gif).size == (64, 64) and gif_play_time_ms(gif) == 20 * 125
     assert Image.open(sheet).size == (8 * 66 + 2, 3 * 66 + 2)
     # plain output: just the caption; a test-split clip, another size
-    args = parser.parse_args(["sample", "--split", "test", "--size", "48", "--num-frames", "3", "--num-digits", "1",
-                              "--out", str(tmp_path / "t.mp4")])
-    assert data_command.run(args) == 0
+    assert main(["data", "sample", "--split", "test", "--size", "48", "--num-frames", "3", "--num-digits", "1",
+                 "--out", str(tmp_path / "t.mp4")]) == 0
     expected = render_clip("test", 0, num_frames=3, size=48, num_digits=(1, 1))["caption"]
     assert capsys.readouterr().out.strip() == expected
     assert read_video(tmp_path / "t.mp4").shape == (3, 48, 48, 3)
@@ -153,13 +142,13 @@ def test_data_sample_writes_a_clip_and_prints_its_caption(tmp_path, capsys):
                                  ["--size", "20"], ["--fps", "-1"], ["--split", "val"], ["--index", "-3"]])
 def test_data_sample_rejects_bad_arguments(tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as err:
-        data_parser().parse_args(["sample", "--out", str(tmp_path / "x.mp4"), *bad])
+        main(["data", "sample", "--out", str(tmp_path / "x.mp4"), *bad])
     assert err.value.code == 2 and bad[0] in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_data_sample_reports_impossible_settings(tmp_path):
-    args = data_parser().parse_args(["sample", "--num-digits", "1,4", "--out", str(tmp_path / "x.mp4")])
-    with pytest.raises(ValueError, match="num_digits"):
-        data_command.run(args)
+def test_data_sample_reports_impossible_settings(tmp_path, capsys):
+    assert main(["data", "sample", "--num-digits", "1,4", "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfforcing data: ") and "num_digits" in err
     assert not (tmp_path / "x.mp4").exists()

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from selfforcing.commands.data import range_of
+from selfforcing.commands.argtypes import range_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
