@@ -1,6 +1,5 @@
 """Streaming generation: Algorithm 2 chunk by chunk, rolling cache, prompt switching, continuation, CLI."""
 
-import argparse
 import json
 import os
 
@@ -160,8 +159,6 @@ def test_generate_encodes_each_chunk_into_the_mp4_as_it_is_made(parts, tmp_path,
 def test_generate_that_fails_or_is_stopped_leaves_no_file(parts, tmp_path, capsys, monkeypatch, failure):
     """A run that fails (or is stopped with Ctrl-C) midway leaves no partial mp4 and no temp file; a video already at
     the path is left as it was."""
-    from selfforcing.commands import generate
-
     model, _, _ = parts
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "videos" / "x.mp4"
@@ -174,17 +171,15 @@ def test_generate_that_fails_or_is_stopped_leaves_no_file(parts, tmp_path, capsy
         return real_next(self)
 
     monkeypatch.setattr(StreamingGenerator, "next_chunk", next_chunk)
-    parser = argparse.ArgumentParser()
-    generate.add_arguments(parser)
-    args = parser.parse_args(["--prompt", "the digit 3 moves right", "--checkpoint", str(tmp_path / "m"),
-                              "--num-frames", "30", "--text-len", "16", "--out", str(out)])
+    argv = ["generate", "--debug", "--prompt", "the digit 3 moves right", "--checkpoint", str(tmp_path / "m"),
+            "--num-frames", "30", "--text-len", "16", "--out", str(out)]  # --debug: the error is raised, not printed
     with pytest.raises(type(failure)):
-        generate.run(args)
+        main(argv)
     assert made == [1, 1, 1] and os.listdir(out.parent) == []  # no mp4, no .tmp-* file
     out.write_bytes(b"an older video")
     made.clear()
     with pytest.raises(type(failure)):
-        generate.run(args)
+        main(argv)
     assert os.listdir(out.parent) == ["x.mp4"] and out.read_bytes() == b"an older video"
 
 
@@ -286,20 +281,16 @@ def test_original_format_generator_ema_generates_the_same_frames(parts, tmp_path
 
 
 def test_bad_generate_input(parts, tmp_path):
-    """The library-level errors behind ``generate``'s one-line CLI errors (the CLI itself: tests/test_cli.py)."""
-    from selfforcing.commands import generate
+    """The errors behind ``generate``'s one-line CLI errors, raised with --debug (the one-line form: tests/test_cli.py)."""
     from selfforcing.errors import UsageError
     from selfforcing.models.state_dict_adapter import load_checkpoint_file
 
     model, _, _ = parts
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "empty.txt").write_text("\n\n")
-    parser = argparse.ArgumentParser()
-    generate.add_arguments(parser)
 
     def run(*argv):
-        return generate.run(parser.parse_args(["--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "x.mp4"),
-                                               *argv]))
+        return main(["generate", "--debug", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "x.mp4"), *argv])
 
     with pytest.raises(ValueError, match="no prompts"):
         run("--prompts", str(tmp_path / "empty.txt"))
@@ -312,8 +303,8 @@ def test_bad_generate_input(parts, tmp_path):
         load_checkpoint_file(tmp_path / "bad.pt")
     torch.save({"generator": CausalWanModel.from_preset("tiny", num_layers=1).state_dict()}, tmp_path / "small.pt")
     with pytest.raises(ValueError, match="does not fit this model config"):
-        generate.run(parser.parse_args(["--prompt", "a", "--checkpoint", str(tmp_path / "small.pt"),
-                                        "--out", str(tmp_path / "x.mp4")]))
+        main(["generate", "--debug", "--prompt", "a", "--checkpoint", str(tmp_path / "small.pt"),
+              "--out", str(tmp_path / "x.mp4")])
     assert not (tmp_path / "x.mp4").exists()
 
 

@@ -1,4 +1,5 @@
-"""`selfforcing generate`: stream a video for each prompt with the few-step KV-cache sampler, write mp4.
+"""`selfforcing generate`: stream a video for each prompt with the few-step KV-cache sampler, write mp4 (the logic:
+:mod:`selfforcing.generate`).
 
 Memory stays flat however long the video: the KV cache rolls over a window of the model's training length (from
 ``pipeline.json``) unless ``--window-frames 0`` asks for a cache over the whole video (refused up front, with both
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
+
+from selfforcing.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,8 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _switches(args: argparse.Namespace) -> dict[int, tuple[str, bool]]:
     """``--switch CHUNK:PROMPT`` items as {chunk: (prompt, recache)}; a malformed or empty one is a UsageError."""
-    from selfforcing.errors import UsageError
-
     switches = {}
     for item in args.switch:
         chunk, _, prompt = item.partition(":")
@@ -78,7 +77,7 @@ def _switches(args: argparse.Namespace) -> dict[int, tuple[str, bool]]:
 
 def _prompts(args: argparse.Namespace) -> list[str] | None:
     """The prompts asked for (None: the checkpoint's default prompt); empty ones are errors naming the flag."""
-    from selfforcing.data.prompts import read_prompt_file, require_prompt
+    from selfforcing.data.prompts import read_prompt_file, require_prompt  # here: selfforcing.data loads torch
 
     if args.prompts:
         return read_prompt_file(args.prompts)  # blank lines are skipped; a file with none is an error
@@ -87,53 +86,16 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def _output_paths(out: str, count: int) -> list[str]:
-    """The mp4 path of each of ``count`` videos: ``out`` itself for one, NAME_0.mp4, NAME_1.mp4, ... for several."""
-    return [out] if count == 1 else [f"{os.path.splitext(out)[0]}_{i}.mp4" for i in range(count)]
-
-
-def _sheet_every(num_frames: int) -> int:
-    """The contact sheet shows every k-th frame: at most 32 tiles."""
-    return max(1, -(-num_frames // 32))
-
-
-def _stream_few_step(gen, prompt: str, latent_frames: int, num_frames: int, seed: int, switches, prefix,
-                     mp4, keep_every: int | None) -> tuple[int, float, list]:
-    """Stream one video into the open ``mp4`` writer, chunk by chunk, keeping only every ``keep_every``-th frame
-    (for the contact sheet; None: none). Returns (chunks, first chunk's seconds, kept frames)."""
-    written, chunks, first, kept = 0, 0, 0.0, []
-    for chunk in gen.stream(prompt, latent_frames, seed=seed, switches=switches, prefix_video=prefix):
-        frames = chunk.frames[: num_frames - written]
-        if not len(frames):  # the last chunk's extra latent frames decode past --num-frames
-            continue
-        if keep_every:
-            kept += [(written + j, frames[j]) for j in range(-written % keep_every, len(frames), keep_every)]
-        mp4.write(frames)
-        written += len(frames)
-        first = first or chunk.seconds
-        chunks += 1
-    return chunks, first, kept
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from selfforcing.errors import UsageError
-    from selfforcing.fileio import check_writable
-    from selfforcing.inference import CacheTooLarge, StreamingGenerator
-    from selfforcing.io import Mp4Writer, read_video, to_float_video, write_contact_sheet
-    from selfforcing.pipeline import load_pipeline, sample_many_step
-
+def _check_numbers(args: argparse.Namespace) -> None:
+    """--num-frames and --window-frames in range (UsageError naming the flag)."""
     if args.num_frames < 1:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
     if args.window_frames is not None and args.window_frames < 0:
         raise UsageError(f"--window-frames must be >= 0 (0: a cache over the whole video), got {args.window_frames}")
-    switches = _switches(args)
-    prompts = _prompts(args)
-    outs = _output_paths(args.out, len(prompts) if prompts else 1)
-    for path in outs + ([args.sheet] if args.sheet else []):
-        check_writable(path)  # before any compute: a read-only destination fails now, not after the video
-    prefix = to_float_video(read_video(args.init_video))[None] if args.init_video else None
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The pipeline.json fields the flags change (None: the checkpoint's)."""
     overrides = dict(sampler=args.sampler, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
                      text_len=args.text_len, shift=args.shift, num_steps=args.num_steps,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, fps=args.fps)
@@ -141,49 +103,50 @@ def run(args: argparse.Namespace) -> int:
         overrides["denoising_steps"] = tuple(float(s) for s in args.steps.split(","))
     if args.latent_size:
         overrides["latent_size"] = tuple(int(v) for v in args.latent_size.split(","))
+    return overrides
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    """One line per video: the report as JSON, or a sentence."""
+    print(json.dumps(report) if as_json else f"{report['path']}: {report['frames']} frames in "
+          f"{report['seconds']:.2f} s ({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)",
+          flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate a video per prompt (see the module doc); prints a report line per video."""
+    # The library loads here, not at the top: `selfforcing generate --help` stays at 0.05 s (torch and the models
+    # take about 4 s to import).
+    from selfforcing.fileio import check_writable
+    from selfforcing.generate import output_paths, streaming_generator, streaming_window, write_video
+    from selfforcing.inference import CacheTooLarge
+    from selfforcing.io import read_video, to_float_video
+    from selfforcing.pipeline import load_pipeline
+
+    _check_numbers(args)
+    switches = _switches(args)
+    prompts = _prompts(args)
+    outs = output_paths(args.out, len(prompts) if prompts else 1)
+    for path in outs + ([args.sheet] if args.sheet else []):
+        check_writable(path)  # before any compute: a read-only destination fails now, not after the video
+    prefix = to_float_video(read_video(args.init_video))[None] if args.init_video else None
     model, ae, text, spec = load_pipeline(args.checkpoint, preset=args.preset, use_ema=args.use_ema,
-                                          device=args.device, **overrides)
+                                          device=args.device, **_overrides(args))
     if args.unconditional:
         prompts = [spec.negative_prompt]  # the null prompt of text dropout / CFG
     prompts = prompts or [spec.default_prompt]
-    h, w = spec.latent_size
-    latent_frames = ae.latent_frames(args.num_frames)
-    window = args.window_frames
-    if window is None and spec.sampler == "few-step" and spec.training_frames:
-        window = ae.latent_frames(spec.training_frames)  # Self Forcing streams through a window of its training length
-    window = window or None  # 0: the whole video in the cache
-    prefix_frames = ae.latent_frames(prefix.shape[1]) if prefix is not None else 0
-    capacity = latent_frames + prefix_frames + 2 * model.config.num_frame_per_block  # chunks may end past the count
+    window = streaming_window(spec, ae, args.window_frames)
     try:
-        gen = StreamingGenerator(model, ae, text, (h, w), steps=spec.warped_steps().tolist(),
-                                 window_frames=window, sink_frames=args.sink_frames,
-                                 max_frames=capacity, negative_prompt=spec.negative_prompt)
+        gen = streaming_generator(model, ae, text, spec, latent_frames=ae.latent_frames(args.num_frames),
+                                  window_frames=window, sink_frames=args.sink_frames,
+                                  prefix_frames=ae.latent_frames(prefix.shape[1]) if prefix is not None else 0)
     except CacheTooLarge as err:
         raise MemoryError(f"a KV cache over the whole video ({err.frames} latent frames) needs {err.need / 1e9:.1f} "
                           f"GB and {err.have / 1e9:.1f} GB of memory is available: omit --window-frames (a rolling "
                           f"window of the training length), give --window-frames N, or fewer --num-frames") from None
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
-        t0 = time.perf_counter()
-        keep_every = _sheet_every(args.num_frames) if args.sheet and i == 0 else None
-        with Mp4Writer(out, fps=spec.fps) as mp4:
-            if spec.sampler == "few-step":
-                chunks, first_latency, kept = _stream_few_step(gen, prompt, latent_frames, args.num_frames,
-                                                               args.seed + i, switches, prefix, mp4, keep_every)
-            else:  # not streamed: the whole clip arrives at once
-                frames = sample_many_step(model, ae, text, spec, prompt, latent_frames, seed=args.seed + i,
-                                          window_frames=args.window_frames or None,
-                                          sink_frames=args.sink_frames)[: args.num_frames]
-                mp4.write(frames)
-                chunks, first_latency = 1, time.perf_counter() - t0
-                kept = [(j, frames[j]) for j in range(0, len(frames), keep_every)] if keep_every else []
-            count = mp4.frames
-        seconds = time.perf_counter() - t0
-        if kept:
-            write_contact_sheet(args.sheet, torch.stack([f for _, f in kept]), labels=[str(j) for j, _ in kept])
-        report = {"path": out, "prompt": prompt, "frames": count, "seconds": round(seconds, 3),
-                  "fps": round(count / seconds, 2), "first_chunk_latency_s": round(first_latency, 4),
-                  "chunks": chunks, "sampler": spec.sampler, "window_frames": window,
-                  "unconditional": bool(args.unconditional)}
-        print(json.dumps(report) if args.json else f"{out}: {report['frames']} frames in {seconds:.2f} s "
-              f"({report['fps']} fps, first chunk {report['first_chunk_latency_s']} s)", flush=True)
+        report = write_video(out, gen, spec, prompt, num_frames=args.num_frames, seed=args.seed + i,
+                             switches=switches, prefix=prefix, window_frames=args.window_frames or None,
+                             sink_frames=args.sink_frames, sheet=args.sheet if i == 0 else None)
+        _print_report({**report, "window_frames": window, "unconditional": bool(args.unconditional)}, args.json)
     return 0
