@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _prompts(text: str) -> tuple[list[str] | None, int]:
     """``--prompts``: (None, N) for a number N of test-clip captions, or (the file's prompts, 16) for a file."""
-    from selfforcing.data.prompts import read_prompt_file
+    from selfforcing.data.prompts import read_prompt_file  # here: the selfforcing.data package loads torch
 
     if text.strip().isdigit():
         num_prompts = int(text)

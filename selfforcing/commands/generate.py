@@ -14,6 +14,7 @@ import argparse
 import json
 
 from selfforcing.errors import UsageError
+from selfforcing.fileio import check_writable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
     """Generate a video per prompt (see the module doc); prints a report line per video."""
     # The library loads here, not at the top: `selfforcing generate --help` stays at 0.05 s (torch and the models
     # take about 4 s to import).
-    from selfforcing.fileio import check_writable
     from selfforcing.generate import output_paths, streaming_generator, streaming_window, write_video
     from selfforcing.inference import CacheTooLarge
     from selfforcing.io import read_video, to_float_video
