@@ -5,6 +5,7 @@ import torch
 from conftest import WAN_CONFIGS, make_model
 
 from selfforcing.flow import blockwise_timesteps
+from selfforcing.models import CausalWanModel
 from selfforcing.models.attention import block_causal_frame_mask, block_sizes_for, teacher_forcing_frame_mask
 
 CFG = WAN_CONFIGS["a"]
@@ -329,3 +330,47 @@ def test_absolute_embeddings_give_the_frame_and_place_and_start_as_the_plain_mod
         make_model(CFG, num_frame_embeddings=-1)
     with pytest.raises(ValueError, match="token grid"):
         fe(torch.randn(1, 3, C, 6, 6), torch.rand(1) * 999, ctx[:1], causal=False)  # a 3x3 grid, the table's 2x3
+
+
+def test_caption_layout_starts_as_the_plain_model_and_moves_tokens_by_caption_for_its_first_frames(tmp_path):
+    """The caption layout (``caption_layout_rank``): weights saved without it load (from a state dict, and from a
+    save_pretrained folder with the option given as an override) into the same function, since its vectors start at
+    zero; once trained, it changes the output by caption, only for noisy frames f < K (a chunk from frame K on, or
+    clean frames, equal the plain model's), and a stream through the KV cache equals the full block-causal forward."""
+    layout = dict(caption_layout_rank=3, caption_layout_size=(4, 2, 3))
+    plain = make_model(CFG)
+    fresh = CausalWanModel(**CFG, **layout).eval()  # as built: zero vectors (make_model would perturb them)
+    fresh.load_weights(plain.state_dict())
+    assert not fresh.caption_layout_vectors.any() and fresh.caption_layout_maps.std() > 0.1
+    plain.save_pretrained(tmp_path / "plain")
+    from_folder = CausalWanModel.from_checkpoint(str(tmp_path / "plain"), **layout)
+    assert from_folder.config.caption_layout_rank == 3 and not from_folder.caption_layout_vectors.any()
+    clean, noisy, t, ctx = _data(6, seed=4)
+    other = torch.randn_like(ctx)
+    trained = make_model(CFG, **layout)
+    trained.load_weights({**plain.state_dict(), **{k: v for k, v in trained.state_dict().items()
+                                                   if k.startswith("caption_layout")}})
+    with torch.no_grad():
+        for causal in (True, False):
+            want = plain(noisy, t, ctx, causal=causal)
+            assert torch.equal(fresh(noisy, t, ctx, causal=causal), want)
+            torch.testing.assert_close(from_folder(noisy, t, ctx, causal=causal), want)
+        moved = trained(noisy, t, ctx, causal=False)
+        assert (moved - plain(noisy, t, ctx, causal=False)).abs().max() > 1e-2
+        moved_other = trained(noisy, t, other, causal=False) - plain(noisy, t, other, causal=False)
+        assert (moved - plain(noisy, t, ctx, causal=False) - moved_other).abs().max() > 1e-3  # chosen by the caption
+        clean_t = torch.zeros_like(t)  # sigma = 0: no prior on a clean frame
+        assert torch.equal(trained(clean, clean_t, ctx, causal=False), plain(clean, clean_t, ctx, causal=False))
+        late = noisy[:, :2], t[:, :2]  # frames 4-5: past the maps' 4 frames
+        assert torch.equal(trained(*late, ctx, causal=False, start_frame=4), plain(*late, ctx, causal=False,
+                                                                                   start_frame=4))
+        cache = trained.new_kv_cache(2, 4, 6, max_frames=6)
+        outs = _stream(trained, clean, noisy, t, ctx, cache, [3, 3])
+        for (s, e), out in zip([(0, 3), (3, 6)], outs):
+            torch.testing.assert_close(out, _full_reference(trained, clean, noisy, t, ctx, s, e), rtol=1e-4, atol=1e-5)
+    for bad in (dict(caption_layout_rank=2), dict(caption_layout_rank=-1, caption_layout_size=(4, 2, 3)),
+                dict(caption_layout_rank=2, caption_layout_size=(4, 0, 3))):
+        with pytest.raises(ValueError, match="caption_layout"):
+            make_model(CFG, **bad)
+    with pytest.raises(ValueError, match="caption layout maps"):
+        trained(torch.randn(1, 3, C, 6, 6), torch.rand(1) * 999, ctx[:1], causal=False)  # a 3x3 grid, the maps' 2x3

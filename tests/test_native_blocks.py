@@ -90,6 +90,26 @@ def _assert_same(expected: tuple, actual: tuple) -> None:
 
 
 @needs_build
+def test_native_blocks_equal_python_blocks_with_a_caption_layout(monkeypatch):
+    """A caption layout adds a different map to each sample's tokens ([B, N, D]) for the frames it covers (6 of the 9
+    streamed here): outputs and cache equal."""
+    monkeypatch.setenv("SELFFORCING_CPU_FFN", "feature_major")
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(2)
+
+    def model():
+        m = CausalWanModel.from_preset("tiny", num_layers=2, caption_layout_rank=4,
+                                       caption_layout_size=(6, 8, 8)).eval()
+        torch.nn.init.normal_(m.caption_layout_vectors)  # trained: not the zero start
+        return m
+
+    (out_py, cache_py), (out_c, cache_c) = _both(
+        monkeypatch, model, lambda m: m.new_kv_cache(2, 16, 16, max_frames=9), fused=True, chunks=3, batch=2)
+    assert calls
+    _assert_same((out_py, cache_py.k, cache_py.v), (out_c, cache_c.k, cache_c.v))
+
+
+@needs_build
 def test_native_blocks_equal_python_blocks_without_cross_norm_long_text_batch_and_gathered_reads(monkeypatch):
     """No norm before cross-attention, 80 text tokens (SDPA instead of the short-key path), batch 2, and a chunk
     after skip_to (its keys gathered through read_index)."""

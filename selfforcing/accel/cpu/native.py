@@ -170,7 +170,7 @@ def _params(model) -> list[torch.Tensor]:
 class NativeForward:
     """The arguments of the C++ ``run_forward``, by name (it reads these attributes): a no-grad forward from the
     patch embedding on. ``latents``: the chunks [B, f, C, H, W] in sequence order (a fused finished chunk first);
-    ``positions`` [N, D] the absolute embeddings added to the tokens (empty: none);
+    ``positions`` [N, D] (absolute embeddings) or [B, N, D] (with a caption layout) added to the tokens (empty: none);
     ``e`` [B, F, 6, D] the blocks' modulation and ``temb`` [B, F, D] the head's, of all frames; ``rope`` [F*T, Dh/2, 2];
     ``weights``: every block's parameters, flat (:func:`_params`); ``text_k`` / ``text_v``: each block's text K/V
     [B, L, H, Dh]; the cache buffers with the chunk's plan (``slots``, ``visible``, ``read_index``) and the fused

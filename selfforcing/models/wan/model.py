@@ -91,6 +91,13 @@ class ForwardPlan:
 # one image). Learned absolute embeddings, of the frame index and of the token's place in a fixed grid, give it both.
 ABSOLUTE_EMBEDDING_KEYS = ("frame_embedding", "spatial_embedding")
 
+# A caption's direction ("moves up") says where the digit is in each frame: a layout the text must choose, which a
+# small model learns slowly or not at all through cross-attention alone (docs/tiny_model.md, direction_overfit).
+# The caption layout is a low-rank, caption-weighted map added to the tokens, scaled by each frame's noise level:
+#   bias[b, f, i, j] = sigma_f sum_r w_r(mean_l context[b, l]) M_r[f, i, j] u_r.
+# Its vectors u start at zero, so adding it to trained weights changes nothing until it is trained.
+CAPTION_LAYOUT_KEYS = ("caption_layout.weight", "caption_layout.bias", "caption_layout_maps", "caption_layout_vectors")
+
 
 class CausalWanModel(ModelMixin, ConfigMixin):
     r"""Block-causal Wan2.1 DiT with per-frame timesteps and a KV cache.
@@ -102,7 +109,9 @@ class CausalWanModel(ModelMixin, ConfigMixin):
     ``ABSOLUTE_EMBEDDING_KEYS``): ``num_frame_embeddings`` K (frame f's tokens get a learned E_t[min(f, K - 1)]) and
     ``spatial_embedding_grid`` (h, w) (the token at row i, column j of every frame gets a learned E_s[i, j]; the
     token grid may then be at most h x w). Both start as sin-cos tables (as DiT's) and are added after the patch
-    embedding.
+    embedding. ``caption_layout_rank`` R > 0 with ``caption_layout_size`` (K, h, w) adds a caption-chosen layout (see
+    ``CAPTION_LAYOUT_KEYS``) to the tokens of frames f < K on a token grid of at most h x w, scaled by each frame's
+    noise level; later frames get none (the layout says where a video starts).
 
     Shapes: latents ``x`` [B, F, C, H, W]; ``timestep`` [B] (shared by all frames) or [B, F] in
     [0, 1000]; ``context`` [B, L, text_dim]; output: the flow prediction v = eps - x0, [B, F, C_out, H, W].
@@ -134,6 +143,8 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         independent_first_frame: bool = False,
         num_frame_embeddings: int = 0,
         spatial_embedding_grid: tuple[int, int] | None = None,
+        caption_layout_rank: int = 0,
+        caption_layout_size: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         patch_size = tuple(patch_size)
@@ -170,6 +181,16 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             rows, cols = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)
             self.spatial_embedding = nn.Parameter(torch.cat([timestep_sinusoid(rows, dim // 2),
                                                              timestep_sinusoid(cols, dim - dim // 2)], -1))
+        self.caption_layout = self.caption_layout_maps = self.caption_layout_vectors = None  # CAPTION_LAYOUT_KEYS
+        if caption_layout_rank:
+            if caption_layout_rank < 0 or caption_layout_size is None or len(caption_layout_size) != 3 or min(
+                    int(v) for v in caption_layout_size) < 1:
+                raise ValueError(f"caption_layout_rank={caption_layout_rank} needs a rank >= 1 and caption_layout_size "
+                                 f"(frames, h, w) >= 1, got {caption_layout_size}")
+            self.caption_layout = nn.Linear(text_dim, caption_layout_rank)
+            self.caption_layout_maps = nn.Parameter(0.5 * torch.randn(caption_layout_rank, *map(int,
+                                                                                                caption_layout_size)))
+            self.caption_layout_vectors = nn.Parameter(torch.zeros(caption_layout_rank, dim))
         self.blocks = nn.ModuleList(
             [CausalWanBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
         )
@@ -232,16 +253,26 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             raise ValueError(f"{path}: has config.json but no weights (diffusion_pytorch_model.safetensors): an "
                              f"incomplete save_pretrained folder")
         try:
-            return cls.from_pretrained(path, **overrides)
+            saved = cls.from_pretrained(path)
         except (OSError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: cannot load the save_pretrained folder ({' '.join(str(err).split())})") from err
+        if not overrides:
+            return saved
+        # overrides may add parameters the folder lacks (CAPTION_LAYOUT_KEYS): diffusers would leave those on the
+        # meta device, so the model is built with the overrides and given the saved weights (load_weights' rules)
+        model = cls(**{**{k: v for k, v in saved.config.items() if not k.startswith("_")}, **overrides})
+        model.load_weights(saved.state_dict(), source=path)
+        return model
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load of a native state dict; mismatches raise ValueError naming the keys and shapes. One exception:
-        weights saved without absolute position embeddings load into a model with them, which stay zero (the same
+        weights saved without absolute position embeddings or a caption layout load into a model with them (the
+        embeddings stay zero, the layout keeps its initialisation, whose zero vectors add nothing: the same
         function)."""
         own = self.state_dict()
         absent = {k: torch.zeros_like(own[k]) for k in ABSOLUTE_EMBEDDING_KEYS if k in own and k not in state_dict}
+        if not any(k in state_dict for k in CAPTION_LAYOUT_KEYS):
+            absent.update({k: own[k] for k in CAPTION_LAYOUT_KEYS if k in own})
         if absent:
             state_dict = {**state_dict, **absent}
         missing = sorted(set(own) - set(state_dict))
@@ -379,6 +410,9 @@ class CausalWanModel(ModelMixin, ConfigMixin):
                                     repeats=2 if plan.teacher_forcing else 1)
         plan.positions = self._absolute_positions(first, plan.n_pending + nf, (hh // ph, ww // pw),
                                                   repeats=2 if plan.teacher_forcing else 1)
+        layout = self._caption_layout(context, first, plan.n_pending + nf, (hh // ph, ww // pw), plan.t)
+        if layout is not None:
+            plan.positions = layout if plan.positions is None else layout + plan.positions
         self._condition(plan, context)
         return plan
 
@@ -503,6 +537,25 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             pos = pos + self.spatial_embedding.view(gh, gw, dim)[:h, :w].reshape(1, h * w, dim)
         return pos.reshape(frames * h * w, dim).repeat(repeats, 1)
 
+    def _caption_layout(self, context: torch.Tensor, start: int, frames: int, grid: tuple[int, int],
+                        t: torch.Tensor) -> torch.Tensor | None:
+        """The caption-chosen layout of frames [start, start + frames) on an h x w token ``grid`` (the maps' top-left
+        corner; frames from K on get zeros), each frame's scaled by its noise level sigma = t / 1000 (a prior on where
+        things are is worth the most when the input shows nothing, and is no bias at all on clean frames):
+        sigma_f sum_r w_r M_r[f, i, j] u_r with w = Linear(mean_l context[b, l]). ``t`` [B, repeats * frames] is
+        the timestep of every frame of the sequence (the range repeated, as teacher forcing's two halves share
+        positions). Returns [B, repeats * frames * h * w, D], or None without a caption layout."""
+        if self.caption_layout is None:
+            return None
+        (h, w), maps = grid, self.caption_layout_maps
+        weights = self.caption_layout(context.mean(1).to(maps.dtype))  # [B, R]
+        own = maps[:, start:start + frames, :h, :w]  # [R, f', h, w]: the frames that have a map
+        if own.shape[1] < frames:
+            own = torch.cat([own, own.new_zeros(own.shape[0], frames - own.shape[1], h, w)], 1)
+        layout = torch.einsum("br,rfn,rd->bfnd", weights, own.flatten(2), self.caption_layout_vectors)
+        sigma = (t / 1000.0).to(layout.dtype).reshape(t.shape[0], -1, frames, 1, 1)  # [B, repeats, f, 1, 1]
+        return (layout[:, None] * sigma).reshape(t.shape[0], -1, layout.shape[-1])
+
     def _condition(self, plan: ForwardPlan, context: torch.Tensor) -> None:
         """Per-frame modulation of every frame in the plan, and the text: embedded now, or (a cached forward without
         gradients) read from the cross-attention cache, whose empty slots each block fills in its own forward (so
@@ -530,10 +583,11 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         _, ph, pw = c.patch_size
         if x.shape[3] % ph or x.shape[4] % pw:
             raise ValueError(f"latent size {tuple(x.shape[3:])} is not divisible by the patch size {(ph, pw)}")
-        grid = c.spatial_embedding_grid
-        if grid is not None and (x.shape[3] // ph > grid[0] or x.shape[4] // pw > grid[1]):
-            raise ValueError(f"{name} has a {x.shape[3] // ph}x{x.shape[4] // pw} token grid (latent size "
-                             f"{tuple(x.shape[3:])}), the model's spatial embeddings cover at most {grid[0]}x{grid[1]}")
+        for what, grid in (("spatial embeddings", c.spatial_embedding_grid),
+                           ("caption layout maps", None if not c.caption_layout_rank else c.caption_layout_size[1:])):
+            if grid is not None and (x.shape[3] // ph > grid[0] or x.shape[4] // pw > grid[1]):
+                raise ValueError(f"{name} has a {x.shape[3] // ph}x{x.shape[4] // pw} token grid (latent size "
+                                 f"{tuple(x.shape[3:])}), the model's {what} cover at most {grid[0]}x{grid[1]}")
 
     @staticmethod
     def _frame_timesteps(timestep: torch.Tensor, b: int, f: int, name: str = "timestep") -> torch.Tensor:

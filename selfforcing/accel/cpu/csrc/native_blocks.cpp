@@ -1163,9 +1163,10 @@ static Tensor run_forward(std::vector<Tensor> latents, Tensor patch_w, Tensor pa
     std::vector<Tensor> parts;
     for (const auto& l : latents) parts.push_back(patchify(l, patch_w, patch_b, ph, pw));
     tokens = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
-    if (positions.numel()) {  // absolute embeddings [N, D], the same for every sample
-      TORCH_CHECK(positions.dim() == 2 && positions.size(0) == tokens.size(1) && positions.size(1) == tokens.size(2),
-                  "positions must be [N, D] for the ", tokens.size(1), " tokens");
+    if (positions.numel()) {  // added to the tokens: [N, D] (absolute embeddings) or [B, N, D] (a caption layout)
+      TORCH_CHECK((positions.dim() == 2 || (positions.dim() == 3 && positions.size(0) == tokens.size(0))) &&
+                      positions.size(-2) == tokens.size(1) && positions.size(-1) == tokens.size(2),
+                  "positions must be [N, D] or [B, N, D] for the ", tokens.size(1), " tokens");
       tokens.add_(positions);
     }
   }
