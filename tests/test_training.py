@@ -327,6 +327,42 @@ def test_scheduled_learning_rate_is_applied_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=k)
 
 
+def test_lr_multipliers_give_named_parameters_their_own_rate(tmp_path):
+    """generator_optim.lr_multipliers: parameters whose name starts with a key train at lr * value (a caption layout
+    added to a trained teacher at 5x), every other at lr; one teacher step moves them by that much more (AdamW's first
+    step is lr * sign(g) per element, weight decay aside); a key matching no parameter and a non-positive value are
+    errors."""
+    from selfforcing.config import ConfigError
+    from selfforcing.models import CausalWanModel
+    from selfforcing.training.trainer import parameter_groups
+
+    layout = {"caption_layout_rank": 2, "caption_layout_size": [3, 8, 8]}
+    model = CausalWanModel.from_preset("tiny", num_layers=1, **layout)
+    groups = parameter_groups(model, {"caption_layout": 5.0})
+    assert [g["lr_multiplier"] for g in groups] == [1.0, 5.0]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in model.named_parameters()
+                                                    if n.startswith("caption_layout")}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="captionlayout"):
+        parameter_groups(model, {"captionlayout": 5.0})
+    with pytest.raises(ValueError, match="lr_multipliers.caption_layout"):
+        _cfg(tmp_path, generator_optim={"lr_multipliers": {"caption_layout": 0}})
+    gen = {"preset": "tiny", "overrides": {"num_layers": 2, **layout}}
+    kw = dict(method="teacher", max_steps=1, checkpoint_every=0, generator=gen)
+    moved = {}
+    for mult in (1.0, 5.0):
+        torch.manual_seed(0)
+        start = CausalWanModel.from_preset("tiny", num_layers=2, **layout).state_dict()
+        state = train(_cfg(tmp_path / str(mult), generator_optim={"lr": 1e-3, "weight_decay": 0.0,
+                                                                  "lr_multipliers": {"caption_layout": mult}}, **kw),
+                      progress=False, resume=False)
+        after = state.method.generator.state_dict()
+        moved[mult] = {k: float((after[k] - start[k]).abs().max()) for k in ("caption_layout_vectors", "proj_out.weight")}
+    assert moved[1.0]["caption_layout_vectors"] == pytest.approx(1e-3, rel=1e-3)  # the only part with a gradient yet
+    assert moved[5.0]["caption_layout_vectors"] == pytest.approx(5e-3, rel=1e-3)
+    assert moved[5.0]["proj_out.weight"] == pytest.approx(moved[1.0]["proj_out.weight"], rel=1e-3)
+
+
 def _joint_cfg(tmp_path, **kw):
     d = dict(method="teacher", max_steps=2, batch_size=2, out_dir=str(tmp_path), checkpoint_every=0,
              tensorboard=False, generator=TINY, timestep_shift=3.0,

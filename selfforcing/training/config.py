@@ -56,8 +56,14 @@ class OptimConfig:
     decay: str = "none"  # none | cosine | linear
     decay_start_step: int = 0  # the decay begins here (or after the warmup, whichever is later)
     min_lr_ratio: float = 0.0  # the learning rate at max_steps, as a fraction of lr
+    # parameters whose name starts with a key train at lr * its value (e.g. {caption_layout: 5}: a new part that must
+    # catch up with trained weights); the first matching key wins
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key, value in self.lr_multipliers.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"lr_multipliers.{key}: must be a number > 0, got {value!r}")
         if self.decay not in LR_DECAYS:
             raise ConfigError(f"decay: unknown learning-rate decay {self.decay!r}; choose one of {list(LR_DECAYS)}")
         check_range(self, "lr", 0.0, low_open=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import save_config, to_dict
+from ..config import ConfigError, save_config, to_dict
 from ..fileio import TEMP_PREFIX, atomic_write_text, remove_stale_temps, replace_folder
 from ..models import CausalWanModel
 from ..pipeline import PipelineSpec
@@ -58,6 +58,24 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def parameter_groups(model: torch.nn.Module, lr_multipliers: dict[str, float]) -> list[dict]:
+    """The trainable parameters of ``model`` as AdamW groups, one per learning-rate multiplier: a parameter whose name
+    starts with a key of ``lr_multipliers`` gets that key's value (the first match), any other 1. A key that matches
+    no parameter is a ConfigError (a typo would silently train at the base rate)."""
+    groups: dict[float, list] = {}
+    used = set()
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in lr_multipliers if pname.startswith(k)), None)
+        used.add(key)
+        groups.setdefault(1.0 if key is None else float(lr_multipliers[key]), []).append(p)
+    unused = sorted(set(lr_multipliers) - used)
+    if unused:
+        raise ConfigError(f"lr_multipliers: {unused} match no trainable parameter name")
+    return [{"params": ps, "lr_multiplier": mult} for mult, ps in sorted(groups.items())]
+
+
 def setup(cfg: TrainConfig, device: torch.device | None = None) -> TrainState:
     """Build networks, method, optimisers and EMA (and parallelise) for ``cfg``."""
     device = device or D.init_from_env()
@@ -88,7 +106,7 @@ def setup(cfg: TrainConfig, device: torch.device | None = None) -> TrainState:
     optimizers = {}
     for name, m in method.trainable().items():
         o = cfg.generator_optim if name == "generator" else cfg.critic_optim
-        optimizers[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=o.lr,
+        optimizers[name] = torch.optim.AdamW(parameter_groups(m, o.lr_multipliers), lr=o.lr,
                                              betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     ema = EMA(generator, cfg.ema_weight, cfg.ema_start_step) if cfg.ema_weight > 0 else None
     return TrainState(0, method, method.trainable(), optimizers, ema, [])
@@ -146,7 +164,7 @@ def train_step(cfg: TrainConfig, state: TrainState, batches, device: torch.devic
         logs[f"{name}_grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         lr = optim_cfg.lr * learning_rate_factor(step, optim_cfg, cfg.max_steps)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_multiplier", 1.0)
         logs[f"{name}_lr"] = lr
         opt.step()
         if name == "generator" and state.ema is not None:
