@@ -2,7 +2,7 @@
 opposite ways, at high noise, and watch the gap between the true and the swapped caption.
 
     .venv/bin/python benchmarks/direction_overfit.py CHECKPOINT --store runs/tiny2/store [--digit 3]
-        [--directions up,down] [--clips-per-direction 8] [--steps 100] [--lr 6e-4] [--out FILE]
+        [--directions up,down] [--clips-per-direction 8] [--steps 100] [--lr 6e-4] [--caption-layout R] [--out FILE]
 
 The clips are the first ``--clips-per-direction`` records of the store captioned "the digit D moves X" for each of
 the two directions (a store encoded with ``--start behind``, so a direction decides where the digit starts). The
@@ -13,7 +13,8 @@ with the true captions and with the two directions' captions swapped
 (:func:`selfforcing.eval.conditioning.flow_loss_by_context`): ``gap`` = loss(swapped) - loss(true). ``ideal_gap``
 is what predicting each direction's own mean instead of the other's is worth, ||m_a - m_b||^2 per element: a model
 that can place a digit by its caption closes most of it within these steps; one that cannot stays near 0 while its
-loss falls.
+loss falls. ``--caption-layout R`` adds a caption layout of rank R (model option ``caption_layout_rank``, its maps
+sized to the clips) to the checkpoint's model before training.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--caption-layout", type=int, default=0, metavar="R")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -66,7 +68,12 @@ def main() -> None:
     ctx = torch.stack([store.get(i, ("context",))["context"] for i in idx])
     swapped = torch.cat([ctx[n:], ctx[:n]])
     ideal = float((x0[:n].mean(0) - x0[n:].mean(0)).pow(2).mean())
-    model = CausalWanModel.from_checkpoint(args.checkpoint).train()
+    layout = {}
+    if args.caption_layout:
+        _, ph, pw = CausalWanModel.from_checkpoint(args.checkpoint).config.patch_size
+        f, _, h, w = x0.shape[1:]
+        layout = dict(caption_layout_rank=args.caption_layout, caption_layout_size=(f, h // ph, w // pw))
+    model = CausalWanModel.from_checkpoint(args.checkpoint, **layout).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     eval_noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
@@ -91,6 +98,7 @@ def main() -> None:
         opt.step()
     result = {"benchmark": "direction_overfit", "checkpoint": args.checkpoint, "store": args.store,
               "captions": [f"the digit {args.digit} moves {d}" for d in dirs], "clips": len(idx), "lr": args.lr,
+              "caption_layout_rank": model.config.caption_layout_rank,
               "ideal_gap": round(ideal, 5), "probes": rows}
     print(json.dumps({k: v for k, v in result.items() if k != "probes"}))
     if args.out:

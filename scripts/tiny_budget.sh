@@ -8,9 +8,9 @@
 # Every stage trains on one digit per clip, each class drawn from its first 4 MNIST train images (4 handwritings).
 ONE=("data.num_digits=[1,1]" "data.images_per_digit=4")
 case "${BUDGET:-laptop}" in
-    full) STORE=(--num-clips 20000); TEACHER=(); ODE=(--num-prompts 512 --steps 48); INIT=(); BASELINE=("${ONE[@]}")
+    full) STORE=(--num-clips 20000); TEACHER=(); LAYOUT=(); ODE=(--num-prompts 512 --steps 48); INIT=(); BASELINE=("${ONE[@]}")
           DISTILL=(); SAMPLES="${SAMPLES:-16}" ;;
-    laptop|cpu) STORE=(--num-clips 10000); TEACHER=(); ODE=(--num-prompts 128 --steps 24); INIT=(max_steps=500)
+    laptop|cpu) STORE=(--num-clips 10000); TEACHER=(); LAYOUT=(); ODE=(--num-prompts 128 --steps 24); INIT=(max_steps=500)
           BASELINE=(max_steps=200 "${ONE[@]}"); DISTILL=(max_steps=200 ema_start_step=50); SAMPLES="${SAMPLES:-4}" ;;
     *) echo "BUDGET must be laptop (or cpu) or full" >&2; exit 2 ;;
 esac

@@ -3,7 +3,8 @@
 # continues when the same command is run again (finished stages return at once):
 #   0. a store of encoded clips (autoencoder latents + MiniLM states), so no training step renders or encodes; each
 #      digit starts behind its motion (--start behind), so a clip shows its caption's direction from end to end
-#   1. the bidirectional teacher (configs/tiny/teacher.yaml: image-video joint training from the store)
+#   1. the bidirectional teacher (configs/tiny/teacher.yaml: image-video joint training from the store), then
+#      1b. its caption layout stage (configs/tiny/teacher_layout.yaml: where the caption puts the digit)
 #   2. teacher ODE pairs   3. ODE-regression init of the causal student   4. Self Forcing with DMD
 # Each stage's wall time is appended to $RUNS/stage_times.jsonl ({"stage", "seconds", "finished"}).
 # Usage: [BUDGET=laptop|full] [RUNS=runs/tiny] scripts/train_tiny_pipeline.sh [key=value overrides for every training stage]
@@ -15,7 +16,7 @@ SF="${SELFFORCING:-.venv/bin/selfforcing}"
 R="${RUNS:-runs/tiny}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 BUDGET="${BUDGET:-laptop}"
-source scripts/tiny_budget.sh  # STORE, TEACHER, ODE, INIT, DISTILL
+source scripts/tiny_budget.sh  # STORE, TEACHER, LAYOUT, ODE, INIT, DISTILL
 mkdir -p "$R"
 
 stage() {  # name command...: run it, then append its wall time to $R/stage_times.jsonl
@@ -31,12 +32,15 @@ stage store "$SF" data encode "${STORE[@]}" --num-frames 12 --num-digits 1,1 --i
     --text-len 24 --batch-size 64 --out "$R/store"
 stage teacher "$SF" train --config configs/tiny/teacher.yaml --no-progress out_dir="$R/teacher" data.path="$R/store" \
     "${TEACHER[@]}" "$@"
-stage ode_pairs "$SF" data ode-pairs --teacher "$R/teacher/final" "${ODE[@]}" --num-digits 1,1 \
+stage teacher_layout "$SF" train --config configs/tiny/teacher_layout.yaml --no-progress out_dir="$R/teacher_layout" \
+    generator.checkpoint="$R/teacher/final" data.path="$R/store" "${LAYOUT[@]}" "$@"
+stage ode_pairs "$SF" data ode-pairs --teacher "$R/teacher_layout/final" "${ODE[@]}" --num-digits 1,1 \
     --latent-shape 12,8,16,16 --shift 3 --guidance-scale 3 --text-len 24 --batch-size 32 --out "$R/ode_pairs"
 stage ode_init "$SF" train --config configs/tiny/ode_init.yaml --no-progress out_dir="$R/ode_init" \
-    generator.checkpoint="$R/teacher/final" data.path="$R/ode_pairs" "${INIT[@]}" "$@"
+    generator.checkpoint="$R/teacher_layout/final" data.path="$R/ode_pairs" "${INIT[@]}" "$@"
 stage self_forcing_dmd "$SF" train --config configs/tiny/self_forcing_dmd.yaml --no-progress \
-    out_dir="$R/self_forcing_dmd" generator.checkpoint="$R/ode_init/final" teacher.checkpoint="$R/teacher/final" \
-    critic.checkpoint="$R/teacher/final" data.kind=store data.path="$R/store" "data.num_digits=[1,1]" \
+    out_dir="$R/self_forcing_dmd" generator.checkpoint="$R/ode_init/final" \
+    teacher.checkpoint="$R/teacher_layout/final" critic.checkpoint="$R/teacher_layout/final" data.kind=store \
+    data.path="$R/store" "data.num_digits=[1,1]" \
     data.images_per_digit=4 "${DISTILL[@]}" "$@"
 echo "generator: $R/self_forcing_dmd/final (stage times: $R/stage_times.jsonl)"
