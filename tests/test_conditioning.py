@@ -64,11 +64,18 @@ def test_group_mean_gain_is_unbiased_where_the_plug_in_estimate_is_not():
 
 @pytest.mark.slow
 def test_the_shipped_model_uses_its_captions_digit():
+    """On clips drawn as its training clips were (pipeline.json's ``start``), the shipped model does better with the
+    true caption than with another digit or the opposite direction. (Not than the null prompt: a student distilled
+    from the guided teacher predicts the guided flow, whose error against the data can exceed the unguided one's; the
+    caption-layout student's null gap is -0.03 to +0.03 over t, benchmarks/caption_sensitivity.py.)"""
+    from selfforcing.pipeline import PipelineSpec, resolve_checkpoint
+
+    start = PipelineSpec.for_checkpoint(resolve_checkpoint("moving-digits")).dataset.get("start", "uniform")
     bench = load_benchmark("caption_sensitivity")
-    row = bench.sensitivity("moving-digits", "uniform", 8, [900.0], use_ema=False)
+    row = bench.sensitivity("moving-digits", start, 8, [900.0], use_ema=False)
     assert set(row) >= {"loss_true", "gap_opposite_direction", "gap_other_digit", "gap_null"}
     assert all(math.isfinite(v) for v in row["loss_true"])
-    assert row["gap_other_digit"][0] > 0 and row["gap_null"][0] > 0
+    assert row["gap_other_digit"][0] > 0 and row["gap_opposite_direction"][0] > 0
 
 
 def test_time_reversal_residual_is_zero_for_order_blind_models_only():

@@ -146,7 +146,7 @@ def test_streaming_refuses_a_many_step_model_unless_forced(tmp_path):
 
 # Floors of the shipped model on the cheap subset below, each well under what it measured (in the docstring), so that
 # a regression in the model, the sampler or the rolling cache fails `make test` while run-to-run noise does not.
-SHIPPED_FLOORS = {"captioned": 0.40, "per_digit": 0.08, "direction": 0.10}
+SHIPPED_FLOORS = {"captioned": 0.55, "per_digit": 0.25, "direction": 0.40}
 
 
 def test_the_shipped_model_draws_and_moves_the_prompts_digit():
@@ -155,8 +155,9 @@ def test_the_shipped_model_draws_and_moves_the_prompts_digit():
     its training length (the cheap subset of ``benchmarks/digit_rate.py``, judged by the same library functions):
     the classifier reads the prompt's digit in most frames overall and in a good share of every digit's frames, and
     the digit moves the captioned way over the first 12 frames in most videos; the same network with random weights
-    draws no digit. Measured for this model (the same videos in benchmarks/results/digit_rate_joint_student.json):
-    the prompt's digit in 59% of frames, the worst digit (7) in 19%, the best (6) in 100%; 30% move as captioned."""
+    draws no digit. Measured for this model (its caption-layout chain; the same prompts in
+    benchmarks/results/digit_rate_layout_student.json): the prompt's digit in 74% of frames, the worst digit (2) in
+    42%, the best (3) in 96%; 60% move as captioned (the model before the caption layout: 59%, 19% and 30%)."""
     import os
 
     from selfforcing.data.moving_digits import DIRECTION_NAMES, caption_for
