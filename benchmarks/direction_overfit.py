@@ -68,12 +68,12 @@ def main() -> None:
     ctx = torch.stack([store.get(i, ("context",))["context"] for i in idx])
     swapped = torch.cat([ctx[n:], ctx[:n]])
     ideal = float((x0[:n].mean(0) - x0[n:].mean(0)).pow(2).mean())
-    layout = {}
+    model = CausalWanModel.from_checkpoint(args.checkpoint)
     if args.caption_layout:
-        _, ph, pw = CausalWanModel.from_checkpoint(args.checkpoint).config.patch_size
+        _, ph, pw = model.config.patch_size
         f, _, h, w = x0.shape[1:]
-        layout = dict(caption_layout_rank=args.caption_layout, caption_layout_size=(f, h // ph, w // pw))
-    model = CausalWanModel.from_checkpoint(args.checkpoint, **layout).train()
+        model = model.with_overrides(caption_layout_rank=args.caption_layout, caption_layout_size=(f, h // ph, w // pw))
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     eval_noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))

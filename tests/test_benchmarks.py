@@ -105,3 +105,12 @@ def test_direction_overfit_fits_its_clips_and_reports_the_swap_gap(tmp_path, mon
     assert [p["step"] for p in result["probes"]] == [0, 15, 30]
     assert result["probes"][-1]["loss_true"] < result["probes"][0]["loss_true"]
     assert "ideal_gap" in capsys.readouterr().out
+    assert result["caption_layout_rank"] == 0
+    # --caption-layout adds one, sized to the clips (3 frames of a 2x3 token grid), to the loaded model: its first
+    # probe is the plain model's (the layout's vectors start at zero)
+    monkeypatch.setattr(sys, "argv", sys.argv[:-2] + ["--steps", "1", "--every", "1", "--caption-layout", "2",
+                                                      "--out", str(out)])
+    load_benchmark("direction_overfit").main()
+    layout = json.loads(out.read_text())
+    assert layout["caption_layout_rank"] == 2 and layout["probes"][0] == {**result["probes"][0],
+                                                                          "seconds": layout["probes"][0]["seconds"]}

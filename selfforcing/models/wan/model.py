@@ -68,7 +68,7 @@ class ForwardPlan:
     kv_cache: KVCache | None = None
     chunk: ChunkPlan | None = None  # the cache plan of x, committed once the forward has run
     rope: torch.Tensor | None = None
-    positions: torch.Tensor | None = None  # absolute embeddings [N, D] added to the tokens, if the model has any
+    positions: torch.Tensor | None = None  # added to the tokens: absolute embeddings [N, D], a caption layout [B, N, D]
     e: torch.Tensor | None = None
     temb: torch.Tensor | None = None
     ctx: torch.Tensor | None = None
@@ -256,12 +256,16 @@ class CausalWanModel(ModelMixin, ConfigMixin):
             saved = cls.from_pretrained(path)
         except (OSError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: cannot load the save_pretrained folder ({' '.join(str(err).split())})") from err
-        if not overrides:
-            return saved
-        # overrides may add parameters the folder lacks (CAPTION_LAYOUT_KEYS): diffusers would leave those on the
-        # meta device, so the model is built with the overrides and given the saved weights (load_weights' rules)
-        model = cls(**{**{k: v for k, v in saved.config.items() if not k.startswith("_")}, **overrides})
-        model.load_weights(saved.state_dict(), source=path)
+        # overrides may add parameters the folder lacks (CAPTION_LAYOUT_KEYS), which diffusers would leave on the meta
+        # device: they are applied after loading instead
+        return saved.with_overrides(source=path, **overrides) if overrides else saved
+
+    def with_overrides(self, *, source: str = "the model", **overrides) -> CausalWanModel:
+        """A new model of this config with ``overrides`` applied, holding these weights (:meth:`load_weights`' rules:
+        an added caption layout or absolute embeddings start as the same function; any other mismatch is a
+        ValueError naming ``source``)."""
+        model = type(self)(**{**{k: v for k, v in self.config.items() if not k.startswith("_")}, **overrides})
+        model.load_weights(self.state_dict(), source=source)
         return model
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
@@ -405,12 +409,12 @@ class CausalWanModel(ModelMixin, ConfigMixin):
         else:
             plan.attn = self._full_attention(nf, plan.tokens_per_frame, causal, x.device)
         _, ph, pw = self.config.patch_size
-        first = start_frame - plan.n_pending
-        plan.rope = self.rope.table(first, plan.n_pending + nf, hh // ph, ww // pw, x.device,
-                                    repeats=2 if plan.teacher_forcing else 1)
-        plan.positions = self._absolute_positions(first, plan.n_pending + nf, (hh // ph, ww // pw),
-                                                  repeats=2 if plan.teacher_forcing else 1)
-        layout = self._caption_layout(context, first, plan.n_pending + nf, (hh // ph, ww // pw), plan.t)
+        # the sequence's frames [first, first + frames) on an h x w token grid, twice over for teacher forcing
+        first, frames, grid = start_frame - plan.n_pending, plan.n_pending + nf, (hh // ph, ww // pw)
+        repeats = 2 if plan.teacher_forcing else 1
+        plan.rope = self.rope.table(first, frames, *grid, x.device, repeats=repeats)
+        plan.positions = self._absolute_positions(first, frames, grid, repeats=repeats)
+        layout = self._caption_layout(context, first, frames, grid, plan.t)
         if layout is not None:
             plan.positions = layout if plan.positions is None else layout + plan.positions
         self._condition(plan, context)
