@@ -160,21 +160,35 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
     app.state.host = host
     app.state.log_filter = RedactingFilter(token)
     install_log_filter(app.state.log_filter)
-    pending = {"auth": 0, "max": max_pending_auth or max(16, 4 * host.max_sessions)}
+    _add_error_handlers(app)
+    _add_http_routes(app, host, token, max_prompt_chars)
+    stream = StreamEndpoint(host, token, max_prompt_chars, idle_timeout_s, auth_timeout_s,
+                            max_pending_auth or max(16, 4 * host.max_sessions))
+    app.websocket("/ws/stream")(stream.serve)
+    return app
 
-    def error_response(status: int, error: str, detail) -> JSONResponse:
-        return JSONResponse({"type": "error", "error": error, "detail": detail}, status_code=status)
+
+def _error_response(status: int, error: str, detail) -> JSONResponse:
+    return JSONResponse({"type": "error", "error": error, "detail": detail}, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """HTTP errors as the protocol's error messages: ``{"type": "error", "error": ..., "detail": ...}``."""
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
         error = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 503: "busy"}.get(
             exc.status_code, "bad_request")
-        return error_response(exc.status_code, error, exc.detail)
+        return _error_response(exc.status_code, error, exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
         detail = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5])
-        return error_response(422, "invalid_request", detail)
+        return _error_response(422, "invalid_request", detail)
+
+
+def _add_http_routes(app: FastAPI, host: ModelHost, token: str | None, max_prompt_chars: int) -> None:
+    """``/`` (the web page), ``/health``, and, behind the token, ``/models`` and ``POST /generate``."""
 
     def require_token(request: Request) -> None:
         if token is None:
@@ -214,75 +228,32 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
         return Response(data, media_type="video/mp4",
                         headers={"Content-Disposition": 'attachment; filename="selfforcing.mp4"'})
 
-    async def authenticate_by_message(ws: WebSocket):
-        """Wait (``auth_timeout_s`` at most, no session slot held) for a first message that carries the token: an
-        auth message, or a start message with ``token``. Returns it, or None after refusing the connection."""
-        if pending["auth"] >= pending["max"]:
-            await _refuse(ws, "busy", "too many connections are waiting to authenticate; try again", 1013)
-            return None
-        pending["auth"] += 1
-        try:
-            await ws.send_text(message("ready", session=None, auth_required=True, auth_timeout_s=auth_timeout_s,
-                                       detail='send {"type": "auth", "token": ...} first'))
-            event = await asyncio.wait_for(ws.receive(), auth_timeout_s)
-        except asyncio.TimeoutError:
-            await _refuse(ws, "unauthorized", f"no token within {auth_timeout_s:g} s", 1008)
-            return None
-        finally:
-            pending["auth"] -= 1
-        if event["type"] == "websocket.disconnect":
-            return None
-        try:
-            msg = parse_client_message(event.get("text"), max_prompt_chars)
-        except ProtocolError:
-            msg = None
-        if not isinstance(msg, (AuthMessage, StartMessage)) or not _same(msg.token, token):
-            await _refuse(ws, "unauthorized", 'wrong or missing token: the first message must be {"type": "auth", '
-                                              '"token": ...} (or a start message with "token")', 1008)
-            return None
-        return msg
 
-    @app.websocket("/ws/stream")
-    async def ws_stream(ws: WebSocket):
+class StreamEndpoint:
+    """``/ws/stream``: admits a client (its token checked before it takes a session slot), then runs its session
+    until it disconnects, stays idle ``idle_timeout_s`` or fails. ``max_pending_auth``: clients that may wait to
+    send their token at once."""
+
+    def __init__(self, host: ModelHost, token: str | None, max_prompt_chars: int, idle_timeout_s: float,
+                 auth_timeout_s: float, max_pending_auth: int) -> None:
+        self.host, self.token, self.max_prompt_chars = host, token, max_prompt_chars
+        self.idle_timeout_s, self.auth_timeout_s = idle_timeout_s, auth_timeout_s
+        self.pending_auth, self.max_pending_auth = 0, max_pending_auth
+
+    async def serve(self, ws: WebSocket):
         await ws.accept()
-        first = None
-        if token is not None:  # authenticated before a session slot is taken
-            given = request_token(ws.headers, ws.query_params)
-            if given is None:
-                first = await authenticate_by_message(ws)
-                if first is None:
-                    return
-            elif not _same(given, token):
-                return await _refuse(ws, "unauthorized", "wrong token", 1008)
+        admitted, first = await self.admit(ws)
+        if not admitted:
+            return
         try:
-            sid = host.acquire("stream")
+            sid = self.host.acquire("stream")
         except Busy as err:
             return await _refuse(ws, "busy", str(err), 1013)
         client = ws.client
         errors = ConnectionLog(f"session {sid} ({client.host}:{client.port})" if client else f"session {sid}")
-        session = Session(host, sid, ws.send_text, ws.send_bytes)
+        session = Session(self.host, sid, ws.send_text, ws.send_bytes)
         try:
-            if not isinstance(first, StartMessage):
-                await session.send("ready", session=sid, auth_required=False, max_prompt_chars=max_prompt_chars,
-                                   frame_size=list(host.frame_size()[::-1]), fps=host.spec.fps,
-                                   default_prompt=host.spec.default_prompt)
-            else:
-                await _handle(session, first)
-            while True:
-                timeout = None if session.streaming else idle_timeout_s
-                try:
-                    event = await asyncio.wait_for(ws.receive(), timeout)
-                except asyncio.TimeoutError:
-                    await _refuse(ws, "idle", f"no message for {idle_timeout_s:g} s", 1008)
-                    break
-                if event["type"] == "websocket.disconnect":
-                    break
-                try:
-                    msg = parse_client_message(event.get("text"), max_prompt_chars)
-                except ProtocolError as err:
-                    await session.send("error", error=err.error, detail=err.detail)
-                    continue
-                await _handle(session, msg)
+            await self.run_session(ws, session, first)
         except (WebSocketDisconnect, ConnectionError):
             pass  # the client went away
         except RuntimeError as err:  # starlette's "not connected" after a close, or a failed start
@@ -291,10 +262,76 @@ def create_app(checkpoint=None, *, host: ModelHost | None = None, token: str | N
             errors.error("failed", err)
         finally:
             await session.close()
-            host.release(sid)
+            self.host.release(sid)
             errors.close()
 
-    return app
+    async def admit(self, ws: WebSocket):
+        """``(admitted, first message)``: without a token, ``(True, None)``; with one, the token of the request's
+        headers or URL, else of its first message (which is returned, to be handled). Refuses the connection
+        when it returns ``(False, None)``."""
+        if self.token is None:
+            return True, None
+        given = request_token(ws.headers, ws.query_params)
+        if given is None:
+            first = await self.authenticate_by_message(ws)
+            return first is not None, first
+        if not _same(given, self.token):
+            await _refuse(ws, "unauthorized", "wrong token", 1008)
+            return False, None
+        return True, None
+
+    async def authenticate_by_message(self, ws: WebSocket):
+        """Wait (``auth_timeout_s`` at most, no session slot held) for a first message that carries the token: an
+        auth message, or a start message with ``token``. Returns it, or None after refusing the connection."""
+        if self.pending_auth >= self.max_pending_auth:
+            await _refuse(ws, "busy", "too many connections are waiting to authenticate; try again", 1013)
+            return None
+        self.pending_auth += 1
+        try:
+            await ws.send_text(message("ready", session=None, auth_required=True, auth_timeout_s=self.auth_timeout_s,
+                                       detail='send {"type": "auth", "token": ...} first'))
+            event = await asyncio.wait_for(ws.receive(), self.auth_timeout_s)
+        except asyncio.TimeoutError:
+            await _refuse(ws, "unauthorized", f"no token within {self.auth_timeout_s:g} s", 1008)
+            return None
+        finally:
+            self.pending_auth -= 1
+        if event["type"] == "websocket.disconnect":
+            return None
+        try:
+            msg = parse_client_message(event.get("text"), self.max_prompt_chars)
+        except ProtocolError:
+            msg = None
+        if not isinstance(msg, (AuthMessage, StartMessage)) or not _same(msg.token, self.token):
+            await _refuse(ws, "unauthorized", 'wrong or missing token: the first message must be {"type": "auth", '
+                                              '"token": ...} (or a start message with "token")', 1008)
+            return None
+        return msg
+
+    async def run_session(self, ws: WebSocket, session: Session, first) -> None:
+        """Greet the client (or start the stream its first message asked for), then handle its messages."""
+        host = self.host
+        if not isinstance(first, StartMessage):
+            await session.send("ready", session=session.sid, auth_required=False,
+                               max_prompt_chars=self.max_prompt_chars, frame_size=list(host.frame_size()[::-1]),
+                               fps=host.spec.fps, default_prompt=host.spec.default_prompt)
+        else:
+            await _handle(session, first)
+        while True:
+            timeout = None if session.streaming else self.idle_timeout_s
+            try:
+                event = await asyncio.wait_for(ws.receive(), timeout)
+            except asyncio.TimeoutError:
+                await _refuse(ws, "idle", f"no message for {self.idle_timeout_s:g} s", 1008)
+                return
+            if event["type"] == "websocket.disconnect":
+                return
+            try:
+                msg = parse_client_message(event.get("text"), self.max_prompt_chars)
+            except ProtocolError as err:
+                await session.send("error", error=err.error, detail=err.detail)
+                continue
+            await _handle(session, msg)
 
 
 async def _refuse(ws: WebSocket, error: str, detail: str, code: int) -> None:
