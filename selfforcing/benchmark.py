@@ -206,75 +206,97 @@ def stream_benchmark(preset: str, lengths: list[int], strategies: list[str], tra
     def noise():
         return torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
 
-    tpf = model.tokens_per_frame(h, w)
+    def run_chunk(fn, state, start) -> float:
+        """Seconds of one chunk of strategy ``fn``."""
+        x = noise()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(model, state, x, steps, ctx, start, g)
+        _sync(device)
+        return time.perf_counter() - t0
 
+    tpf = model.tokens_per_frame(h, w)
     rows = []
     with torch.no_grad(), timed_kernel_choice():  # as StreamingGenerator streams
         for name in strategies:
-            fn = STRATEGIES[name]
-            warm = new_stream_state(model, 1, (h, w), train_frames)  # one-off allocations, kernels, compilation
-            for start in range(0, train_frames + k, k):
-                fn(model, warm, noise(), steps, ctx, start, g)
-            _sync(device)
-            streams: dict[int, list[list[float]]] = {m: [] for m in lengths}
-            for _ in range(repeats):
-                for m in lengths:
-                    for _ in range(streams_per_round(m)):
-                        state = new_stream_state(model, 1, (h, w), train_frames)
-                        latencies = []
-                        for start in range(0, m * train_frames, k):
-                            x = noise()
-                            _sync(device)
-                            t0 = time.perf_counter()
-                            fn(model, state, x, steps, ctx, start, g)
-                            _sync(device)
-                            latencies.append(time.perf_counter() - t0)
-                        streams[m].append(latencies)
-            full_from = train_frames // k - 1  # the first chunk that attends to a full window (its own frames last)
+            streams = _time_streams(model, STRATEGIES[name], run_chunk, (h, w), train_frames, k, lengths, repeats)
             for m in lengths:
-                pooled = sorted(t for lat in streams[m] for t in lat)
-                full = [t for lat in streams[m] for t in lat[full_from:]]
-                rows.append({"strategy": name, "length": m, "latent_frames": m * train_frames,
-                             "chunk_latency_s": statistics.median(pooled),
-                             "full_window_chunk_latency_s": statistics.median(full),
-                             "chunk_latency_p10_s": pooled[int(0.1 * (len(pooled) - 1))],
-                             "chunk_latency_p90_s": pooled[int(0.9 * (len(pooled) - 1))],
-                             "first_chunk_latency_s": statistics.median(lat[0] for lat in streams[m]),
-                             "fps": m * train_frames / statistics.median(sum(lat) for lat in streams[m]),
-                             "chunks": len(pooled), "streams": len(streams[m]), "repeats": repeats})
+                rows.append(_stream_row(name, m, streams[m], train_frames, k, repeats))
                 if name == "rolling_kv":  # the work per chunk, which grows while the window fills
                     rows[-1]["chunk_gflop_median"] = statistics.median(
                         rolling_chunk_flops(c, tpf, k, train_frames, i, text_len, num_steps)
                         for i in range(m * train_frames // k)) / 1e9
-    by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
-    ratios = {}
-    if lengths and "rolling_kv" in strategies:
-        lo, hi = min(lengths), max(lengths)
-        for name in strategies:
-            if name != "rolling_kv":  # against itself the ratio is 1 by construction
-                ratios[f"{name}_x{hi}_over_rolling_kv_x{hi}"] = by[(name, hi)] / by[("rolling_kv", hi)]
-            ratios[f"{name}_x{hi}_over_x{lo}"] = by[(name, hi)] / by[(name, lo)]
-            full = {r["length"]: r["full_window_chunk_latency_s"] for r in rows if r["strategy"] == name}
-            ratios[f"{name}_full_window_x{hi}_over_x{lo}"] = full[hi] / full[lo]
-        work = {r["length"]: r["chunk_gflop_median"] for r in rows if r["strategy"] == "rolling_kv"}
-        ratios[f"rolling_kv_flops_x{hi}_over_x{lo}"] = work[hi] / work[lo]
-        ratios[f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"] = (
-            by[("rolling_kv", hi)] / work[hi]) / (by[("rolling_kv", lo)] / work[lo])
     return {"benchmark": "stream", "preset": preset, "device": device, "dtype": dtype, "compile": compile,
             "train_frames": train_frames, "latent_size": [h, w], "tokens_per_frame": tpf,
             "text_len": text_len, "chunk_frames": k, "denoising_steps": num_steps, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "ratios": ratios,
+            "parameters": sum(p.numel() for p in model.parameters()), "rows": rows,
+            "ratios": _stream_ratios(rows, lengths, strategies),
             "cpu_blocks": _cpu_blocks_report() if device == "cpu" else None,
             "load_average_before": load_before, "load_average_after": _load(),
-            "repeats": repeats,
-            "note": "chunk_latency_s: median over all chunks of every stream of the video (after one warm-up stream; "
-                    "at 1x most of them attend to a window that is still filling); full_window_chunk_latency_s: "
-                    "median over the chunks from the first that attends to a full window on; fps: latent frames per "
-                    "second of chunk compute; chunk_gflop_median (rolling_kv): the analytic matmul work of the median "
-                    "chunk; rolling_kv_flops_xLONG_over_xSHORT: its growth from the shortest video to the longest "
-                    "(the chunks of the first window attend to fewer frames); rolling_kv_seconds_per_flop_...: the "
-                    "growth of the cost per unit of that work"}
+            "repeats": repeats, "note": STREAM_NOTE}
+
+
+STREAM_NOTE = (
+    "chunk_latency_s: median over all chunks of every stream of the video (after one warm-up stream; "
+    "at 1x most of them attend to a window that is still filling); full_window_chunk_latency_s: "
+    "median over the chunks from the first that attends to a full window on; fps: latent frames per "
+    "second of chunk compute; chunk_gflop_median (rolling_kv): the analytic matmul work of the median "
+    "chunk; rolling_kv_flops_xLONG_over_xSHORT: its growth from the shortest video to the longest "
+    "(the chunks of the first window attend to fewer frames); rolling_kv_seconds_per_flop_...: the "
+    "growth of the cost per unit of that work")
+
+
+def _time_streams(model, fn, run_chunk, latent_size, train_frames: int, k: int, lengths: list[int],
+                  repeats: int) -> dict[int, list[list[float]]]:
+    """Chunk latencies of every stream of strategy ``fn``, by video length (in training lengths): one warm-up
+    stream (one-off allocations, kernels, compilation), then ``repeats`` rounds over the lengths."""
+    warm = new_stream_state(model, 1, latent_size, train_frames)
+    for start in range(0, train_frames + k, k):
+        run_chunk(fn, warm, start)
+    streams: dict[int, list[list[float]]] = {m: [] for m in lengths}
+    for _ in range(repeats):
+        for m in lengths:
+            for _ in range(streams_per_round(m)):
+                state = new_stream_state(model, 1, latent_size, train_frames)
+                streams[m].append([run_chunk(fn, state, start) for start in range(0, m * train_frames, k)])
+    return streams
+
+
+def _stream_row(name: str, m: int, streams: list[list[float]], train_frames: int, k: int, repeats: int) -> dict:
+    """The latency statistics of strategy ``name`` at video length ``m`` (see :func:`stream_benchmark`)."""
+    full_from = train_frames // k - 1  # the first chunk that attends to a full window (its own frames last)
+    pooled = sorted(t for lat in streams for t in lat)
+    full = [t for lat in streams for t in lat[full_from:]]
+    return {"strategy": name, "length": m, "latent_frames": m * train_frames,
+            "chunk_latency_s": statistics.median(pooled),
+            "full_window_chunk_latency_s": statistics.median(full),
+            "chunk_latency_p10_s": pooled[int(0.1 * (len(pooled) - 1))],
+            "chunk_latency_p90_s": pooled[int(0.9 * (len(pooled) - 1))],
+            "first_chunk_latency_s": statistics.median(lat[0] for lat in streams),
+            "fps": m * train_frames / statistics.median(sum(lat) for lat in streams),
+            "chunks": len(pooled), "streams": len(streams), "repeats": repeats}
+
+
+def _stream_ratios(rows: list[dict], lengths: list[int], strategies: list[str]) -> dict:
+    """Latency of each strategy against rolling_kv at the longest video, and of the longest video against the
+    shortest; rolling_kv's growth of work and of seconds per unit of work. Empty without rolling_kv."""
+    by = {(r["strategy"], r["length"]): r["chunk_latency_s"] for r in rows}
+    ratios = {}
+    if not lengths or "rolling_kv" not in strategies:
+        return ratios
+    lo, hi = min(lengths), max(lengths)
+    for name in strategies:
+        if name != "rolling_kv":  # against itself the ratio is 1 by construction
+            ratios[f"{name}_x{hi}_over_rolling_kv_x{hi}"] = by[(name, hi)] / by[("rolling_kv", hi)]
+        ratios[f"{name}_x{hi}_over_x{lo}"] = by[(name, hi)] / by[(name, lo)]
+        full = {r["length"]: r["full_window_chunk_latency_s"] for r in rows if r["strategy"] == name}
+        ratios[f"{name}_full_window_x{hi}_over_x{lo}"] = full[hi] / full[lo]
+    work = {r["length"]: r["chunk_gflop_median"] for r in rows if r["strategy"] == "rolling_kv"}
+    ratios[f"rolling_kv_flops_x{hi}_over_x{lo}"] = work[hi] / work[lo]
+    ratios[f"rolling_kv_seconds_per_flop_x{hi}_over_x{lo}"] = (
+        by[("rolling_kv", hi)] / work[hi]) / (by[("rolling_kv", lo)] / work[lo])
+    return ratios
 
 
 def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, context_frames: int | None = None,
@@ -291,9 +313,8 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
 
     ``compare_plain``: a second stream on the same weights runs in lockstep, its steps timed alternately with these
     (order swapped every step), in plain PyTorch: :func:`selfforcing.models.wan.runtime.plain_pytorch` and the
-    cache pass as its
-    own forward. Its median and the ratio of the two medians go into the result: a comparison that a slow spell of
-    a shared machine cannot tilt, unlike two numbers taken on different days."""
+    cache pass as its own forward. Its median and the ratio of the two medians go into the result: a comparison that
+    a slow spell of a shared machine cannot tilt, unlike two numbers taken on different days."""
     load_before = _load()
     (h, w), text_len, train_frames, shift = _sizes(preset, latent_size, text_len)
     model = build_model(preset, device, dtype, compile, attention)
@@ -303,27 +324,10 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
     steps = denoising_steps(num_steps, shift)
     ctx = _context(model, text_len, device, dtype)
     window = context_frames + k
-    g = torch.Generator(device=device).manual_seed(0)
     ours = _ChunkStream(model, steps, ctx, (h, w), window, fuse_cache_pass, plain=False)
     plain = _ChunkStream(model, steps, ctx, (h, w), window, False, plain=True) if compare_plain else None
-    times, plain_times, local_peaks = [], [], []
     peak_before = matmul_peak_gflops(dtype=_dtype(dtype), device=device)
-    with torch.no_grad():
-        for i in range(repeats + window // k):  # window // k steps fill the window and warm up, then `repeats`
-            x = torch.randn(1, k, c.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
-            timed = ours.start >= context_frames + k  # a full window of context (and one such chunk as warm-up)
-            if plain is not None and i % 2:
-                dt_plain = plain.step(x, g)
-            dt = ours.step(x, g)
-            if plain is not None and not i % 2:
-                dt_plain = plain.step(x, g)
-            if timed:
-                times.append(dt)
-                if plain is not None:
-                    plain_times.append(dt_plain)
-                # the peak right after this step (best of 3 products): a slow spell of a shared machine then lowers
-                # both sides of this step's ratio alike
-                local_peaks.append(matmul_peak_gflops(dtype=_dtype(dtype), device=device, repeats=3, warmup=0))
+    times, plain_times, local_peaks = _time_chunk_steps(ours, plain, (h, w), context_frames, repeats, device, dtype)
     peak = max(peak_before, matmul_peak_gflops(dtype=_dtype(dtype), device=device))  # the better of two readings
     tpf = model.tokens_per_frame(h, w)
     flops = chunk_step_flops(c, tpf, k, context_frames, text_len, num_steps)
@@ -352,6 +356,32 @@ def chunk_benchmark(preset: str, latent_size: tuple[int, int] | None = None, con
             "note": "fraction_of_peak: median step time against the best of 2 x 20 matmuls (before and after the "
                     "steps); fraction_of_local_peak: median over steps of (step throughput / best of 3 matmuls "
                     "timed right after that step)"}
+
+
+def _time_chunk_steps(ours, plain, latent_size, context_frames: int, repeats: int, device: str, dtype: str):
+    """(step seconds, plain step seconds, local matmul peaks) of the ``repeats`` steps with a full window of
+    context, after the steps that fill the window and one such step as warm-up. ``plain`` (or None) steps in
+    lockstep with ``ours``, the order swapped every step."""
+    (h, w), k = latent_size, ours.model.config.num_frame_per_block
+    g = torch.Generator(device=device).manual_seed(0)
+    times, plain_times, local_peaks = [], [], []
+    with torch.no_grad():
+        for i in range(repeats + (context_frames + k) // k):  # window // k steps fill and warm up, then `repeats`
+            x = torch.randn(1, k, ours.model.config.in_channels, h, w, generator=g, device=device).to(_dtype(dtype))
+            timed = ours.start >= context_frames + k  # a full window of context (and one such chunk as warm-up)
+            if plain is not None and i % 2:
+                dt_plain = plain.step(x, g)
+            dt = ours.step(x, g)
+            if plain is not None and not i % 2:
+                dt_plain = plain.step(x, g)
+            if timed:
+                times.append(dt)
+                if plain is not None:
+                    plain_times.append(dt_plain)
+                # the peak right after this step (best of 3 products): a slow spell of a shared machine then lowers
+                # both sides of this step's ratio alike
+                local_peaks.append(matmul_peak_gflops(dtype=_dtype(dtype), device=device, repeats=3, warmup=0))
+    return times, plain_times, local_peaks
 
 
 class _ChunkStream:
