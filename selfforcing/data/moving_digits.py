@@ -286,6 +286,35 @@ def render_clip(
     (initial, pixels per frame), "directions": list of n direction names, "image_indices": int64 [n]
     (rows of :func:`load_mnist_digits`), "index": int}.
     """
+    lo, hi, speed_lo, speed_hi = _check_clip_settings(split, index, seed, num_frames, size, num_digits, speed, start)
+    images, _ = load_mnist_digits()
+    rng = _clip_rng(split, int(index), int(seed))
+    n = int(rng.integers(lo, hi + 1))
+    labels, dirs, img_idx = _draw_digits(rng, split, n, digit_pool(split, images_per_digit))
+    limit = float(size - DIGIT_SIZE)
+    pos = rng.uniform(0, limit, size=(n, 2))
+    spd = rng.uniform(speed_lo, speed_hi, size=n)
+    vel = np.array([np.array(DIRECTIONS[k][1]) / np.linalg.norm(DIRECTIONS[k][1]) * s for k, s in zip(dirs, spd)])
+    if start == "behind":
+        pos = np.where(vel > 0, pos / 3, np.where(vel < 0, limit - pos / 3, pos))
+    positions, canvas = _animate([images[i] for i in img_idx], pos, vel.copy(), num_frames, size)
+    # numpy, not torch, for the conversion: torch's OpenMP threads crawl on a busy 2-core machine
+    gray = canvas.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    video = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(gray[:, None], (num_frames, 3, size, size))))
+    return {
+        "video": video,
+        "caption": caption_for(labels, dirs),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "positions": torch.from_numpy(positions),
+        "velocities": torch.from_numpy(vel.astype(np.float32)),
+        "directions": [DIRECTION_NAMES[k] for k in dirs],
+        "image_indices": torch.tensor(img_idx, dtype=torch.int64),
+        "index": int(index),
+    }
+
+
+def _check_clip_settings(split, index, seed, num_frames, size, num_digits, speed, start) -> tuple:
+    """(min digits, max digits, min speed, max speed) of :func:`render_clip`'s settings, all checked."""
     _check_split(split)
     for name, value in (("index", index), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -301,10 +330,12 @@ def render_clip(
         raise ValueError(f"speed must be a finite range of positive pixels per frame, got {speed!r}")
     if start not in START_POSITIONS:
         raise ValueError(f"start must be one of {START_POSITIONS}, got {start!r}")
-    images, _ = load_mnist_digits()
-    pools = digit_pool(split, images_per_digit)
-    rng = _clip_rng(split, int(index), int(seed))
-    n = int(rng.integers(lo, hi + 1))
+    return lo, hi, speed_lo, speed_hi
+
+
+def _draw_digits(rng: np.random.Generator, split: str, n: int, pools) -> tuple[list[int], list[int], list[int]]:
+    """(labels, direction indices, image rows) of ``n`` digits: per digit, (digit, direction) pairs are drawn until
+    one is allowed in ``split``, then an image of that digit from ``pools[digit]``."""
     labels, dirs, img_idx = [], [], []
     for _ in range(n):
         while True:  # rejection-sample (digit, direction) pairs allowed in this split
@@ -315,21 +346,23 @@ def render_clip(
         labels.append(d)
         dirs.append(k)
         img_idx.append(int(rng.choice(pools[d])))
+    return labels, dirs, img_idx
+
+
+def _animate(digits: list[np.ndarray], pos: np.ndarray, vel: np.ndarray, num_frames: int,
+             size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions float32 [F, n, 2], canvas uint8 [F, size, size]): the 28x28 ``digits`` drawn from top-left
+    positions ``pos`` [n, 2], moving by ``vel`` [n, 2] per frame and reflected at the walls (``vel`` is updated
+    in place)."""
     limit = float(size - DIGIT_SIZE)
-    pos = rng.uniform(0, limit, size=(n, 2))
-    spd = rng.uniform(speed_lo, speed_hi, size=n)
-    vel = np.array([np.array(DIRECTIONS[k][1]) / np.linalg.norm(DIRECTIONS[k][1]) * s for k, s in zip(dirs, spd)])
-    if start == "behind":
-        pos = np.where(vel > 0, pos / 3, np.where(vel < 0, limit - pos / 3, pos))
-    v0 = vel.copy()
-    positions = np.zeros((num_frames, n, 2), dtype=np.float32)
+    positions = np.zeros((num_frames, len(digits), 2), dtype=np.float32)
     canvas = np.zeros((num_frames, size, size), dtype=np.uint8)
     for f in range(num_frames):
         positions[f] = pos
-        for i in range(n):
+        for i, digit in enumerate(digits):
             x, y = int(round(pos[i, 0])), int(round(pos[i, 1]))
             region = canvas[f, y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
-            np.maximum(region, images[img_idx[i]], out=region)
+            np.maximum(region, digit, out=region)
         pos = pos + vel
         for axis in range(2):  # reflect off the walls; a step longer than the box reflects more than once
             while True:
@@ -339,19 +372,7 @@ def render_clip(
                 pos[low, axis] = -pos[low, axis]
                 pos[high, axis] = 2 * limit - pos[high, axis]
                 vel[low | high, axis] *= -1
-    # numpy, not torch, for the conversion: torch's OpenMP threads crawl on a busy 2-core machine
-    gray = canvas.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    video = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(gray[:, None], (num_frames, 3, size, size))))
-    return {
-        "video": video,
-        "caption": caption_for(labels, dirs),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "positions": torch.from_numpy(positions),
-        "velocities": torch.from_numpy(v0.astype(np.float32)),
-        "directions": [DIRECTION_NAMES[k] for k in dirs],
-        "image_indices": torch.tensor(img_idx, dtype=torch.int64),
-        "index": int(index),
-    }
+    return positions, canvas
 
 
 def collate_clips(clips: Sequence[dict]) -> dict:
