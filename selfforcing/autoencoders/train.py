@@ -173,17 +173,7 @@ def measure_latent_stats(model: VideoAutoencoder, videos: torch.Tensor, batch_si
 
 def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> tuple[VideoAutoencoder, dict]:
     """Train, normalise, evaluate and save a :class:`VideoAutoencoder`; returns it and its facts dict."""
-    from tqdm.auto import tqdm
-
-    if cfg.batch_size % cfg.frames_per_clip:
-        raise ValueError(
-            f"batch_size ({cfg.batch_size}) must be a multiple of frames_per_clip ({cfg.frames_per_clip})"
-        )
-    if cfg.frames_per_clip > cfg.data.num_frames:
-        raise ValueError(f"frames_per_clip ({cfg.frames_per_clip}) exceeds num_frames ({cfg.data.num_frames})")
-    if cfg.data.size % 2 ** (len(cfg.model.channels) - 1):
-        raise ValueError(f"data.size {cfg.data.size} is not divisible by the spatial compression of channels "
-                         f"{tuple(cfg.model.channels)}")
+    _check_recipe(cfg)
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -192,35 +182,7 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> tuple[VideoA
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     train_set = make_dataset(cfg.data, "train", cfg.data.train_clips)
     eval_videos = held_out_clips(cfg.data, cfg.eval_clips_during_training) if cfg.eval_every else None
-    clips_per_step = cfg.batch_size // cfg.frames_per_clip
-
-    start = time.perf_counter()
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="autoencoder", disable=not progress, mininterval=2.0)
-    ema_loss = None
-    for step in bar:
-        clip_ids = torch.randint(0, cfg.data.train_clips, (clips_per_step,), generator=gen)
-        videos = load_clips(train_set, clip_ids)  # [n, F, 3, H, W]
-        frame_ids = torch.rand(clips_per_step, cfg.data.num_frames, generator=gen).argsort(1)[:, : cfg.frames_per_clip]
-        frames = videos[torch.arange(clips_per_step)[:, None], frame_ids].flatten(0, 1)  # [batch, 3, H, W]
-
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        loss = reconstruction_loss(model, frames, cfg.latent_noise, cfg.l1_weight, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema_loss:.5f}", lr=f"{_lr_at(cfg, step):.1e}", refresh=False)
-        if eval_videos is not None and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            model.eval()
-            m = evaluate_reconstruction(model, eval_videos, cfg.near_digit_radius)  # unnormalised: same decode
-            model.train()
-            bar.write(f"step {step + 1}: held-out PSNR {m['psnr']:.2f} dB, near digits {m['psnr_near_digits']:.2f} dB, "
-                      f"{time.perf_counter() - start:.0f} s")
-    train_seconds = time.perf_counter() - start
+    train_seconds = _fit(model, opt, cfg, train_set, eval_videos, gen, progress)
     model.eval()
 
     # fix the latent scale: zero mean, unit variance per channel on training clips
@@ -243,6 +205,59 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> tuple[VideoA
         print(f"saved {cfg.out_dir}: held-out PSNR {metrics['psnr']:.2f} dB (near digits "
               f"{metrics['psnr_near_digits']:.2f} dB) after {train_seconds:.0f} s of training")
     return model, facts
+
+
+def _check_recipe(cfg: AETrainConfig) -> None:
+    if cfg.batch_size % cfg.frames_per_clip:
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of frames_per_clip ({cfg.frames_per_clip})"
+        )
+    if cfg.frames_per_clip > cfg.data.num_frames:
+        raise ValueError(f"frames_per_clip ({cfg.frames_per_clip}) exceeds num_frames ({cfg.data.num_frames})")
+    if cfg.data.size % 2 ** (len(cfg.model.channels) - 1):
+        raise ValueError(f"data.size {cfg.data.size} is not divisible by the spatial compression of channels "
+                         f"{tuple(cfg.model.channels)}")
+
+
+def _training_frames(cfg: AETrainConfig, train_set, gen: torch.Generator) -> torch.Tensor:
+    """One batch [batch_size, 3, H, W]: ``frames_per_clip`` distinct random frames of each of
+    ``batch_size / frames_per_clip`` random training clips."""
+    clips_per_step = cfg.batch_size // cfg.frames_per_clip
+    clip_ids = torch.randint(0, cfg.data.train_clips, (clips_per_step,), generator=gen)
+    videos = load_clips(train_set, clip_ids)  # [n, F, 3, H, W]
+    frame_ids = torch.rand(clips_per_step, cfg.data.num_frames, generator=gen).argsort(1)[:, : cfg.frames_per_clip]
+    return videos[torch.arange(clips_per_step)[:, None], frame_ids].flatten(0, 1)  # [batch, 3, H, W]
+
+
+def _fit(model: VideoAutoencoder, opt, cfg: AETrainConfig, train_set, eval_videos, gen: torch.Generator,
+         progress: bool) -> float:
+    """``cfg.steps`` optimiser steps on the reconstruction loss (held-out PSNR every ``eval_every`` steps when
+    ``eval_videos`` is given); the seconds they took."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="autoencoder", disable=not progress, mininterval=2.0)
+    ema_loss = None
+    for step in bar:
+        frames = _training_frames(cfg, train_set, gen)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        loss = reconstruction_loss(model, frames, cfg.latent_noise, cfg.l1_weight, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.5f}", lr=f"{_lr_at(cfg, step):.1e}", refresh=False)
+        if eval_videos is not None and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            model.eval()
+            m = evaluate_reconstruction(model, eval_videos, cfg.near_digit_radius)  # unnormalised: same decode
+            model.train()
+            bar.write(f"step {step + 1}: held-out PSNR {m['psnr']:.2f} dB, near digits {m['psnr_near_digits']:.2f} dB, "
+                      f"{time.perf_counter() - start:.0f} s")
+    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------- command line
