@@ -139,23 +139,30 @@ def train_digit_classifier(
         "seed": seed,
     }
     if out_path is not None:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        def write_weights(tmp: str) -> None:
-            save_file(state, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped assets must be readable by everyone
-
-        def write_info(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(info, indent=2) + "\n")
-            os.chmod(tmp, 0o644)
-
-        atomic_write(out_path, write_weights)
-        atomic_write(os.path.splitext(out_path)[0] + ".json", write_info)
+        save_classifier(model, info, out_path)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, info
+
+
+def save_classifier(model: DigitClassifier, info: dict, out_path: str) -> None:
+    """Write the weights to ``out_path`` (safetensors) and ``info`` beside them (.json), each atomically and
+    readable by everyone."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+    def write_weights(tmp: str) -> None:
+        save_file(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped assets must be readable by everyone
+
+    def write_info(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(info, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+
+    atomic_write(out_path, write_weights)
+    atomic_write(os.path.splitext(out_path)[0] + ".json", write_info)
 
 
 @functools.lru_cache(maxsize=2)
