@@ -99,6 +99,43 @@ ABSOLUTE_EMBEDDING_KEYS = ("frame_embedding", "spatial_embedding")
 CAPTION_LAYOUT_KEYS = ("caption_layout.weight", "caption_layout.bias", "caption_layout_maps", "caption_layout_vectors")
 
 
+def _check_config(patch_size, qk_norm, num_frame_per_block, local_attn_size, sink_size, num_frame_embeddings,
+                  spatial_embedding_grid, caption_layout_rank, caption_layout_size) -> None:
+    """Raise ValueError on a :class:`CausalWanModel` config this model cannot run."""
+    if len(patch_size) != 3 or patch_size[0] != 1:
+        raise ValueError(f"patch_size must be (1, p_h, p_w) (one latent frame per token row), got {patch_size}")
+    if qk_norm != "rms_norm_across_heads":
+        raise ValueError(f"only qk_norm='rms_norm_across_heads' (Wan2.1) is supported, got {qk_norm!r}")
+    if num_frame_per_block < 1:
+        raise ValueError(f"num_frame_per_block must be >= 1, got {num_frame_per_block}")
+    if local_attn_size > 0 and not 0 <= sink_size < local_attn_size:
+        raise ValueError(f"need 0 <= sink_size < local_attn_size, got {sink_size}, {local_attn_size}")
+    if local_attn_size > 0 and local_attn_size - sink_size < num_frame_per_block:
+        raise ValueError(
+            f"the attention window minus sinks ({local_attn_size} - {sink_size}) must hold a whole block "
+            f"of {num_frame_per_block} frames"
+        )
+    if local_attn_size <= 0 and sink_size:
+        raise ValueError("sink_size needs a rolling window (local_attn_size > 0)")
+    if num_frame_embeddings < 0:
+        raise ValueError(f"num_frame_embeddings must be >= 0, got {num_frame_embeddings}")
+    if spatial_embedding_grid is not None:
+        gh, gw = (int(v) for v in spatial_embedding_grid)
+        if gh < 1 or gw < 1:
+            raise ValueError(f"spatial_embedding_grid must be (h, w) tokens >= 1, got {spatial_embedding_grid}")
+    if caption_layout_rank and (caption_layout_rank < 0 or caption_layout_size is None
+                                or len(caption_layout_size) != 3 or min(int(v) for v in caption_layout_size) < 1):
+        raise ValueError(f"caption_layout_rank={caption_layout_rank} needs a rank >= 1 and caption_layout_size "
+                         f"(frames, h, w) >= 1, got {caption_layout_size}")
+
+
+def _grid_sinusoid(grid, dim: int) -> torch.Tensor:
+    """[h * w, dim]: row i's sin-cos code in the first dim // 2 channels, column j's in the rest (row-major)."""
+    gh, gw = (int(v) for v in grid)
+    rows, cols = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)
+    return torch.cat([timestep_sinusoid(rows, dim // 2), timestep_sinusoid(cols, dim - dim // 2)], -1)
+
+
 class CausalWanModel(ModelMixin, ConfigMixin):
     r"""Block-causal Wan2.1 DiT with per-frame timesteps and a KV cache.
 
@@ -148,48 +185,25 @@ class CausalWanModel(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         patch_size = tuple(patch_size)
-        if len(patch_size) != 3 or patch_size[0] != 1:
-            raise ValueError(f"patch_size must be (1, p_h, p_w) (one latent frame per token row), got {patch_size}")
-        if qk_norm != "rms_norm_across_heads":
-            raise ValueError(f"only qk_norm='rms_norm_across_heads' (Wan2.1) is supported, got {qk_norm!r}")
-        if num_frame_per_block < 1:
-            raise ValueError(f"num_frame_per_block must be >= 1, got {num_frame_per_block}")
-        if local_attn_size > 0 and not 0 <= sink_size < local_attn_size:
-            raise ValueError(f"need 0 <= sink_size < local_attn_size, got {sink_size}, {local_attn_size}")
-        if local_attn_size > 0 and local_attn_size - sink_size < num_frame_per_block:
-            raise ValueError(
-                f"the attention window minus sinks ({local_attn_size} - {sink_size}) must hold a whole block "
-                f"of {num_frame_per_block} frames"
-            )
-        if local_attn_size <= 0 and sink_size:
-            raise ValueError("sink_size needs a rolling window (local_attn_size > 0)")
+        _check_config(patch_size, qk_norm, num_frame_per_block, local_attn_size, sink_size, num_frame_embeddings,
+                      spatial_embedding_grid, caption_layout_rank, caption_layout_size)
         dim = num_attention_heads * attention_head_dim
         out_channels = out_channels or in_channels
 
+        # submodules in this order: random initialisation draws from the global generator in it
         self.rope = WanRotaryEmbedding(attention_head_dim)
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim)
-        if num_frame_embeddings < 0:
-            raise ValueError(f"num_frame_embeddings must be >= 0, got {num_frame_embeddings}")
         self.frame_embedding = self.spatial_embedding = None  # absolute positions (ABSOLUTE_EMBEDDING_KEYS)
         if num_frame_embeddings:
             self.frame_embedding = nn.Parameter(timestep_sinusoid(torch.arange(num_frame_embeddings), dim))
         if spatial_embedding_grid is not None:
-            gh, gw = (int(v) for v in spatial_embedding_grid)
-            if gh < 1 or gw < 1:
-                raise ValueError(f"spatial_embedding_grid must be (h, w) tokens >= 1, got {spatial_embedding_grid}")
-            rows, cols = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)
-            self.spatial_embedding = nn.Parameter(torch.cat([timestep_sinusoid(rows, dim // 2),
-                                                             timestep_sinusoid(cols, dim - dim // 2)], -1))
+            self.spatial_embedding = nn.Parameter(_grid_sinusoid(spatial_embedding_grid, dim))
         self.caption_layout = self.caption_layout_maps = self.caption_layout_vectors = None  # CAPTION_LAYOUT_KEYS
         if caption_layout_rank:
-            if caption_layout_rank < 0 or caption_layout_size is None or len(caption_layout_size) != 3 or min(
-                    int(v) for v in caption_layout_size) < 1:
-                raise ValueError(f"caption_layout_rank={caption_layout_rank} needs a rank >= 1 and caption_layout_size "
-                                 f"(frames, h, w) >= 1, got {caption_layout_size}")
             self.caption_layout = nn.Linear(text_dim, caption_layout_rank)
-            self.caption_layout_maps = nn.Parameter(0.5 * torch.randn(caption_layout_rank, *map(int,
-                                                                                                caption_layout_size)))
+            self.caption_layout_maps = nn.Parameter(0.5 * torch.randn(caption_layout_rank,
+                                                                      *map(int, caption_layout_size)))
             self.caption_layout_vectors = nn.Parameter(torch.zeros(caption_layout_rank, dim))
         self.blocks = nn.ModuleList(
             [CausalWanBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
