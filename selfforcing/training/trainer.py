@@ -295,20 +295,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
     Resume starts from the newest intact checkpoint in ``out_dir/checkpoints`` (a corrupt one is skipped with a
     warning); temp files of writes killed before are removed first, and metrics.jsonl is cut back to the step the
     run resumes from."""
-    device = D.init_from_env()
-    if D.is_main():
-        for folder in stale_temp_folders(cfg):
-            remove_stale_temps(folder)
-    D.barrier()
-    state = setup(cfg, device)
-    text_dim = state.method.generator.config.text_dim
-    batches = build_batch_source(cfg, text_dim, device)
+    device, state, batches = _start_run(cfg, resume)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if resume and (meta := resume_checkpoint(ckpt_dir, state.models, state.optimizers, state.ema)) is not None:
-        state.step = int(meta["step"])
-    if D.is_main():
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
     logger = _Logger(cfg, state.step)
     total = cfg.max_steps if max_steps is None else max_steps
     bar = None
@@ -352,6 +340,26 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
     if total > 0 and state.step >= total:
         export_generator(state, os.path.join(cfg.out_dir, "final"), _spec_at(spec, cfg, batches, state.step))
     return state
+
+
+def _start_run(cfg: TrainConfig, resume: bool):
+    """(device, state, batch source) of a run: temp files of killed writes removed, the models and optimisers
+    built and, with ``resume``, loaded from the newest intact checkpoint; the recipe saved as config.yaml."""
+    device = D.init_from_env()
+    if D.is_main():
+        for folder in stale_temp_folders(cfg):
+            remove_stale_temps(folder)
+    D.barrier()
+    state = setup(cfg, device)
+    text_dim = state.method.generator.config.text_dim
+    batches = build_batch_source(cfg, text_dim, device)
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    if resume and (meta := resume_checkpoint(ckpt_dir, state.models, state.optimizers, state.ema)) is not None:
+        state.step = int(meta["step"])
+    if D.is_main():
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    return device, state, batches
 
 
 # How each method's generator is sampled: the teacher sees the whole clip, the TF / DF baselines need many steps with
