@@ -34,7 +34,6 @@ import hashlib
 import json
 import operator
 import os
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -43,6 +42,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_write, atomic_write_text
+from ..lru import LRUCache
 
 MANIFEST = "manifest.json"
 FORMAT = "selfforcing-store"
@@ -311,7 +311,7 @@ class Store(Dataset):
         self._shard_tensors: list[set[str]] = [set() for _ in self.shards]  # what each shard must hold
         for i, record in enumerate(self.records):
             self._shard_tensors[record["shard"]].update(f"{i}/{name}" for name in record["tensors"])
-        self._open: OrderedDict[int, object] = OrderedDict()
+        self._open: LRUCache[int, object] = LRUCache(self.max_open_shards)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -328,9 +328,9 @@ class Store(Dataset):
 
     def _handle(self, shard_index: int):
         """The open safe_open handle of a shard: checked against the manifest on first open, LRU-cached."""
-        if shard_index in self._open:
-            self._open.move_to_end(shard_index)
-            return self._open[shard_index]
+        handle = self._open.get(shard_index)
+        if handle is not None:
+            return handle
         shard = self.shards[shard_index]
         path = check_shard(self.root, shard, self.verify)
         try:
@@ -341,9 +341,7 @@ class Store(Dataset):
         if missing:
             raise StoreError(f"store shard {path} lacks {len(missing)} tensors the manifest lists, "
                              f"e.g. {sorted(missing)[:3]}")
-        self._open[shard_index] = handle
-        while len(self._open) > self.max_open_shards:
-            self._open.popitem(last=False)
+        self._open.put(shard_index, handle)
         return handle
 
     def get(self, index: int, names=None) -> dict:
@@ -407,7 +405,7 @@ class Store(Dataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_open"] = OrderedDict()
+        state["_open"] = LRUCache(self.max_open_shards)  # open files do not pickle
         return state
 
     def __repr__(self) -> str:

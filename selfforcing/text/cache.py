@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections import OrderedDict
 
 import torch
 
 from ..fileio import atomic_write
+from ..lru import LRUCache
 from .encoders import TextEmbedding, TextEncoder, _check_prompts
 
 _FORMAT = "selfforcing-text-embedding-v1"
@@ -48,7 +48,7 @@ class CachedTextEncoder(TextEncoder):
         self.device = encoder.device
         self.memory_items, self.encode_batch_size = memory_items, encode_batch_size
         os.makedirs(self.cache_dir, exist_ok=True)
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory: LRUCache[str, torch.Tensor] = LRUCache(memory_items)
         self.encoded_prompts = self.memory_hits = self.disk_hits = 0
 
     def to(self, device: str | torch.device) -> CachedTextEncoder:
@@ -104,23 +104,15 @@ class CachedTextEncoder(TextEncoder):
             warnings.warn(f"could not write text-embedding cache entry {self.entry_path(prompt)}: {err}",
                           stacklevel=3)
 
-    def _remember(self, prompt: str, states: torch.Tensor) -> None:
-        if self.memory_items == 0:
-            return
-        self._memory[prompt] = states
-        self._memory.move_to_end(prompt)
-        while len(self._memory) > self.memory_items:
-            self._memory.popitem(last=False)
-
     def _lookup(self, prompt: str) -> torch.Tensor | None:
-        if prompt in self._memory:
-            self._memory.move_to_end(prompt)
+        states = self._memory.get(prompt)
+        if states is not None:
             self.memory_hits += 1
-            return self._memory[prompt]
+            return states
         states = self._read(prompt)
         if states is not None:
             self.disk_hits += 1
-            self._remember(prompt, states)
+            self._memory.put(prompt, states)
         return states
 
     # ------------------------------------------------------------------------------------------- encode
@@ -141,7 +133,7 @@ class CachedTextEncoder(TextEncoder):
                                      f"(left padding?) for prompt {prompt!r:.60}; the cache needs right padding")
                 real = s[:n].clone()
                 self._write(prompt, real)
-                self._remember(prompt, real)
+                self._memory.put(prompt, real)
                 out[prompt] = real
         return out
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...lru import LRUCache
 from .attention import SelfAttention, attention
 from .runtime import accelerator, cpu_inference, cpu_shortcuts_enabled
 
@@ -103,7 +104,7 @@ class ConditionEmbedder(nn.Module):
         self.act_fn = nn.SiLU()
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = _MLP2(text_dim, dim, dim, nn.GELU(approximate="tanh"))
-        self._time_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see embed_time
+        self._time_cache: LRUCache[tuple, tuple[torch.Tensor, torch.Tensor]] = LRUCache(32)  # see embed_time
         self._time_state: tuple = ()
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,17 +127,14 @@ class ConditionEmbedder(nn.Module):
                 self._time_cache.clear()
                 self._time_state = state
             key = (t.dtype, tuple(t.tolist()))
-            hit = self._time_cache.pop(key, None)
+            hit = self._time_cache.get(key)
             if hit is not None:
-                self._time_cache[key] = hit  # most recently used last
                 return hit
         sinus = timestep_sinusoid(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
         temb = self.time_embedder(sinus)
         out = temb, self.time_proj(self.act_fn(temb))
         if cacheable:
-            if len(self._time_cache) >= 32:
-                self._time_cache.pop(next(iter(self._time_cache)))
-            self._time_cache[key] = out
+            self._time_cache.put(key, out)
         return out
 
 
