@@ -80,7 +80,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     a = torch.as_tensor(feats_a).detach().to(torch.float64)
     b = torch.as_tensor(feats_b).detach().to(torch.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"features must be [N, D] and [M, D] with the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"features must be [N, D] and [M, D] with the same D, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"need at least 2 samples per set for a covariance, got {a.shape[0]} and {b.shape[0]}")
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):

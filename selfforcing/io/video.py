@@ -118,7 +118,8 @@ class Mp4Writer:
             self._stream.options = {"crf": str(self.crf)}
             self._size = size
         elif size != self._size:
-            raise ValueError(f"{self.path}: frames of {size[0]}x{size[1]} after frames of {self._size[0]}x{self._size[1]}")
+            raise ValueError(f"{self.path}: frames of {size[0]}x{size[1]} "
+                             f"after frames of {self._size[0]}x{self._size[1]}")
         for frame in frames:
             for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 self._container.mux(packet)
