@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+
+from selfforcing.errors import UsageError
+from selfforcing.fileio import check_writable
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -58,18 +59,23 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 def demo_run(args: argparse.Namespace) -> int:
     """Stream a video from the shipped model (Algorithm 2 with a rolling KV cache), write the mp4 and a PNG contact
     sheet, and report frames per second and the first chunk's latency: ``selfforcing generate`` with defaults."""
-    from selfforcing.commands import generate
+    # the library loads here, not at the top: torch and the models take seconds to import, `--help` should not
+    from selfforcing.data.prompts import require_prompt
+    from selfforcing.generate import streaming_generator, streaming_window, write_video
+    from selfforcing.pipeline import load_pipeline
 
-    parser = argparse.ArgumentParser()
-    generate.add_arguments(parser)
-    argv = ["--num-frames", str(args.num_frames), "--seed", str(args.seed), "--out", args.out,
-            "--sheet", args.sheet, "--json"]
-    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else []
-    argv += ["--prompt", args.prompt] if args.prompt else []
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        generate.run(parser.parse_args(argv))
-    report = json.loads(buf.getvalue().strip().splitlines()[-1])
+    if args.num_frames < 1:
+        raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
+    prompt = require_prompt(args.prompt, "--prompt") if args.prompt else None
+    for path in (args.out, args.sheet):
+        check_writable(path)  # before any compute
+    model, ae, text, spec = load_pipeline(args.checkpoint)
+    window = streaming_window(spec, ae, None)  # the model's training length, as the server streams
+    gen = streaming_generator(model, ae, text, spec, latent_frames=ae.latent_frames(args.num_frames),
+                              window_frames=window)
+    report = write_video(args.out, gen, spec, prompt or spec.default_prompt, num_frames=args.num_frames,
+                         seed=args.seed, sheet=args.sheet)
+    report = {**report, "window_frames": window, "unconditional": False}
     print(f"selfforcing demo: \"{report['prompt']}\" -> {report['path']} ({report['frames']} frames) and "
           f"{args.sheet}\n  {report['fps']} frames/s, first chunk after {report['first_chunk_latency_s']} s, "
           f"{report['seconds']} s in all ({report['chunks']} chunks)")
