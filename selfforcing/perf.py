@@ -23,10 +23,10 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     """Let glibc malloc keep freed memory for reuse instead of handing it back to the kernel. Returns True if set.
 
     Why: by default glibc unmaps freed blocks above 128 KB and trims the heap top, so a loop that allocates and
-    frees the same activations every step (a chunk step: ~400 tensors of 0.2-2.4 MB) gets its pages from the
-    kernel afresh each time: about 3,800 minor page faults per chunk step of the small preset, each a zeroed page.
-    With a 32 MB mmap threshold (glibc's upper bound) and a 1 GB trim threshold they come from the heap: ~5 faults
-    per chunk step, the same peak RSS (measured: 398 vs 400 MB). Process-wide and harmless on GPU; the
+    frees the same activations every step (a chunk step: hundreds of tensors of a few MB) gets its pages from the
+    kernel afresh each time: thousands of minor page faults per chunk step, each a zeroed page. With a 32 MB mmap
+    threshold (glibc's upper bound) and a 1 GB trim threshold they come from the heap: a handful of faults per
+    chunk step at the same peak RSS (the measurements: docs/performance.md). Process-wide and harmless on GPU; the
     ``selfforcing`` CLI calls it once. No-op off glibc or with SELFFORCING_KEEP_FREED_MEMORY=0."""
     if os.environ.get("SELFFORCING_KEEP_FREED_MEMORY", "1") == "0":
         return False

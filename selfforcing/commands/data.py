@@ -139,7 +139,7 @@ def _ode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ode_run(args: argparse.Namespace) -> int:
-    from selfforcing.models import CausalWanModel  # here: the models add about 2.5 s to every `data` command
+    from selfforcing.models import CausalWanModel  # here: the models add seconds to every `data` command
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher = CausalWanModel.from_checkpoint(args.teacher, preset=args.preset, use_ema=args.use_ema).eval().to(device)

@@ -76,7 +76,7 @@ def _prompts(text: str) -> tuple[list[str] | None, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Parse the methods and settings, run :func:`selfforcing.eval.evaluate.evaluate`, print where it wrote."""
-    # The library loads here, not at the top: `selfforcing eval --help` and argument errors skip torch (about 2 s).
+    # The library loads here, not at the top: `selfforcing eval --help` and argument errors skip torch (seconds).
     import torch
 
     from selfforcing.eval.evaluate import evaluate

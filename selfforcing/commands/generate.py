@@ -116,8 +116,8 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate a video per prompt (see the module doc); prints a report line per video."""
-    # The library loads here, not at the top: `selfforcing generate --help` stays at 0.05 s (torch and the models
-    # take about 4 s to import).
+    # The library loads here, not at the top: `selfforcing generate --help` stays instant (torch and the models
+    # take seconds to import; docs/performance.md).
     from selfforcing.generate import output_paths, streaming_generator, streaming_window, write_video
     from selfforcing.inference import CacheTooLarge
     from selfforcing.io import read_video, to_float_video

@@ -162,8 +162,8 @@ def resize_center_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
     The scaled frame is round(h r) x round(w r) (at least H x W), so the crop drops only the overhang of
     the longer side and the aspect ratio is kept. A frame already of size (H, W) is returned unchanged.
-    Works on float and on uint8 (torch's uint8 antialias kernel, ~30x faster than float on 720p frames,
-    rounds each output to the nearest level).
+    Works on float and on uint8 (torch's uint8 antialias kernel, much faster than float on large frames, see
+    docs/performance.md, rounds each output to the nearest level).
     """
     if video.ndim != 4:
         raise ValueError(f"video must be [F, C, h, w], got shape {tuple(video.shape)}")

@@ -418,10 +418,10 @@ def initial_displacement(track, size=(64, 64), wall_margin: float = 20.0, min_re
     it moved to larger a, p_a <= ``wall_margin`` when to smaller; size = (H, W), so x against W, y against H).
     The result is then p - s. Why: Moving-Digits reflects a digit off the walls (its caption names the initial
     velocity) and a 64-px clip often bounces within 12 frames, so the net 12-frame
-    displacement of a real clip points within 45 degrees of its caption only 64% of the time; cut at the
-    first bounce it does 96.5% (600 one-digit clips; the rest start against a wall and bounce on their
-    first step, so their frames show the other way and no judge can tell). A turn away from the walls is not a
-    bounce: such back-and-forth stays in the displacement.
+    displacement of a real clip often points away from its caption; cut at the first bounce it nearly always
+    points within 45 degrees of it (the shares are in docs/evaluation.md; the clips it misses start against a
+    wall and bounce on their first step, so their frames show the other way and no judge can tell). A turn away
+    from the walls is not a bounce: such back-and-forth stays in the displacement.
     A real digit's centroid lies 13-15 px from its 28-px box's top-left corner, so the frame before a bounce
     (at most one 3-px step from the wall) has it within 18 px of the edge (``wall_margin`` 20 leaves slack).
     """

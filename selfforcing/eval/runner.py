@@ -60,7 +60,7 @@ def _checkpoint_stamp(path: str) -> list:
 
 @functools.lru_cache(maxsize=256)
 def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    """SHA-256 of a file, read once per (path, mtime, size) in a process (about 1 s per GB)."""
+    """SHA-256 of a file, read once per (path, mtime, size) in a process."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):

@@ -1,6 +1,6 @@
 """Native blocks: a CPU inference forward, from the patch embedding to the output head, run by C++.
 
-Why. The small preset's chunk step is ~3,500 short torch ops. Run from Python, each one pays the interpreter,
+Why. The small preset's chunk step is thousands of short torch ops. Run from Python, each one pays the interpreter,
 module calls and argument parsing on top of the kernel; on this project's 2-core VM that was a sizeable share of a
 chunk step (docs/performance.md). ``csrc/native_blocks.cpp`` runs the same products (BLAS, oneDNN, SDPA) in the
 same order from C++ with the GIL released, and fuses everything between them into one pass over the rows each time:
@@ -11,7 +11,7 @@ registers. The result equals the Python blocks to float rounding (tests/test_nat
 (cached per timestep), the RoPE table (cached), the cache plan and the sampler stay in Python.
 
 Built with torch's extension builder (``torch.utils.cpp_extension.load``, the machine's C++ compiler) at the first
-use in a process, about a minute on a 2-core machine, and cached under :func:`build_directory` for later processes
+use in a process (a C++ compile), and cached under :func:`build_directory` for later processes
 (``make install`` builds it). If it cannot be built, a warning says why once and the Python blocks run.
 
 Where. Like the timed FFN choice, only while the CPU accelerator is installed
@@ -130,8 +130,8 @@ _TRANSPOSED = (1, 3, 5, 7, 13, 15)
 def _tile_gemm_pays(w: torch.Tensor) -> bool:
     """Whether C++ runs the projection with weight ``w`` [out, in] through its register-tile GEMM (on a transposed
     copy): output width a multiple of 16, and an input width up to 512, where the tile's panel of the weight stays
-    in L1 and it beat MKL (117 vs 101 GFLOP/s at 256; at 1536 it lost, 87 vs 116): so the small presets' projections,
-    not Wan's, whose weights are then not copied either."""
+    in L1 and it beat MKL (at 1536 it lost; the measurements are in docs/performance.md): so the small presets'
+    projections, not Wan's, whose weights are then not copied either."""
     return w.shape[0] % 16 == 0 and w.shape[1] <= 512
 
 
@@ -140,8 +140,8 @@ def _params(model) -> list[torch.Tensor]:
     weights transposed to [in, out] (``enum W`` in native_blocks.cpp: its register-tile GEMM reads them so). Kept
     between forwards and checked against the modules' own parameter slots: by identity (a replaced parameter, as by a
     load with ``assign=True``, is picked up) and, for the transposed copies, by in-place version (an optimizer step or
-    a ``load_state_dict`` into the parameters makes new copies). One C-level pass of lookups, ~20 us for 6 blocks;
-    walking ``parameters()`` took 0.44 ms per forward."""
+    a ``load_state_dict`` into the parameters makes new copies). One C-level pass of lookups, far cheaper
+    than walking ``parameters()`` every forward (docs/performance.md)."""
     cached = getattr(model, "_native_block_params", None)
     if cached is not None:
         dicts, names, found, copied, versions, flat = cached

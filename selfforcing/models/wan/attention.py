@@ -143,7 +143,8 @@ def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 # Up to this many keys (the text of cross-attention), CPU inference attends with two batched matmuls and a softmax:
-# SDPA's flash kernel for CPU tiles the keys and costs about 1.6x as much when there are only a few dozen of them.
+# SDPA's flash kernel for CPU tiles the keys and costs more when there are only a few dozen of them
+# (docs/performance.md).
 SHORT_KEYS = 64
 
 

@@ -112,7 +112,8 @@ class ConditionEmbedder(nn.Module):
 
         Without autograd on CPU the result is kept per timestep vector (a small LRU, checked against the identity and
         version of every parameter it was computed with): a stream asks for the same few timesteps every chunk, and
-        for a few timesteps these small matmuls are memory-bound, 0.5-1.5 ms per forward on a 2-core CPU."""
+        for a few timesteps these small matmuls are memory-bound, a visible share of a small model's forward on CPU
+        (docs/performance.md)."""
         cacheable = (t.device.type == "cpu" and t.numel() <= 4096 and not torch.is_grad_enabled()
                      and not torch.compiler.is_compiling())
         if cacheable:

@@ -2,8 +2,8 @@
 
 Layout. One buffer per kind, ``k`` and ``v`` of shape [num_layers, B, H, capacity * T, Dh] (head-major), where
 T is the number of tokens per latent frame; reads hand out [B, N, H, Dh] views of it (the model's token-major
-convention) whose per-head key rows are contiguous, the layout attention kernels read fastest (SDPA on CPU: 13%
-less time than over a token-major cache). Keys are stored after RoPE, so a cached key keeps the absolute
+convention) whose per-head key rows are contiguous, the layout attention kernels read fastest (SDPA on CPU
+included: docs/performance.md). Keys are stored after RoPE, so a cached key keeps the absolute
 position of its frame and nothing is ever re-rotated.
 
 Slots. With no rolling window the frame j lives in slot j, and a chunk that would end past
