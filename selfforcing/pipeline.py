@@ -185,7 +185,7 @@ def load_pipeline(checkpoint: str | os.PathLike | None = None, *, preset: str = 
     model = CausalWanModel.from_checkpoint(path, preset=preset, use_ema=use_ema).eval().to(device)
     autoencoder = get_autoencoder(spec.autoencoder, device=device)
     text = build_text_encoder(spec.text_encoder, spec.text_len, device=device)
-    if spec.text_len is None:  # a folder without a spec: the encoder's own length (MiniLM 24, UMT5 512, as Wan)
+    if spec.text_len is None:  # a folder without a spec: the encoder's own length (MiniLM 24, UMT5 Wan's)
         spec = spec.replace(text_len=text.text_len)
     if text.dim != model.config.text_dim:
         raise ValueError(f"the text encoder {spec.text_encoder!r} gives {text.dim}-dim states but the checkpoint "

@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="architecture of checkpoint files (default tiny)")
     p.add_argument("--autoencoder", default="moving-digits")
     p.add_argument("--text-encoder", default="minilm")
-    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: 24 for minilm, 512 for UMT5)")
+    p.add_argument("--text-len", type=int, default=None,
+                   help="text tokens (default: 24 for minilm, Wan's length for UMT5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", default=None, help="default: the checkpoint's, else moving-digits")
     p.add_argument("--text-encoder", default=None, help="default: the checkpoint's, else minilm")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default: the checkpoint's, else 24 for "
-                                                             "minilm, 512 for UMT5)")
+                                                             "minilm, Wan's length for UMT5)")
     p.add_argument("--latent-size", default=None, help="h,w of the latents (default: the checkpoint's, else 16,16)")
     p.add_argument("--switch", action="append", default=[], metavar="CHUNK:PROMPT",
                    help="switch to PROMPT before chunk CHUNK (repeatable)")

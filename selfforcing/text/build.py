@@ -17,7 +17,7 @@ def build_text_encoder(name_or_path: str, text_len: int | None = None, *, device
     * ``"minilm"`` (or ``"all-minilm-l6-v2"``): :class:`MiniLMTextEncoder` (``text_len`` default 24, the laptop
       recipes' length: a Moving-Digits caption is 7-19 tokens);
     * a folder whose ``config.json`` (or ``text_encoder/config.json``) says ``model_type: umt5``:
-      :class:`UMT5TextEncoder` (``text_len`` default 512, run in ``dtype``);
+      :class:`UMT5TextEncoder` (``text_len`` default: Wan's, run in ``dtype``);
     * a folder whose ``config.json`` says ``model_type: bert``: :class:`MiniLMTextEncoder` on it.
 
     With ``cache_dir`` the encoder is wrapped in :class:`~selfforcing.text.cache.CachedTextEncoder`."""
@@ -35,7 +35,7 @@ def build_text_encoder(name_or_path: str, text_len: int | None = None, *, device
                                     "not a text-encoder folder")
         model_type = read_model_type(config_dir)
         if model_type == "umt5":
-            encoder = UMT5TextEncoder(name_or_path, text_len or 512, dtype=dtype, device=device)
+            encoder = UMT5TextEncoder(name_or_path, text_len or None, dtype=dtype, device=device)
         elif model_type == "bert":
             encoder = MiniLMTextEncoder(text_len or 32, device, path=name_or_path)
         else:

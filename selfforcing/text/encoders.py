@@ -5,7 +5,7 @@ Every encoder maps a list of ``B`` prompts to a :class:`TextEmbedding`:
 * ``states`` float32 [B, text_len, D]: the encoder's last hidden state for the first ``n_b`` tokens of
   prompt ``b`` (``n_b <= text_len``; longer prompts are truncated), and exactly 0.0 at positions
   ``n_b .. text_len - 1``. This is how Wan and ``diffusers.WanPipeline`` hand UMT5 states to the DiT:
-  trimmed to each prompt's length, zero-padded to ``text_len`` (512 for Wan) and cross-attended
+  trimmed to each prompt's length, zero-padded to ``text_len`` (Wan's preset length) and cross-attended
   *without* a mask, so the zeros are what the official weights were trained on.
 * ``mask`` bool [B, text_len]: True on the ``n_b`` real tokens (special tokens included).
 
@@ -288,14 +288,19 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 class UMT5TextEncoder(HFTextEncoder):
     """UMT5 encoder states [B, text_len, d_model] from a local folder (see :func:`resolve_umt5_folders`),
     as Wan uses it: prompts cleaned with :func:`wan_prompt_clean`, tokenised with ``</s>`` appended and
-    truncated to ``text_len`` (512), last hidden state kept on real tokens and zero-padded.
+    truncated to ``text_len`` (None: Wan's, from its preset), last hidden state kept on real tokens and
+    zero-padded.
 
     The model runs in ``dtype`` (Wan runs UMT5-XXL in bfloat16 on GPU); states are returned in float32."""
 
-    def __init__(self, path: str, text_len: int = 512, dtype: torch.dtype | str = torch.float32,
+    def __init__(self, path: str, text_len: int | None = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        if text_len is None:  # here, not at the top: the models package costs seconds to import
+            from ..models.wan.presets import preset_sizes
+
+            text_len = preset_sizes("wan2.1-t2v-1.3b")["text_len"]
         _check_text_len(text_len)
         dtype = _as_dtype(dtype)
         model_dir, tok_dir = resolve_umt5_folders(path)

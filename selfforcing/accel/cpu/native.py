@@ -130,7 +130,7 @@ _TRANSPOSED = (1, 3, 5, 7, 13, 15)
 def _tile_gemm_pays(w: torch.Tensor) -> bool:
     """Whether C++ runs the projection with weight ``w`` [out, in] through its register-tile GEMM (on a transposed
     copy): output width a multiple of 16, and an input width up to 512, where the tile's panel of the weight stays
-    in L1 and it beat MKL (at 1536 it lost; the measurements are in docs/performance.md): so the small presets'
+    in L1 and it beat MKL (at Wan's widths it lost; the measurements are in docs/performance.md): so the small presets'
     projections, not Wan's, whose weights are then not copied either."""
     return w.shape[0] % 16 == 0 and w.shape[1] <= 512
 

@@ -42,7 +42,7 @@ from .attention import (
 )
 from .blocks import CausalWanBlock, ConditionEmbedder, WanRotaryEmbedding, fp32_layer_norm, timestep_sinusoid
 from .kv_cache import ChunkPlan, KVCache
-from .presets import preset_config
+from .presets import PRESETS, preset_config
 from .runtime import accelerator, cpu_inference
 from .state_dict_adapter import load_checkpoint_file
 
@@ -136,6 +136,11 @@ def _grid_sinusoid(grid, dim: int) -> torch.Tensor:
     return torch.cat([timestep_sinusoid(rows, dim // 2), timestep_sinusoid(cols, dim - dim // 2)], -1)
 
 
+# The config's defaults are Wan2.1-T2V-1.3B's (presets.py): a diffusers config.json that leaves a field out loads
+# as that model.
+_DEFAULTS = PRESETS["wan2.1-t2v-1.3b"]
+
+
 class CausalWanModel(ModelMixin, ConfigMixin):
     r"""Block-causal Wan2.1 DiT with per-frame timesteps and a KV cache.
 
@@ -161,20 +166,20 @@ class CausalWanModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        patch_size: tuple[int, ...] = (1, 2, 2),
-        num_attention_heads: int = 12,
-        attention_head_dim: int = 128,
-        in_channels: int = 16,
-        out_channels: int = 16,
-        text_dim: int = 4096,
-        freq_dim: int = 256,
-        ffn_dim: int = 8960,
-        num_layers: int = 30,
-        cross_attn_norm: bool = True,
-        qk_norm: str | None = "rms_norm_across_heads",
-        eps: float = 1e-6,
-        rope_max_seq_len: int = 1024,
-        num_frame_per_block: int = 3,
+        patch_size: tuple[int, ...] = _DEFAULTS["patch_size"],
+        num_attention_heads: int = _DEFAULTS["num_attention_heads"],
+        attention_head_dim: int = _DEFAULTS["attention_head_dim"],
+        in_channels: int = _DEFAULTS["in_channels"],
+        out_channels: int = _DEFAULTS["out_channels"],
+        text_dim: int = _DEFAULTS["text_dim"],
+        freq_dim: int = _DEFAULTS["freq_dim"],
+        ffn_dim: int = _DEFAULTS["ffn_dim"],
+        num_layers: int = _DEFAULTS["num_layers"],
+        cross_attn_norm: bool = _DEFAULTS["cross_attn_norm"],
+        qk_norm: str | None = _DEFAULTS["qk_norm"],
+        eps: float = _DEFAULTS["eps"],
+        rope_max_seq_len: int = _DEFAULTS["rope_max_seq_len"],
+        num_frame_per_block: int = _DEFAULTS["num_frame_per_block"],
         local_attn_size: int = -1,
         sink_size: int = 0,
         independent_first_frame: bool = False,
