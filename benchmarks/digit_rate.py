@@ -205,7 +205,8 @@ def main(argv=None) -> dict:
     p.add_argument("--window-frames", type=int, default=None,
                    help="a streaming model's rolling KV-cache window in latent frames (default: its training length, "
                         "as Self Forcing streams; 0: a cache over the whole video)")
-    p.add_argument("--sink-frames", type=int, default=0, help="frames of the rolling window kept as sinks")
+    p.add_argument("--sink-frames", type=int, default=None,
+                   help="frames of the rolling window kept as sinks (default: the model config's sink_size)")
     p.add_argument("--start", default=None, choices=START_POSITIONS,
                    help="where real clips' digits start (default: the checkpoint's training clips; real: uniform)")
     p.add_argument("--no-reference", action="store_true", help="a checkpoint's run: skip judging the real clips")
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
             gen = StreamingGenerator(model, ae, text, spec.latent_size, steps=spec.warped_steps().tolist(),
                                      max_frames=args.frames + 64, negative_prompt=spec.negative_prompt,
                                      window_frames=window or None, sink_frames=args.sink_frames if window else None)
-            result.update(window_frames=window or None, sink_frames=args.sink_frames if window else None)
+            result.update(window_frames=window or None, sink_frames=gen.sink)
         elif spec.training_frames:  # the teacher (or a TF / DF model): its own sampler, over its training length
             args.frames = min(args.frames, spec.training_frames)
         t = ae.temporal_compression

@@ -34,10 +34,10 @@ def test_the_recipes_cover_every_method():
 @pytest.mark.parametrize("path", TINY, ids=lambda p: os.path.basename(p))
 def test_tiny_recipe_runs_a_few_steps(path, tmp_path):
     """(e) each tiny recipe, with its own data pipeline (Moving-Digits -> autoencoder -> MiniLM), from random
-    weights instead of the earlier stages' checkpoints, runs 2 steps with finite losses."""
+    weights instead of the earlier stages' checkpoints (or training state), runs 2 steps with finite losses."""
     overrides = [f"out_dir={tmp_path}", "batch_size=2", "generator.checkpoint=null", "teacher=null", "critic=null",
                  "checkpoint_every=0", "tensorboard=false", "dm.critic_updates_per_generator_update=1",
-                 "generator.overrides.num_layers=2", "data.num_frames=6"]
+                 "generator.overrides.num_layers=2", "data.num_frames=6", "init_from=null"]
     cfg = load_config(path, TrainConfig, overrides)
     if cfg.data.kind == "store" and cfg.method == "teacher":  # the teacher's store of encoded clips: render them
         cfg = load_config(path, TrainConfig, overrides + ["data.kind=moving-digits", "data.image_batch_size=3"])

@@ -20,6 +20,13 @@ TINY = {"preset": "tiny", "overrides": {"num_layers": 2}}
 RANDOM_DATA = {"kind": "random", "latent_shape": [6, 8, 4, 4], "text_len": 4}
 
 
+def _tiny_model(**overrides):
+    from selfforcing.models import CausalWanModel, preset_config
+
+    torch.manual_seed(0)
+    return CausalWanModel(**preset_config("tiny", num_layers=2, **overrides))
+
+
 def _cfg(tmp_path, **kw):
     d = dict(max_steps=3, batch_size=2, out_dir=str(tmp_path / "run"), checkpoint_every=0, tensorboard=False,
              generator=TINY, data=RANDOM_DATA, dm={"critic_updates_per_generator_update": 2})
@@ -32,6 +39,9 @@ def _cfg(tmp_path, **kw):
     ("causvid", {}), ("self_forcing", {}), ("self_forcing", {"dm": {"loss": "sid"}}),
     ("self_forcing", {"dm": {"loss": "gan", "r1_weight": 1.0}}),
     ("self_forcing", {"rollout": {"num_rollout_frames": 9, "supervised_frames": 6, "same_step_across_blocks": False}}),
+    ("self_forcing", {"rollout": {"num_rollout_frames": 12, "supervised_frames": 6, "supervised_window": "random"},
+                      "generator": {"preset": "tiny", "overrides": {"num_layers": 2, "local_attn_size": 6,
+                                                                    "sink_size": 3}}}),
     ("self_forcing", {"rollout": {"last_step_only": True, "context_noise": 20.0},
                       "generator": {"preset": "tiny", "overrides": {"num_layers": 2, "independent_first_frame": True}},
                       "data": {"kind": "random", "latent_shape": [7, 8, 4, 4], "text_len": 4}}),
@@ -48,6 +58,48 @@ def test_every_method_runs_with_finite_losses(tmp_path, method, extra):
         assert "generator_loss" in losses and "critic_loss" in losses
     if extra.get("rollout", {}).get("last_step_only"):  # blocks [1, 3, 3], always exiting at the last step
         assert state.method.exit_history and all(e == [3, 3, 3] for e in state.method.exit_history)
+
+
+def test_random_supervised_windows_cover_the_stream_and_roll_the_cache(tmp_path, monkeypatch):
+    """"random" windows start at every chunk boundary that leaves room for N frames (and at no other frame), the
+    rollout stops at the window's end, and the rollout's cache is the stream's rolling window."""
+    from selfforcing.config import ConfigError
+    from selfforcing.training import methods
+    from selfforcing.training.rng import BatchRNG
+
+    rollout = {"num_rollout_frames": 12, "supervised_frames": 6, "supervised_window": "random"}
+    cfg = _cfg(tmp_path, method="self_forcing", rollout=rollout)
+    gen = _tiny_model(local_attn_size=6, sink_size=3)  # the stream's cache: 6 frames, 3 of them sinks
+    method = methods.SelfForcing(cfg, gen, teacher=gen, critic=gen)
+    torch.manual_seed(0)
+    windows = {method.supervised_window(12) for _ in range(60)}
+    assert windows == {(6, 6), (9, 6), (12, 6)}  # chunks of 3: starts 0, 3 and 6
+    seen, caches = [], []
+    real_rollout = methods.rollout_with_kv_cache
+
+    def spy(model, noise, *args, kv_cache=None, grad_from_frame=None, **kw):
+        seen.append((noise.shape[1], grad_from_frame))
+        return real_rollout(model, noise, *args, kv_cache=kv_cache, grad_from_frame=grad_from_frame, **kw)
+
+    monkeypatch.setattr(methods, "rollout_with_kv_cache", spy)
+    real_new_cache = gen.new_kv_cache
+
+    def new_cache(*args, **kw):
+        cache = real_new_cache(*args, **kw)
+        caches.append((cache.rolling, cache.capacity, cache.sink_frames))
+        return cache
+
+    monkeypatch.setattr(gen, "new_kv_cache", new_cache)
+    batch = {"context": torch.randn(2, 4, gen.config.text_dim), "rng": BatchRNG([0, 1])}
+    for _ in range(12):
+        video, _ = method.generate(batch, with_grad=False)
+        assert video.shape[1] == 6
+    assert {n for n, _ in seen} == {6, 9, 12} and all(g == n - 6 for n, g in seen)
+    assert set(caches) == {(True, 6, 3)}
+    for bad, match in [({"supervised_window": "middle"}, "supervised_window"), ({"num_rollout_frames": 3}, "exceeds"),
+                       ({"supervised_frames": 0}, "supervised_frames")]:
+        with pytest.raises(ConfigError, match=match):
+            _cfg(tmp_path, method="self_forcing", rollout={**rollout, **bad})
 
 
 def _write_recipe(path, out_dir, steps_every=2):
@@ -280,7 +332,27 @@ def test_resume_into_a_differently_built_network_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"num_attention_heads: checkpoint 2 vs now 4"):
         train(other, progress=False, resume=True)
     assert ckpt.read_bytes() == before
-    train(_cfg(tmp_path, max_steps=4, checkpoint_every=2, method="teacher"), progress=False, resume=True)  # same: fine
+    # the stream policy (rolling window, sinks) is not the architecture: a run may change it when it resumes
+    rolled = _cfg(tmp_path, max_steps=4, checkpoint_every=2, method="teacher",
+                  generator={"preset": "tiny", "overrides": {"num_layers": 2, "local_attn_size": 6, "sink_size": 3}})
+    assert train(rolled, progress=False, resume=True).step == 4
+
+
+def test_init_from_another_runs_state_equals_resuming_it(tmp_path):
+    """A stage started with init_from = another run's checkpoints carries on exactly as resuming that run would (same
+    weights after the same steps); a path without a checkpoint is a clear error."""
+    kw = dict(method="self_forcing", checkpoint_every=2)
+    straight = train(_cfg(tmp_path, max_steps=4, **kw), progress=False, resume=False)
+    train(_cfg(tmp_path, max_steps=2, out_dir=str(tmp_path / "first"), **kw), progress=False, resume=False)
+    second = train(_cfg(tmp_path, max_steps=4, out_dir=str(tmp_path / "second"), init_from=str(tmp_path / "first"),
+                        **kw), progress=False)
+    assert second.step == 4 and second.history[0]["step"] == 3
+    for name, model in straight.models.items():
+        for (k, a), b in zip(model.state_dict().items(), second.models[name].state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        train(_cfg(tmp_path, max_steps=4, out_dir=str(tmp_path / "third"), init_from=str(tmp_path / "nowhere"), **kw),
+              progress=False)
 
 
 def test_learning_rate_factor_is_warmup_stable_decay():

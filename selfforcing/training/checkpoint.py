@@ -152,16 +152,22 @@ def architectures_of(models: dict) -> dict:
     return out
 
 
+# config fields that set how a model streams (its KV cache's rolling window and sinks), not its weights or its
+# function over a full sequence: a resumed run may change them (e.g. a long-horizon stage that rolls its cache)
+STREAM_POLICY_FIELDS = frozenset({"local_attn_size", "sink_size"})
+
+
 def check_architectures(path: str, saved: dict | None, models: dict) -> None:
-    """Raise ValueError naming the fields where a checkpoint's recorded architectures differ from ``models``'.
-    Checkpoints written before architectures were recorded (``saved`` None) are not checked."""
+    """Raise ValueError naming the fields where a checkpoint's recorded architectures differ from ``models``'
+    (:data:`STREAM_POLICY_FIELDS` excepted). Checkpoints written before architectures were recorded (``saved`` None)
+    are not checked."""
     if not saved:
         return
     now = architectures_of(models)
     for name, arch in saved.items():
         if name not in now:
             continue
-        diff = {k: (arch.get(k), now[name].get(k)) for k in set(arch) | set(now[name])
+        diff = {k: (arch.get(k), now[name].get(k)) for k in (set(arch) | set(now[name])) - STREAM_POLICY_FIELDS
                 if arch.get(k) != now[name].get(k)}
         if diff:
             fields = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -227,6 +233,19 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema, state: dict 
     if ema is not None and state.get("ema") is not None:
         ema.load_full_state_dict(state["ema"])
     return state
+
+
+def newest_checkpoint(path: str) -> str:
+    """``path`` itself when it is a checkpoint (a file, or a sharded folder with ``meta.pt``); for a run's
+    ``checkpoints`` folder or the run folder holding one, its newest checkpoint. A path with none is a
+    FileNotFoundError naming it."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "meta.pt")):
+        return path
+    for folder in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(folder) and (found := checkpoint_paths(folder)):
+            return found[0]
+    raise FileNotFoundError(f"{path}: no training checkpoint there (a step_*.pt file, a sharded step folder, or a "
+                            f"run whose checkpoints/ folder holds one)")
 
 
 def resume_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, ema) -> dict | None:

@@ -121,6 +121,9 @@ class DistributionMatchingConfig:
     r1_sigma: float = 0.01
 
 
+SUPERVISED_WINDOWS = ("last", "random")
+
+
 @dataclass
 class RolloutConfig:
     """Self Forcing rollout options (Algorithm 1) and the few-step sampler."""
@@ -132,6 +135,12 @@ class RolloutConfig:
     context_noise: float = 0.0
     num_rollout_frames: int | None = None  # latent frames generated (default: the data's frame count)
     supervised_frames: int | None = None  # loss on the last N frames only (default: all)
+    # "last": the supervised N frames end the rollout; "random": the rollout stops at a chunk-aligned window of N
+    # frames drawn uniformly within num_rollout_frames (Self-Forcing++-style long-horizon training: every position
+    # of a stream gets trained, the start included)
+    supervised_window: str = "last"
+    # the rollout's KV cache is the generator's own: a rolling window when its config sets local_attn_size (with
+    # sink_size sinks), exactly as it streams at inference; else the whole rollout, as Algorithm 1
 
 
 @dataclass
@@ -144,6 +153,10 @@ class TrainConfig:
     batch_size: int = 4  # per rank and micro-batch
     grad_accum: int = 1
     out_dir: str = "runs/default"
+    # a new run whose out_dir holds no checkpoint starts from this training state (a checkpoint, or a run / its
+    # checkpoints folder: the newest): models, optimisers, EMA and step, as if resumed; the recipe may change
+    # anything but the networks' architecture (e.g. a long-horizon Self Forcing stage after the standard one)
+    init_from: str | None = None
 
     generator: ModelSpec = field(default_factory=ModelSpec)
     teacher: ModelSpec | None = None  # the real score (DMD/SiD), the ODE teacher; default: generator's init
@@ -216,3 +229,16 @@ class TrainConfig:
         check_range(self, "dm.timestep_shift", 0.0, low_open=True)
         check_range(self, "dm.critic_updates_per_generator_update", 1)
         check_range(self, "rollout.context_noise", 0.0, 1000.0)
+        self._check_rollout()
+
+    def _check_rollout(self) -> None:
+        r = self.rollout
+        if r.supervised_window not in SUPERVISED_WINDOWS:
+            raise ConfigError(f"rollout.supervised_window must be one of {SUPERVISED_WINDOWS}, "
+                              f"got {r.supervised_window!r}")
+        for key in ("num_rollout_frames", "supervised_frames"):
+            if getattr(r, key) is not None:
+                check_range(self, f"rollout.{key}", 1)
+        if r.num_rollout_frames and r.supervised_frames and r.supervised_frames > r.num_rollout_frames:
+            raise ConfigError(f"rollout.supervised_frames ({r.supervised_frames}) exceeds "
+                              f"rollout.num_rollout_frames ({r.num_rollout_frames})")

@@ -328,25 +328,45 @@ class SelfForcing(DistributionMatching):
         nf = self.cfg.rollout.num_rollout_frames or nf
         return b, nf, c, h, w
 
+    def supervised_window(self, num_frames: int) -> tuple[int, int]:
+        """(rollout length R, supervised frames N) of this iteration: the rollout generates frames [0, R) and the
+        scores judge [R - N, R). "last": R = num_frames. "random": R - N ~ Uniform over the chunk boundaries b with
+        b + N <= num_frames (drawn on rank 0, broadcast), so a long-horizon recipe trains every position of the
+        stream, its start included, at the cost of the frames up to the window only."""
+        r = self.cfg.rollout
+        n_sup = r.supervised_frames or num_frames
+        if r.supervised_window == "last":
+            return num_frames, n_sup
+        bounds = [0]
+        for f in self.generator.block_sizes(num_frames):
+            bounds.append(bounds[-1] + f)
+        starts = [b for b in bounds if b + n_sup <= num_frames and b + n_sup in bounds]
+        if not starts:
+            raise ValueError(f"no chunk-aligned window of {n_sup} frames in a {num_frames}-frame rollout with "
+                             f"chunks {self.generator.block_sizes(num_frames)}")
+        start = broadcast_object(starts[int(torch.randint(len(starts), ()))])
+        return start + n_sup, n_sup
+
     def generate(self, batch, with_grad):
         r = self.cfg.rollout
-        shape = self.rollout_shape(batch)
+        _, nf, *latent = self.rollout_shape(batch)
+        nf, n_sup = self.supervised_window(nf)
         device = batch["context"].device
-        block_sizes = self.generator.block_sizes(shape[1])
+        block_sizes = self.generator.block_sizes(nf)
         steps = self._steps()
         # drawn on rank 0 and broadcast: every rank runs the same forwards (FSDP collectives stay in step)
         exits = broadcast_object(sample_exit_steps(len(block_sizes), len(steps),
                                                    same_step_across_blocks=r.same_step_across_blocks,
                                                    last_step_only=r.last_step_only))
         self.exit_history.append(exits)
-        n_sup = r.supervised_frames or shape[1]
         rng = batch["rng"]
-        noise = rng.randn(shape[1:]).to(device)
+        noise = rng.randn((nf, *latent)).to(device)
+        # the generator's own cache: its config's rolling window and sinks, if any, as at inference
         res = rollout_with_kv_cache(self.generator, noise, batch["context"], steps, block_sizes=block_sizes,
-                                    exit_steps=exits, grad_from_frame=shape[1] - n_sup,
+                                    exit_steps=exits, grad_from_frame=nf - n_sup,
                                     context_noise=r.context_noise, generator=rng)
         # the scores judge the supervised window only
-        return res.video[:, shape[1] - n_sup:], None
+        return res.video[:, nf - n_sup:], None
 
 
 METHOD_CLASSES = {

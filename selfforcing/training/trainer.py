@@ -24,7 +24,7 @@ from ..fileio import TEMP_PREFIX, atomic_write_text, remove_stale_temps, replace
 from ..models import CausalWanModel
 from ..pipeline import PipelineSpec
 from . import distributed as D
-from .checkpoint import resume_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, newest_checkpoint, resume_checkpoint, save_checkpoint
 from .config import ModelSpec, OptimConfig, TrainConfig
 from .data import SAMPLE_PURPOSE, build_batch_source
 from .ema import EMA
@@ -344,7 +344,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True,
 
 def _start_run(cfg: TrainConfig, resume: bool):
     """(device, state, batch source) of a run: temp files of killed writes removed, the models and optimisers
-    built and, with ``resume``, loaded from the newest intact checkpoint; the recipe saved as config.yaml."""
+    built and, with ``resume``, loaded from the newest intact checkpoint; failing that, from ``cfg.init_from``
+    (another run's training state, its step included); the recipe saved as config.yaml."""
     device = D.init_from_env()
     if D.is_main():
         for folder in stale_temp_folders(cfg):
@@ -354,7 +355,10 @@ def _start_run(cfg: TrainConfig, resume: bool):
     text_dim = state.method.generator.config.text_dim
     batches = build_batch_source(cfg, text_dim, device)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if resume and (meta := resume_checkpoint(ckpt_dir, state.models, state.optimizers, state.ema)) is not None:
+    meta = resume_checkpoint(ckpt_dir, state.models, state.optimizers, state.ema) if resume else None
+    if meta is None and cfg.init_from:  # a new stage that carries on from another run's training state
+        meta = load_checkpoint(newest_checkpoint(cfg.init_from), state.models, state.optimizers, state.ema)
+    if meta is not None:
         state.step = int(meta["step"])
     if D.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
