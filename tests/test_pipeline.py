@@ -155,9 +155,10 @@ def test_the_shipped_model_draws_and_moves_the_prompts_digit():
     its training length (the cheap subset of ``benchmarks/digit_rate.py``, judged by the same library functions):
     the classifier reads the prompt's digit in most frames overall and in a good share of every digit's frames, and
     the digit moves the captioned way over the first 12 frames in most videos; the same network with random weights
-    draws no digit. Measured for this model (its caption-layout chain; the same prompts in
-    benchmarks/results/digit_rate_layout_student.json): the prompt's digit in 74% of frames, the worst digit (2) in
-    42%, the best (3) in 96%; 60% move as captioned (the model before the caption layout: 59%, 19% and 30%)."""
+    draws no digit. Measured for this model (its caption-layout chain, Self Forcing 550 steps, streaming with 3 sink
+    frames; the same prompts in benchmarks/results/digit_rate_dmd550_sinks.json): the prompt's digit in 75% of frames,
+    the worst digit (2) in 29%, the best (1) in 92%; 65% move as captioned (the model before the caption layout: 59%,
+    19% and 30%)."""
     import os
 
     from selfforcing.data.moving_digits import DIRECTION_NAMES, caption_for
