@@ -30,13 +30,15 @@ def sheet_every(num_frames: int) -> int:
 
 
 def streaming_window(spec: PipelineSpec, autoencoder, window_frames: int | None) -> int | None:
-    """The KV window in latent frames: ``window_frames`` when given, else the training length of a few-step model
-    whose spec records it (Self Forcing streams through a window of its training length, as the server does);
-    None (also for ``window_frames=0``): a cache over the whole video."""
-    window = window_frames
-    if window is None and spec.sampler == "few-step" and spec.training_frames:
-        window = autoencoder.latent_frames(spec.training_frames)
-    return window or None
+    """The KV window in latent frames: ``window_frames`` when given (0: a cache over the whole video, whatever the
+    model's config streams with), else the training length of a few-step model whose spec records it (Self Forcing
+    streams through a window of its training length, as the server does), else None (the model config's own
+    ``local_attn_size``)."""
+    if window_frames is not None:
+        return window_frames
+    if spec.sampler == "few-step" and spec.training_frames:
+        return autoencoder.latent_frames(spec.training_frames)
+    return None
 
 
 def streaming_generator(model, autoencoder, text_encoder, spec: PipelineSpec, *, latent_frames: int,

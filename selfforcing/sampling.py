@@ -325,8 +325,9 @@ def sample_few_step(model, noise: torch.Tensor, context: torch.Tensor, steps, *,
     (a teacher-forced context), so the video is the model's per-chunk prediction from them; the noise draws are the
     same. noise [B, F, C, H, W] -> video [B, F, C, H, W]."""
     b, nf, _, h, w = noise.shape
-    cache = model.new_kv_cache(b, h, w, max_frames=nf, window_frames=window_frames,
-                               sink_frames=sink_frames if window_frames and window_frames > 0 else 0)
+    rolling = bool(window_frames and window_frames > 0)  # None: all frames, whatever the model's config streams with
+    cache = model.new_kv_cache(b, h, w, max_frames=nf, window_frames=window_frames if rolling else 0,
+                               sink_frames=sink_frames if rolling else 0)
     blocks = model.block_sizes(nf)
     if cached_latents is None:
         return rollout_with_kv_cache(model, noise, context, steps, block_sizes=blocks, kv_cache=cache,

@@ -148,5 +148,5 @@ def run(args: argparse.Namespace) -> int:
         report = write_video(out, gen, spec, prompt, num_frames=args.num_frames, seed=args.seed + i,
                              switches=switches, prefix=prefix, window_frames=args.window_frames or None,
                              sink_frames=args.sink_frames, sheet=args.sheet if i == 0 else None)
-        _print_report({**report, "window_frames": window, "unconditional": bool(args.unconditional)}, args.json)
+        _print_report({**report, "window_frames": window or None, "unconditional": bool(args.unconditional)}, args.json)
     return 0
