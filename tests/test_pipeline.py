@@ -146,7 +146,8 @@ def test_streaming_refuses_a_many_step_model_unless_forced(tmp_path):
 
 # Floors of the shipped model on the cheap subset below, each well under what it measured (in the docstring), so that
 # a regression in the model, the sampler or the rolling cache fails `make test` while run-to-run noise does not.
-SHIPPED_FLOORS = {"captioned": 0.55, "per_digit": 0.25, "direction": 0.40}
+# the worst digit (2) reads 28-29% over digit_rate's 80 videos, 23-29% on the 2 videos a digit of this test
+SHIPPED_FLOORS = {"captioned": 0.60, "per_digit": 0.18, "direction": 0.40}
 
 
 def test_the_shipped_model_draws_and_moves_the_prompts_digit():
@@ -155,9 +156,9 @@ def test_the_shipped_model_draws_and_moves_the_prompts_digit():
     its training length (the cheap subset of ``benchmarks/digit_rate.py``, judged by the same library functions):
     the classifier reads the prompt's digit in most frames overall and in a good share of every digit's frames, and
     the digit moves the captioned way over the first 12 frames in most videos; the same network with random weights
-    draws no digit. Measured for this model (its caption-layout chain, Self Forcing 550 steps, streaming with 3 sink
-    frames; the same prompts in benchmarks/results/digit_rate_dmd550_sinks.json): the prompt's digit in 75% of frames,
-    the worst digit (2) in 29%, the best (1) in 92%; 65% move as captioned (the model before the caption layout: 59%,
+    draws no digit. Measured for this model (its caption-layout chain, Self Forcing 800 steps, streaming with 3 sink
+    frames; the same prompts in benchmarks/results/digit_rate_dmd800_sinks.json): the prompt's digit in 78% of frames,
+    the worst digit (2) in 23%, the best (1) in 100%; 65% move as captioned (the model before the caption layout: 59%,
     19% and 30%)."""
     import os
 
