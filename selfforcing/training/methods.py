@@ -17,6 +17,7 @@ prompt and of the unconditional prompt), ``ode_states`` [B, S + 1, F, C, H, W] (
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch.nn as nn
@@ -337,13 +338,12 @@ class SelfForcing(DistributionMatching):
         n_sup = r.supervised_frames or num_frames
         if r.supervised_window == "last":
             return num_frames, n_sup
-        bounds = [0]
-        for f in self.generator.block_sizes(num_frames):
-            bounds.append(bounds[-1] + f)
-        starts = [b for b in bounds if b + n_sup <= num_frames and b + n_sup in bounds]
+        blocks = self.generator.block_sizes(num_frames)
+        bounds = [0, *itertools.accumulate(blocks)]  # the chunk boundaries, num_frames the last
+        starts = [b for b in bounds if b + n_sup in bounds]
         if not starts:
             raise ValueError(f"no chunk-aligned window of {n_sup} frames in a {num_frames}-frame rollout with "
-                             f"chunks {self.generator.block_sizes(num_frames)}")
+                             f"chunks {blocks}")
         start = broadcast_object(starts[int(torch.randint(len(starts), ()))])
         return start + n_sup, n_sup
 
