@@ -19,7 +19,8 @@ all training captions (each digit gets the 4 straight or the 4 diagonal directio
   (``--window-frames``, ``--sink-frames``; 0 for a cache over the whole video).
 * A checkpoint whose ``pipeline.json`` names a many-step sampler (the teacher, TF / DF) is sampled with it
   (Euler + CFG, :func:`selfforcing.pipeline.sample_many_step`) over its training length (``--frames`` is capped
-  there, 12 for the tiny teacher): its own samples, judged like the rest (one 12-frame window).
+  there, 12 for the tiny teacher): its own samples, judged like the rest (one 12-frame window). ``--guidance-scale``
+  and ``--num-steps`` replace the pipeline's CFG scale and Euler steps (both recorded in the result).
 * ``real``: for each prompt and seed s, the s-th clip of one digit whose caption is the prompt (split ``test`` for
   held-out captions, ``train`` otherwise; images from the first ``--images-per-digit`` MNIST images of each class,
   default 4 as the shipped model's data, ``all`` for every image; ``--start``: where their digits start). A
@@ -44,6 +45,7 @@ Prints one JSON object (``--out`` also writes it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -209,14 +211,18 @@ def main(argv=None) -> dict:
                    help="frames of the rolling window kept as sinks (default: the model config's sink_size)")
     p.add_argument("--start", default=None, choices=START_POSITIONS,
                    help="where real clips' digits start (default: the checkpoint's training clips; real: uniform)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="a many-step sampler's classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="a many-step sampler's Euler steps (default: the pipeline's)")
     p.add_argument("--no-reference", action="store_true", help="a checkpoint's run: skip judging the real clips")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.seeds < 1 or args.frames < 1 or args.window < 1:
-        p.error("--seeds, --frames and --window must be >= 1")
+    if args.seeds < 1 or args.frames < 1 or args.window < 1 or (args.num_steps is not None and args.num_steps < 1):
+        p.error("--seeds, --frames, --window and --num-steps must be >= 1")
     prompts = prompt_set([int(d) for d in args.digits.split(",") if d.strip()], args.directions_per_digit)
     digits = [d for d, _ in prompts for _ in range(args.seeds)]
     directions = [k for _, k in prompts for _ in range(args.seeds)]
@@ -236,6 +242,11 @@ def main(argv=None) -> dict:
         from selfforcing.pipeline import load_pipeline, sample_many_step
 
         model, ae, text, spec = load_pipeline(args.what, device=args.device)
+        overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("num_steps", args.num_steps))
+                     if v is not None}
+        if overrides and spec.sampler == "few-step":
+            p.error("--guidance-scale and --num-steps set a many-step sampler; a few-step generator has neither")
+        spec = dataclasses.replace(spec, **overrides)
         trained_on = spec.clip_settings()
         ipd = _images_per_digit(args.images_per_digit, trained_on["images_per_digit"])
         start = args.start or trained_on["start"]
@@ -262,6 +273,8 @@ def main(argv=None) -> dict:
             print(f"[{i + 1}/{len(digits)}] {prompt!r} seed {s}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         gray, sources = torch.stack(videos), None
         result.update(sampler=spec.sampler, images_per_digit=ipd)
+        if spec.sampler != "few-step":
+            result.update(num_steps=spec.num_steps, guidance_scale=spec.guidance_scale)
     result["generate_seconds"] = round(time.perf_counter() - t0, 1)
     summary, per_video = judge(gray, digits, directions, held, window=args.window)
     result.update(summary)

@@ -152,3 +152,25 @@ def test_the_benchmark_runs_on_real_clips_end_to_end(dr, tmp_path):
     assert [v["clip"]["split"] for v in result["per_video"]] == ["test", "test", "train", "train"]
     assert len({(v["clip"]["split"], v["clip"]["index"]) for v in result["per_video"]}) == 4  # two clips a prompt
     assert {"all", "held_out", "train"} <= set(result["direction_agreement"])
+
+
+def test_the_benchmark_samples_a_teacher_with_the_guidance_and_steps_asked_for(dr, tmp_path):
+    """``--guidance-scale`` / ``--num-steps`` replace the pipeline's many-step sampler settings (recorded in the
+    result); a few-step generator has neither, so asking for them is a usage error (exit status 2)."""
+    from selfforcing.models import CausalWanModel
+    from selfforcing.pipeline import PipelineSpec
+
+    torch.manual_seed(0)
+    CausalWanModel.from_preset("tiny", num_layers=1).save_pretrained(tmp_path / "teacher")
+    PipelineSpec(sampler="bidirectional", training_frames=12, text_len=16, num_steps=24,
+                 guidance_scale=3.0).save(str(tmp_path / "teacher"))
+    argv = [str(tmp_path / "teacher"), "--digits", "4", "--directions-per-digit", "1", "--seeds", "1", "--no-reference",
+            "--threads", "1"]
+    default = dr.main(argv + ["--num-steps", "2"])
+    assert (default["num_steps"], default["guidance_scale"], default["n_frames"]) == (2, 3.0, 12)
+    asked = dr.main(argv + ["--num-steps", "2", "--guidance-scale", "7"])
+    assert (asked["num_steps"], asked["guidance_scale"]) == (2, 7.0)
+    PipelineSpec(sampler="few-step", training_frames=12, text_len=16).save(str(tmp_path / "teacher"))
+    with pytest.raises(SystemExit) as exc:
+        dr.main(argv + ["--guidance-scale", "5"])
+    assert exc.value.code == 2
