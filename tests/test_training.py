@@ -338,6 +338,22 @@ def test_resume_into_a_differently_built_network_is_a_clear_error(tmp_path):
     assert train(rolled, progress=False, resume=True).step == 4
 
 
+def test_a_checkpoint_from_before_an_option_existed_reads_it_as_its_default():
+    """A checkpoint whose recorded architecture lacks a field (written before the option existed) was built with the
+    option's default: it resumes into a model at that default, and is refused by one that sets the option."""
+    from selfforcing.models import CausalWanModel
+    from selfforcing.training.checkpoint import architectures_of, check_architectures
+
+    model = CausalWanModel.from_preset("tiny", num_layers=1)
+    old = architectures_of({"generator": model})
+    for field in ("caption_layout_rank", "num_frame_embeddings"):
+        del old["generator"][field]
+    check_architectures("old.pt", old, {"generator": model})  # both at their defaults (0): no error
+    layout = CausalWanModel.from_preset("tiny", num_layers=1, caption_layout_rank=4, caption_layout_size=(12, 8, 8))
+    with pytest.raises(ValueError, match=r"caption_layout_rank: checkpoint 0 vs now 4"):
+        check_architectures("old.pt", old, {"generator": layout})
+
+
 def test_init_from_another_runs_state_equals_resuming_it(tmp_path):
     """A stage started with init_from = another run's checkpoints carries on exactly as resuming that run would (same
     weights after the same steps); a path without a checkpoint is a clear error."""

@@ -13,6 +13,7 @@ is skipped with a :class:`CheckpointWarning` naming the file and the reason.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -157,17 +158,26 @@ def architectures_of(models: dict) -> dict:
 STREAM_POLICY_FIELDS = frozenset({"local_attn_size", "sink_size"})
 
 
+def _config_defaults(model) -> dict:
+    """The constructor's default of each config field of ``model`` (tuples as lists, as :func:`architectures_of`)."""
+    params = inspect.signature(type(model).__init__).parameters.values()
+    return {p.name: (list(p.default) if isinstance(p.default, tuple) else p.default) for p in params
+            if p.default is not inspect.Parameter.empty}
+
+
 def check_architectures(path: str, saved: dict | None, models: dict) -> None:
     """Raise ValueError naming the fields where a checkpoint's recorded architectures differ from ``models``'
     (:data:`STREAM_POLICY_FIELDS` excepted). Checkpoints written before architectures were recorded (``saved`` None)
-    are not checked."""
+    are not checked; a field the checkpoint does not record (it was written before the option existed) reads as the
+    option's default, with which that model was built."""
     if not saved:
         return
     now = architectures_of(models)
-    for name, arch in saved.items():
+    for name, recorded in saved.items():
         if name not in now:
             continue
-        diff = {k: (arch.get(k), now[name].get(k)) for k in (set(arch) | set(now[name])) - STREAM_POLICY_FIELDS
+        arch = {**_config_defaults(models[name]), **recorded}
+        diff = {k: (arch.get(k), now[name].get(k)) for k in (set(recorded) | set(now[name])) - STREAM_POLICY_FIELDS
                 if arch.get(k) != now[name].get(k)}
         if diff:
             fields = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
