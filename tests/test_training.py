@@ -371,6 +371,28 @@ def test_init_from_another_runs_state_equals_resuming_it(tmp_path):
               progress=False)
 
 
+def test_init_from_a_run_skips_its_corrupt_newest_checkpoint(tmp_path):
+    """init_from a run folder loads its newest checkpoint that reads back intact, as resume does (a truncated newest
+    one is skipped with a warning naming it); a run whose checkpoints are all corrupt is an error naming it, and its
+    files stay as they were."""
+    from selfforcing.training.checkpoint import CheckpointWarning, CorruptCheckpoint
+
+    kw = dict(method="teacher", checkpoint_every=2)
+    train(_cfg(tmp_path, max_steps=4, out_dir=str(tmp_path / "first"), **kw), progress=False, resume=False)
+    ckpts = tmp_path / "first" / "checkpoints"
+    newest, older = ckpts / "step_000004.pt", ckpts / "step_000002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short
+    with pytest.warns(CheckpointWarning, match="step_000004.pt"):
+        second = train(_cfg(tmp_path, max_steps=3, out_dir=str(tmp_path / "second"), init_from=str(tmp_path / "first"),
+                            **kw), progress=False)
+    assert second.history[0]["step"] == 3  # carried on from step 2
+    older.write_bytes(b"")
+    with pytest.warns(CheckpointWarning), pytest.raises(CorruptCheckpoint, match="none of its 2 checkpoints"):
+        train(_cfg(tmp_path, max_steps=3, out_dir=str(tmp_path / "third"), init_from=str(tmp_path / "first"), **kw),
+              progress=False)
+    assert newest.stat().st_size == 1000 and older.stat().st_size == 0
+
+
 def test_learning_rate_factor_is_warmup_stable_decay():
     """Warmup rises linearly to 1, holds until the decay starts, then falls to min_lr_ratio at max_steps
     (cosine through the midpoint (1 + r) / 2, linear likewise); the default is the paper's constant rate."""

@@ -245,17 +245,17 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, ema, state: dict 
     return state
 
 
-def newest_checkpoint(path: str) -> str:
-    """``path`` itself when it is a checkpoint (a file, or a sharded folder with ``meta.pt``); for a run's
-    ``checkpoints`` folder or the run folder holding one, its newest checkpoint. A path with none is a
-    FileNotFoundError naming it."""
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "meta.pt")):
-        return path
-    for folder in (path, os.path.join(path, "checkpoints")):
-        if os.path.isdir(folder) and (found := checkpoint_paths(folder)):
-            return found[0]
-    raise FileNotFoundError(f"{path}: no training checkpoint there (a step_*.pt file, a sharded step folder, or a "
-                            f"run whose checkpoints/ folder holds one)")
+def _load_newest_intact(paths: list[str], models: dict, optimizers: dict, ema) -> dict | None:
+    """Load the first of ``paths`` (newest first) that reads back intact and return its meta; a corrupt one is
+    skipped with a :class:`CheckpointWarning` naming it and the reason. None: no path was intact."""
+    for path in paths:
+        try:
+            state = read_checkpoint(path)
+        except CorruptCheckpoint as err:
+            warnings.warn(f"skipping checkpoint {err}", CheckpointWarning, stacklevel=3)  # err starts with the path
+            continue
+        return load_checkpoint(path, models, optimizers, ema, state=state)
+    return None
 
 
 def resume_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, ema) -> dict | None:
@@ -265,14 +265,26 @@ def resume_checkpoint(ckpt_dir: str, models: dict, optimizers: dict, ema) -> dic
     it and the reason, and the next older one is tried; when none is intact training starts over (warned too). A
     checkpoint of a differently built network is an error, not a skip."""
     paths = checkpoint_paths(ckpt_dir)
-    for path in paths:
-        try:
-            state = read_checkpoint(path)
-        except CorruptCheckpoint as err:
-            warnings.warn(f"skipping checkpoint {err}", CheckpointWarning, stacklevel=2)  # err starts with the path
-            continue
-        return load_checkpoint(path, models, optimizers, ema, state=state)
-    if paths:
+    meta = _load_newest_intact(paths, models, optimizers, ema)
+    if meta is None and paths:
         warnings.warn(f"no intact checkpoint in {ckpt_dir} ({len(paths)} skipped): training starts from step 0",
                       CheckpointWarning, stacklevel=2)
-    return None
+    return meta
+
+
+def load_init_from(path: str, models: dict, optimizers: dict, ema) -> dict:
+    """Another run's training state for a new stage (``init_from``); returns its meta. ``path`` is a checkpoint (a
+    file, or a sharded folder with ``meta.pt``), loaded as it is, or a run's ``checkpoints`` folder or the run folder
+    holding one, whose newest intact checkpoint is loaded (corrupt ones skipped and warned, as on resume). A path
+    with no checkpoint is a FileNotFoundError, one whose checkpoints are all corrupt a :class:`CorruptCheckpoint`,
+    both naming it."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "meta.pt")):
+        return load_checkpoint(path, models, optimizers, ema)
+    for folder in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(folder) and (paths := checkpoint_paths(folder)):
+            meta = _load_newest_intact(paths, models, optimizers, ema)
+            if meta is None:
+                raise CorruptCheckpoint(f"{path}: none of its {len(paths)} checkpoints reads back intact")
+            return meta
+    raise FileNotFoundError(f"{path}: no training checkpoint there (a step_*.pt file, a sharded step folder, or a "
+                            f"run whose checkpoints/ folder holds one)")

@@ -24,7 +24,7 @@ from ..fileio import TEMP_PREFIX, atomic_write_text, remove_stale_temps, replace
 from ..models import CausalWanModel
 from ..pipeline import PipelineSpec
 from . import distributed as D
-from .checkpoint import load_checkpoint, newest_checkpoint, resume_checkpoint, save_checkpoint
+from .checkpoint import load_init_from, resume_checkpoint, save_checkpoint
 from .config import ModelSpec, OptimConfig, TrainConfig
 from .data import SAMPLE_PURPOSE, build_batch_source
 from .ema import EMA
@@ -357,7 +357,7 @@ def _start_run(cfg: TrainConfig, resume: bool):
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
     meta = resume_checkpoint(ckpt_dir, state.models, state.optimizers, state.ema) if resume else None
     if meta is None and cfg.init_from:  # a new stage that carries on from another run's training state
-        meta = load_checkpoint(newest_checkpoint(cfg.init_from), state.models, state.optimizers, state.ema)
+        meta = load_init_from(cfg.init_from, state.models, state.optimizers, state.ema)
     if meta is not None:
         state.step = int(meta["step"])
     if D.is_main():
